@@ -1,0 +1,157 @@
+//! `pipeline bench data`: images/s through each CPU stage alone and through
+//! the whole chain, one JSON line per figure.
+//!
+//! The samples are read into memory first, so tar parsing and disk speed are
+//! not measured. Each figure runs `--threads` std threads for `--seconds`;
+//! thread t processes samples t, t + T, t + 2T, ... (its own share), cycling
+//! over the set until the time is up. `per_thread` = images/s / threads (on
+//! this 2-core machine, threads <= 2, that is per core). Stages alone run on
+//! the previous stage's outputs for the first `--stage-inputs` samples. The
+//! `decode_image_crate` figure decodes the same JPEGs through `image`'s
+//! decoder, for the decoder choice written in `stages/src/decode.rs`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use stages::sample::Rgb8;
+use stages::{augment, chain, decode, mask, smooth, targets};
+
+/// Arguments of `pipeline bench data`.
+#[derive(Debug, clap::Args)]
+pub struct BenchDataArgs {
+    /// The run config (YAML).
+    pub config: PathBuf,
+    /// Override config values: `--set stages.mask.ratio=0.5`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Shards to read (brace patterns); default: the config's `data.train`.
+    #[arg(long, value_name = "PATTERN")]
+    pub shards: Vec<String>,
+    /// Worker threads per figure.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Seconds per figure.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Samples prepared as inputs for the stage-alone figures.
+    #[arg(long, default_value_t = 128)]
+    pub stage_inputs: usize,
+    /// Only these figures (comma separated: decode, decode_image_crate,
+    /// augment, normalize, mask, smooth, target_pixel, target_hog,
+    /// target_canny, chain); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+}
+
+/// Run `pipeline bench data`.
+pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
+    let cfg = crate::config::load(&args.config, &args.set)?;
+    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
+    let patterns = if args.shards.is_empty() { cfg.data.train.clone() } else { args.shards.clone() };
+    let paths = shards::expand(&patterns).context("expanding --shards")?;
+    let skips = shards::Skips::default();
+    let mut raws = Vec::new();
+    for path in &paths {
+        for raw in shards::ShardReader::open(path, cfg.data.on_error, &skips)? {
+            raws.push(raw?);
+        }
+    }
+    anyhow::ensure!(!raws.is_empty(), "no samples in {patterns:?}");
+    let st = &cfg.stages;
+    st.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (seed, size, patch) = (cfg.seed, st.augment.size, st.patch);
+    let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let figure = |name: &str, n: usize, f: &(dyn Fn(usize) + Sync)| {
+        if want(name) {
+            let (images, secs) = measure(n, args.threads, args.seconds, f);
+            let rate = images as f64 / secs;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "figure": name, "threads": args.threads, "images": images,
+                    "seconds": (secs * 1000.0).round() / 1000.0,
+                    "images_per_s": rate.round(), "per_thread": (rate / args.threads as f64).round(),
+                    "size": size, "samples": n,
+                })
+            );
+        }
+    };
+    eprintln!("{} samples from {} shards; decoder {}", raws.len(), paths.len(), decode::DECODER_CHOICE);
+
+    figure("decode", raws.len(), &|i| {
+        std::hint::black_box(decode::apply(&st.decode, &raws[i]).ok());
+    });
+    figure("decode_image_crate", raws.len(), &|i| {
+        if let Some((_, bytes)) = raws[i].first(&["jpg", "jpeg", "png"]) {
+            std::hint::black_box(image::load_from_memory(bytes).ok().map(|im| im.into_rgb8()));
+        }
+    });
+
+    // Inputs of the stage-alone figures: each stage's input, prepared once.
+    let k = args.stage_inputs.clamp(1, raws.len());
+    let decoded: Vec<Rgb8> = raws[..k].iter().filter_map(|r| decode::apply(&st.decode, r).ok()).collect();
+    let keys: Vec<&str> = raws[..k].iter().map(|r| r.key.as_str()).collect();
+    let views: Vec<Rgb8> = decoded
+        .iter()
+        .zip(&keys)
+        .filter_map(|(d, key)| {
+            let mut rng = shards::rng::stage_rng(seed, 0, key, chain::AUGMENT);
+            augment::apply(&st.augment, d, &mut rng).ok().map(|(v, _)| v)
+        })
+        .collect();
+    let normalized: Vec<Vec<f32>> =
+        views.iter().map(|v| augment::normalize(v, st.augment.mean, st.augment.std)).collect();
+    anyhow::ensure!(!views.is_empty(), "none of the first {k} samples decodes");
+
+    figure("augment", decoded.len(), &|i| {
+        let mut rng = shards::rng::stage_rng(seed, 0, keys[i], chain::AUGMENT);
+        std::hint::black_box(augment::apply(&st.augment, &decoded[i], &mut rng).ok());
+    });
+    figure("normalize", views.len(), &|i| {
+        std::hint::black_box(augment::normalize(&views[i], st.augment.mean, st.augment.std));
+    });
+    let grid = size / patch;
+    figure("mask", keys.len(), &|i| {
+        let mut rng = shards::rng::stage_rng(seed, 0, keys[i], chain::MASK);
+        std::hint::black_box(mask::apply(&st.mask, grid * grid, &mut rng).ok());
+    });
+    figure("smooth", normalized.len(), &|i| {
+        std::hint::black_box(smooth::apply(&st.smooth, &normalized[i], 3, size, size).ok());
+    });
+    for kind in [targets::Kind::Pixel, targets::Kind::Hog, targets::Kind::Canny] {
+        figure(&format!("target_{}", kind.name()), views.len(), &|i| {
+            std::hint::black_box(targets::compute(kind, &st.targets, &views[i], &normalized[i], patch).ok());
+        });
+    }
+    let kinds: Vec<&str> = st.targets.kinds.iter().map(|k| k.name()).collect();
+    eprintln!("chain: decode -> crop -> flip -> normalize -> mask -> smooth (sigma {}) -> {kinds:?}", st.smooth.sigma);
+    figure("chain", raws.len(), &|i| {
+        std::hint::black_box(chain::process(st, &raws[i], seed, 0).ok());
+    });
+    Ok(())
+}
+
+/// Run `f(i)` on `threads` threads, thread t taking i = t, t + T, ... (mod n),
+/// until `seconds` pass. Returns (calls, elapsed seconds).
+fn measure(n: usize, threads: usize, seconds: f64, f: &(dyn Fn(usize) + Sync)) -> (u64, f64) {
+    let count = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let count = &count;
+            s.spawn(move || {
+                let mut i = t;
+                let mut done = 0u64;
+                while start.elapsed().as_secs_f64() < seconds {
+                    f(i % n);
+                    i += threads;
+                    done += 1;
+                }
+                count.fetch_add(done, Ordering::Relaxed);
+            });
+        }
+    });
+    (count.load(Ordering::Relaxed), start.elapsed().as_secs_f64())
+}

@@ -1,0 +1,195 @@
+//! The run config: YAML + `--set` overrides into serde structs, validated once.
+//!
+//! Every struct rejects unknown keys, and every error names the file and the
+//! key path (`configs/pretrain.yaml: data.lanes: invalid type: ...`).
+//! Relative paths in a config (shard patterns) are resolved against the
+//! directory of the config file, so a config works from any working directory;
+//! the same holds for paths given with `--set`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use serde_norway::Value;
+
+/// The whole run config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The run seed: every random draw derives from it (DESIGN.md, determinism).
+    #[serde(default)]
+    pub seed: u64,
+    /// Where the data comes from and how it is read.
+    pub data: DataConfig,
+    /// The CPU stages (decode, augment, mask, smooth, targets).
+    #[serde(default)]
+    pub stages: stages::StagesConfig,
+    /// The model.
+    #[serde(default)]
+    pub model: stages::model::ModelConfig,
+    /// The trainer.
+    #[serde(default)]
+    pub train: stages::train::TrainConfig,
+}
+
+/// The `data:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training shard patterns (brace lists allowed), relative to the config file.
+    pub train: Vec<String>,
+    /// Test shard patterns (labelled, for evaluation).
+    #[serde(default)]
+    pub test: Vec<String>,
+    /// Lanes the shards are dealt into each epoch: fixed by the config, not by
+    /// the cluster, so the batches do not depend on the number of workers.
+    #[serde(default = "default_lanes")]
+    pub lanes: usize,
+    /// Samples in each lane's shuffle buffer.
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// What bad input does: `skip` (count, log, go on) or `fail`.
+    #[serde(default)]
+    pub on_error: shards::OnError,
+}
+
+fn default_lanes() -> usize {
+    4
+}
+
+fn default_shuffle_buffer() -> usize {
+    1000
+}
+
+/// Read `path`, apply `--set KEY=VALUE` overrides, deserialize and validate.
+pub fn load(path: &Path, sets: &[String]) -> anyhow::Result<RunConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new(""));
+    parse(&text, sets, base).with_context(|| format!("config {}", path.display()))
+}
+
+/// Parse config text (see [`load`]); `base` is the directory relative paths
+/// are resolved against. Takes text so tests can feed it directly.
+pub fn parse(text: &str, sets: &[String], base: &Path) -> anyhow::Result<RunConfig> {
+    let mut value: Value = serde_norway::from_str(text).context("not valid YAML")?;
+    for set in sets {
+        apply_set(&mut value, set)?;
+    }
+    let mut config: RunConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        anyhow::anyhow!("{}: {}", if path == "." { "(top level)".to_string() } else { path }, e.into_inner())
+    })?;
+    config.resolve_paths(base);
+    config.validate()?;
+    Ok(config)
+}
+
+/// Apply one `a.b.c=value` override; the value is parsed as YAML (`3`, `true`, `[a, b]`).
+fn apply_set(root: &mut Value, set: &str) -> anyhow::Result<()> {
+    let (key, raw) = set.split_once('=').with_context(|| format!("--set {set:?}: expected KEY=VALUE"))?;
+    let new: Value = serde_norway::from_str(raw).with_context(|| format!("--set {key}: value {raw:?} is not YAML"))?;
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {set:?}: empty part in key path");
+    }
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = Value::Mapping(Default::default());
+        }
+        let Value::Mapping(map) = node else {
+            bail!("--set {key}: {} is not a section", parts[..i].join("."));
+        };
+        let slot = map.entry(Value::String(part.to_string())).or_insert(Value::Null);
+        if i + 1 == parts.len() {
+            *slot = new;
+            return Ok(());
+        }
+        node = slot;
+    }
+    Ok(())
+}
+
+fn resolve(base: &Path, pattern: &str) -> String {
+    if Path::new(pattern).is_absolute() || base.as_os_str().is_empty() {
+        pattern.to_string()
+    } else {
+        base.join(pattern).to_string_lossy().into_owned()
+    }
+}
+
+impl RunConfig {
+    fn resolve_paths(&mut self, base: &Path) {
+        for pattern in self.data.train.iter_mut().chain(self.data.test.iter_mut()) {
+            *pattern = resolve(base, pattern);
+        }
+    }
+
+    /// Checks no single field can make: combinations, ranges.
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.data.train.is_empty() {
+            bail!("data.train: no shard patterns given");
+        }
+        if self.data.lanes == 0 {
+            bail!("data.lanes: must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Training shards, expanded.
+    pub fn train_shards(&self) -> anyhow::Result<Vec<PathBuf>> {
+        shards::expand(&self.data.train).context("data.train")
+    }
+
+    /// Test shards, expanded.
+    pub fn test_shards(&self) -> anyhow::Result<Vec<PathBuf>> {
+        shards::expand(&self.data.test).context("data.test")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "seed: 3\ndata:\n  train: ['s-{0..1}.tar']\n";
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let c = parse(MINIMAL, &[], Path::new("cfgdir")).unwrap();
+        assert_eq!(c.seed, 3);
+        assert_eq!(c.data.lanes, 4);
+        assert_eq!(c.data.on_error, shards::OnError::Skip);
+        assert_eq!(c.data.train, vec!["cfgdir/s-{0..1}.tar".to_string()]);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_path() {
+        let err = parse("data:\n  train: [a]\n  lanez: 3\n", &[], Path::new("")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("data") && msg.contains("lanez"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key_path() {
+        let err = parse("data:\n  train: [a]\n  lanes: many\n", &[], Path::new("")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("data.lanes"), "{msg}");
+    }
+
+    #[test]
+    fn set_overrides_nested_values_as_yaml() {
+        let sets = ["data.lanes=7".to_string(), "data.on_error=fail".to_string(), "seed=11".to_string()];
+        let c = parse(MINIMAL, &sets, Path::new("")).unwrap();
+        assert_eq!((c.data.lanes, c.data.on_error, c.seed), (7, shards::OnError::Fail, 11));
+        let c = parse(MINIMAL, &["data.test=[t.tar]".to_string()], Path::new("")).unwrap();
+        assert_eq!(c.data.test, vec!["t.tar".to_string()]);
+    }
+
+    #[test]
+    fn bad_sets_are_errors() {
+        assert!(parse(MINIMAL, &["seed".to_string()], Path::new("")).is_err());
+        assert!(parse(MINIMAL, &["seed.x=1".to_string()], Path::new("")).is_err());
+        assert!(parse(MINIMAL, &["data.bogus=1".to_string()], Path::new("")).is_err());
+        assert!(parse(MINIMAL, &["data.lanes=0".to_string()], Path::new("")).is_err());
+    }
+}

@@ -1,0 +1,492 @@
+//! augment: torchvision's `RandomResizedCrop` + `RandomHorizontalFlip`, then
+//! normalization, where the data becomes float.
+//!
+//! Reference: `../shared/testvectors/photo224_normalized.npy` (four photos
+//! resized to 224 px with PIL's bicubic, ImageNet-normalized). The resampler
+//! here is PIL's `ImagingResample` rewritten: bicubic a = -0.5, support scaled
+//! by the downscale factor (antialias), 22-bit fixed-point weights, horizontal
+//! pass then vertical, each rounded and clipped to u8. The test decodes the
+//! same JPEGs, resizes the whole image to 224 and must match within 2 levels
+//! (the JPEG decoder, not the resampler, may differ by a level), and the
+//! normalization is compared exactly after `round((x * std + mean) * 255)`.
+//!
+//! Sampling follows `torchvision.transforms.RandomResizedCrop.get_params`
+//! line by line: area fraction uniform in `scale`, log-uniform aspect ratio,
+//! `w = round(sqrt(area * ratio))` (Python's round: half to even), up to 10
+//! tries, then the center crop clamped to the ratio range. The flip is applied
+//! after resizing, as torchvision's transform order does; we write the
+//! horizontal pass's output mirrored, so it costs nothing.
+
+use crate::sample::{CropBox, Rgb8, StageError, View};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// `stages.augment` config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Output side in pixels (square).
+    pub size: usize,
+    /// Range of the crop's area as a fraction of the image (MAE: 0.2 to 1).
+    pub scale: [f64; 2],
+    /// Range of the crop's aspect ratio w / h, sampled log-uniformly.
+    pub ratio: [f64; 2],
+    /// Probability of a horizontal flip.
+    pub flip_p: f64,
+    /// Per-channel mean of the [0, 1] pixels (ImageNet).
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation (ImageNet).
+    pub std: [f32; 3],
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            size: 224,
+            scale: [0.2, 1.0],
+            ratio: [3.0 / 4.0, 4.0 / 3.0],
+            flip_p: 0.5,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
+/// Crop, resize and flip one decoded image; returns the u8 view and its record.
+///
+/// The rng must be `stage_rng(seed, epoch, key, "augment")`.
+pub fn apply(cfg: &Config, img: &Rgb8, rng: &mut impl Rng) -> Result<(Rgb8, View), StageError> {
+    if cfg.size == 0 {
+        return Err(StageError::Config("augment.size must be positive".into()));
+    }
+    let crop = random_resized_crop_params(img.width, img.height, cfg.scale, cfg.ratio, rng);
+    let flip = rng.random::<f64>() < cfg.flip_p;
+    let out = resize_bicubic(img, crop, cfg.size, cfg.size, flip);
+    let view = View {
+        source_width: img.width,
+        source_height: img.height,
+        crop,
+        flip,
+        size: cfg.size,
+    };
+    Ok((out, view))
+}
+
+/// torchvision's `RandomResizedCrop.get_params` for an image of `width x height`.
+pub fn random_resized_crop_params(
+    width: usize,
+    height: usize,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+    rng: &mut impl Rng,
+) -> CropBox {
+    let area = (width * height) as f64;
+    let (log_lo, log_hi) = (ratio[0].ln(), ratio[1].ln());
+    for _ in 0..10 {
+        let target_area = area * uniform(rng, scale[0], scale[1]);
+        let aspect = uniform(rng, log_lo, log_hi).exp();
+        let w = (target_area * aspect).sqrt().round_ties_even() as usize;
+        let h = (target_area / aspect).sqrt().round_ties_even() as usize;
+        if 0 < w && w <= width && 0 < h && h <= height {
+            let top = rng.random_range(0..=height - h);
+            let left = rng.random_range(0..=width - w);
+            return CropBox { top, left, height: h, width: w };
+        }
+    }
+    center_crop_fallback(width, height, ratio)
+}
+
+/// `torch.empty(1).uniform_(lo, hi)`.
+fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
+    lo + (hi - lo) * rng.random::<f64>()
+}
+
+/// The fallback after 10 failed tries: the whole image, trimmed to the ratio range.
+pub fn center_crop_fallback(width: usize, height: usize, ratio: [f64; 2]) -> CropBox {
+    let in_ratio = width as f64 / height as f64;
+    let (min_r, max_r) = (ratio[0].min(ratio[1]), ratio[0].max(ratio[1]));
+    let (w, h) = if in_ratio < min_r {
+        (width, ((width as f64 / min_r).round_ties_even() as usize).clamp(1, height))
+    } else if in_ratio > max_r {
+        (((height as f64 * max_r).round_ties_even() as usize).clamp(1, width), height)
+    } else {
+        (width, height)
+    };
+    CropBox { top: (height - h) / 2, left: (width - w) / 2, height: h, width: w }
+}
+
+/// PIL's fixed-point precision for 8-bit images (`PRECISION_BITS = 32 - 8 - 2`).
+const PRECISION_BITS: u32 = 22;
+
+/// PIL's bicubic kernel, a = -0.5.
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Resampling weights of one axis: for each output index, the first input
+/// index and its fixed-point weights (PIL's `precompute_coeffs` +
+/// `normalize_coeffs_8bpc`).
+struct Coeffs {
+    start: Vec<usize>,
+    len: Vec<usize>,
+    ksize: usize,
+    weights: Vec<i32>,
+}
+
+fn coeffs(in0: f64, in1: f64, in_size: usize, out_size: usize) -> Coeffs {
+    let scale = (in1 - in0) / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut c = Coeffs {
+        start: Vec::with_capacity(out_size),
+        len: Vec::with_capacity(out_size),
+        ksize,
+        weights: vec![0; out_size * ksize],
+    };
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = in0 + (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // `(int)` in C truncates toward zero; both values are >= -0.5 + ...
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+        let n = (xmax - xmin).min(ksize);
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(n) {
+            let w = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        for x in 0..n {
+            let w = if ww != 0.0 { k[x] / ww } else { k[x] };
+            let f = w * (1u32 << PRECISION_BITS) as f64;
+            c.weights[xx * ksize + x] = if f < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
+        }
+        c.start.push(xmin);
+        c.len.push(n);
+    }
+    c
+}
+
+#[inline]
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Resize the `crop` of `img` to `out_w x out_h` with PIL's bicubic, mirrored
+/// left-right when `flip`. Equivalent to `img.crop(box).resize((w, h), BICUBIC)`
+/// followed by a horizontal flip, reading only the rows the crop needs.
+pub fn resize_bicubic(img: &Rgb8, crop: CropBox, out_w: usize, out_h: usize, flip: bool) -> Rgb8 {
+    let hc = coeffs(0.0, crop.width as f64, crop.width, out_w);
+    let vc = coeffs(0.0, crop.height as f64, crop.height, out_h);
+    // Rows of the crop that the vertical pass reads.
+    let row_first = vc.start.first().copied().unwrap_or(0);
+    let row_last = (0..out_h).map(|y| vc.start[y] + vc.len[y]).max().unwrap_or(0);
+    let rows = row_last - row_first;
+    // Horizontal pass into an out_w-wide u8 buffer (mirrored when flipping).
+    let mut tmp = vec![0u8; rows * out_w * 3];
+    let half = 1i32 << (PRECISION_BITS - 1);
+    for r in 0..rows {
+        let y = crop.top + row_first + r;
+        let src = &img.data[(y * img.width + crop.left) * 3..(y * img.width + crop.left + crop.width) * 3];
+        let dst = &mut tmp[r * out_w * 3..(r + 1) * out_w * 3];
+        for xx in 0..out_w {
+            let (s, n) = (hc.start[xx], hc.len[xx]);
+            let w = &hc.weights[xx * hc.ksize..xx * hc.ksize + n];
+            let px = &src[s * 3..(s + n) * 3];
+            let (mut a0, mut a1, mut a2) = (half, half, half);
+            for (p, &k) in px.chunks_exact(3).zip(w) {
+                a0 += p[0] as i32 * k;
+                a1 += p[1] as i32 * k;
+                a2 += p[2] as i32 * k;
+            }
+            let ox = if flip { out_w - 1 - xx } else { xx };
+            dst[ox * 3] = clip8(a0);
+            dst[ox * 3 + 1] = clip8(a1);
+            dst[ox * 3 + 2] = clip8(a2);
+        }
+    }
+    // Vertical pass: one output row is a weighted sum of whole tmp rows, so
+    // the inner loop runs over contiguous bytes (vectorizes).
+    let mut out = Rgb8::zeros(out_w, out_h);
+    let row_len = out_w * 3;
+    let mut acc = vec![0i32; row_len];
+    for yy in 0..out_h {
+        let (s, n) = (vc.start[yy] - row_first, vc.len[yy]);
+        acc.iter_mut().for_each(|a| *a = half);
+        for (i, &k) in vc.weights[yy * vc.ksize..yy * vc.ksize + n].iter().enumerate() {
+            let src = &tmp[(s + i) * row_len..(s + i + 1) * row_len];
+            for (a, &p) in acc.iter_mut().zip(src) {
+                *a += p as i32 * k;
+            }
+        }
+        for (o, &a) in out.data[yy * row_len..(yy + 1) * row_len].iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    out
+}
+
+/// Per-channel lookup tables `(v / 255 - mean) / std` for every u8 value, in f32 as
+/// the reference computes it.
+pub fn normalize_lut(mean: [f32; 3], std: [f32; 3]) -> [[f32; 256]; 3] {
+    let mut lut = [[0f32; 256]; 3];
+    for c in 0..3 {
+        for v in 0..256 {
+            lut[c][v] = (v as f32 / 255.0 - mean[c]) / std[c];
+        }
+    }
+    lut
+}
+
+/// The normalized view, C x H x W, from u8 H x W x 3 pixels.
+pub fn normalize(img: &Rgb8, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+    let lut = normalize_lut(mean, std);
+    let plane = img.width * img.height;
+    let mut out = vec![0f32; 3 * plane];
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, p) in img.data.chunks_exact(3).enumerate() {
+        r[i] = lut[0][p[0] as usize];
+        g[i] = lut[1][p[1] as usize];
+        b[i] = lut[2][p[2] as usize];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::npy::testvector;
+    use rand::SeedableRng;
+
+    /// The first `n` JPEGs of photos-000000.tar, read with the shards reader.
+    pub(crate) fn photos(n: usize) -> Vec<shards::Sample> {
+        let path = crate::npy::shared_dir().join("data/photos-000000.tar");
+        let skips = shards::Skips::default();
+        shards::ShardReader::open(&path, shards::OnError::Fail, &skips)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .take(n)
+            .map(|s| s.unwrap())
+            .collect()
+    }
+
+    /// Decode + PIL-bicubic resize of the whole image to 224 reproduces the u8
+    /// pixels behind `photo224_normalized` (within the decoders' 1-2 levels).
+    #[test]
+    fn resize_matches_pil_bicubic_testvector() {
+        let want = testvector("photo224_normalized.npy");
+        assert_eq!(want.shape, vec![4, 3, 224, 224]);
+        let cfg = Config::default();
+        let plane = 224 * 224;
+        for (i, s) in photos(4).iter().enumerate() {
+            let img = crate::decode::apply(&Default::default(), s).unwrap();
+            let full = CropBox { top: 0, left: 0, height: img.height, width: img.width };
+            let out = resize_bicubic(&img, full, 224, 224, false);
+            let (mut worst, mut sum) = (0i32, 0i64);
+            for c in 0..3 {
+                for p in 0..plane {
+                    let x = want.data[(i * 3 + c) * plane + p] as f32;
+                    let u = ((x * cfg.std[c] + cfg.mean[c]) * 255.0).round() as i32;
+                    let d = (u - out.data[p * 3 + c] as i32).abs();
+                    worst = worst.max(d);
+                    sum += d as i64;
+                }
+            }
+            let mean = sum as f64 / (3 * plane) as f64;
+            assert!(worst <= 2 && mean < 0.2, "photo {i}: max diff {worst}, mean {mean}");
+        }
+    }
+
+    /// Our normalization of the recovered u8 pixels equals the testvector's floats.
+    #[test]
+    fn normalize_matches_testvector() {
+        let want = testvector("photo224_normalized.npy");
+        let cfg = Config::default();
+        let plane = 224 * 224;
+        let mut img = Rgb8::zeros(224, 224);
+        for c in 0..3 {
+            for p in 0..plane {
+                let x = want.data[c * plane + p] as f32;
+                img.data[p * 3 + c] = ((x * cfg.std[c] + cfg.mean[c]) * 255.0).round() as u8;
+            }
+        }
+        let got = normalize(&img, cfg.mean, cfg.std);
+        let worst = got
+            .iter()
+            .zip(&want.data[..3 * plane])
+            .map(|(a, &b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "max abs diff {worst}");
+    }
+
+    /// An independent float resampler (direct evaluation of PIL's formula in
+    /// f64, no fixed point, no pass rounding) agrees within one level.
+    #[test]
+    fn resize_agrees_with_float_reference() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (w, h) = (57, 41);
+        let img = Rgb8 { width: w, height: h, data: (0..w * h * 3).map(|_| rng.random()).collect() };
+        for (crop, ow, oh) in [
+            (CropBox { top: 3, left: 5, height: 30, width: 40 }, 16, 12),
+            (CropBox { top: 0, left: 0, height: 41, width: 57 }, 90, 70),
+            (CropBox { top: 10, left: 20, height: 7, width: 9 }, 9, 7),
+        ] {
+            for flip in [false, true] {
+                let got = resize_bicubic(&img, crop, ow, oh, flip);
+                let wx = float_weights(crop.width, ow);
+                let wy = float_weights(crop.height, oh);
+                for y in 0..oh {
+                    for x in 0..ow {
+                        for c in 0..3 {
+                            let mut acc = 0.0;
+                            for (j, &a) in wy[y].iter().enumerate() {
+                                let mut row = 0.0;
+                                for (i, &b) in wx[x].iter().enumerate() {
+                                    row += b * img.at(crop.left + i, crop.top + j, c) as f64;
+                                }
+                                acc += a * row.round().clamp(0.0, 255.0);
+                            }
+                            let ox = if flip { ow - 1 - x } else { x };
+                            let g = got.at(ox, y, c) as f64;
+                            assert!((g - acc.clamp(0.0, 255.0)).abs() <= 1.0, "{crop:?} {x},{y},{c}: {g} vs {acc}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dense f64 weights of PIL's antialiased bicubic (a row per output index).
+    fn float_weights(n_in: usize, n_out: usize) -> Vec<Vec<f64>> {
+        let scale = n_in as f64 / n_out as f64;
+        let fs = scale.max(1.0);
+        (0..n_out)
+            .map(|o| {
+                let center = (o as f64 + 0.5) * scale;
+                let lo = (center - 2.0 * fs + 0.5).floor().max(0.0);
+                let hi = (center + 2.0 * fs + 0.5).floor().min(n_in as f64);
+                let mut w: Vec<f64> = (0..n_in)
+                    .map(|i| {
+                        let i = i as f64;
+                        if i >= lo && i < hi { bicubic((i - center + 0.5) / fs) } else { 0.0 }
+                    })
+                    .collect();
+                let s: f64 = w.iter().sum();
+                w.iter_mut().for_each(|v| *v /= s);
+                w
+            })
+            .collect()
+    }
+
+    /// Crop boxes stay inside the image, and over many draws the accepted
+    /// area fraction and log-ratio are uniform over their ranges (compared
+    /// with the analytic mean and spread), as torchvision samples them.
+    #[test]
+    fn crop_params_in_bounds_and_distributed_like_torchvision() {
+        let (w, h) = (500usize, 375usize);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let cfg = Config::default();
+        let n = 20_000;
+        let (mut fracs, mut logr) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let b = random_resized_crop_params(w, h, cfg.scale, cfg.ratio, &mut rng);
+            assert!(b.width >= 1 && b.height >= 1);
+            assert!(b.left + b.width <= w && b.top + b.height <= h, "{b:?}");
+            fracs.push((b.width * b.height) as f64 / (w * h) as f64);
+            logr.push((b.width as f64 / b.height as f64).ln());
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        // Area fraction ~ U(0.2, 1) minus the few draws rejected for not
+        // fitting (wide crops near scale 1): mean a bit under 0.6.
+        let m = mean(&fracs);
+        assert!((0.54..0.61).contains(&m), "area mean {m}");
+        assert!(fracs.iter().all(|&f| (0.19..=1.0).contains(&f)));
+        // log ratio ~ U(ln 3/4, ln 4/3): mean 0, variance (2 ln(4/3))^2 / 12.
+        let lm = mean(&logr);
+        let var = logr.iter().map(|x| (x - lm).powi(2)).sum::<f64>() / n as f64;
+        let want_var = (2.0 * (4.0f64 / 3.0).ln()).powi(2) / 12.0;
+        assert!(lm.abs() < 0.01, "log ratio mean {lm}");
+        assert!((var / want_var - 1.0).abs() < 0.1, "log ratio var {var} vs {want_var}");
+        assert!(logr.iter().all(|&r| r.abs() <= (4.0f64 / 3.0).ln() + 0.02));
+    }
+
+    #[test]
+    fn fallback_is_the_ratio_clamped_center_crop() {
+        // A 1000 x 10 strip never fits a crop of ratio <= 4/3 with area >= 20%.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let b = random_resized_crop_params(1000, 10, [0.2, 1.0], [0.75, 4.0 / 3.0], &mut rng);
+        assert_eq!(b, CropBox { top: 0, left: (1000 - 13) / 2, height: 10, width: 13 });
+        assert_eq!(center_crop_fallback(10, 1000, [0.75, 4.0 / 3.0]), CropBox {
+            top: (1000 - 13) / 2,
+            left: 0,
+            height: 13,
+            width: 10
+        });
+        assert_eq!(center_crop_fallback(40, 40, [0.75, 4.0 / 3.0]), CropBox {
+            top: 0,
+            left: 0,
+            height: 40,
+            width: 40
+        });
+    }
+
+    #[test]
+    fn flip_mirrors_the_unflipped_view_and_rate_is_half() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let img = Rgb8 { width: 40, height: 30, data: (0..40 * 30 * 3).map(|_| rng.random()).collect() };
+        let crop = CropBox { top: 2, left: 3, height: 25, width: 33 };
+        let a = resize_bicubic(&img, crop, 20, 20, false);
+        let b = resize_bicubic(&img, crop, 20, 20, true);
+        for y in 0..20 {
+            for x in 0..20 {
+                for c in 0..3 {
+                    assert_eq!(a.at(x, y, c), b.at(19 - x, y, c));
+                }
+            }
+        }
+        let cfg = Config { size: 8, ..Config::default() };
+        let flips = (0..2000)
+            .filter(|i| {
+                let mut r = shards::rng::stage_rng(1, 0, &format!("k{i}"), "augment");
+                apply(&cfg, &img, &mut r).unwrap().1.flip
+            })
+            .count();
+        assert!((900..1100).contains(&flips), "{flips} flips of 2000");
+    }
+
+    #[test]
+    fn same_key_same_view_on_another_thread_other_epoch_differs() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let img = Rgb8 { width: 64, height: 48, data: (0..64 * 48 * 3).map(|_| rng.random()).collect() };
+        let cfg = Config { size: 32, ..Config::default() };
+        let run = |img: &Rgb8, epoch| {
+            apply(&cfg, img, &mut shards::rng::stage_rng(7, epoch, "key", "augment")).unwrap()
+        };
+        let here = run(&img, 0);
+        let img2 = img.clone();
+        let cfg2 = cfg.clone();
+        let there = std::thread::spawn(move || {
+            apply(&cfg2, &img2, &mut shards::rng::stage_rng(7, 0, "key", "augment")).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(here, there);
+        assert!((1..6).any(|e| run(&img, e).1 != here.1));
+    }
+}

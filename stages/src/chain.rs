@@ -1,0 +1,224 @@
+//! The whole CPU chain on one raw sample: decode -> augment (crop, resize,
+//! flip) -> normalize -> mask -> smooth -> targets, and its configuration
+//! (the `stages:` section of a run config).
+//!
+//! Every random draw comes from `stage_rng(run seed, epoch, key, STAGE)` with
+//! the stage's own name, so an example depends only on (config, seed, epoch,
+//! sample), never on the thread or the order (test below runs it on threads).
+
+use crate::sample::{Example, StageError};
+use crate::{augment, decode, mask, smooth, targets};
+use serde::{Deserialize, Serialize};
+use shards::rng::stage_rng;
+
+/// Configuration of every data stage, as the `stages:` section of a run config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StagesConfig {
+    /// Patch side in pixels, shared by masking and the per-patch targets (ViT-B/16: 16).
+    pub patch: usize,
+    /// Decoding (pixel limit).
+    pub decode: decode::Config,
+    /// Crop, flip and normalization.
+    pub augment: augment::Config,
+    /// Masking ratio.
+    pub mask: mask::Config,
+    /// Smoothed target sigma and method.
+    pub smooth: smooth::Config,
+    /// Which per-patch targets, and their parameters.
+    pub targets: targets::Config,
+}
+
+impl Default for StagesConfig {
+    fn default() -> Self {
+        StagesConfig {
+            patch: 16,
+            decode: Default::default(),
+            augment: Default::default(),
+            mask: Default::default(),
+            smooth: Default::default(),
+            targets: Default::default(),
+        }
+    }
+}
+
+impl StagesConfig {
+    /// Check combinations no single stage can see (patch vs image size).
+    pub fn validate(&self) -> Result<(), StageError> {
+        let (size, p) = (self.augment.size, self.patch);
+        if p == 0 || size == 0 || size % p != 0 {
+            return Err(StageError::Config(format!(
+                "stages.augment.size {size} is not a multiple of stages.patch {p}"
+            )));
+        }
+        if self.targets.kinds.contains(&targets::Kind::Hog) && p % 2 != 0 {
+            return Err(StageError::Config(format!("hog needs an even stages.patch, got {p}")));
+        }
+        Ok(())
+    }
+}
+
+/// rng stream names, one per stage that draws.
+pub const AUGMENT: &str = "augment";
+/// See [`AUGMENT`].
+pub const MASK: &str = "mask";
+
+/// A stage failure, with the sample key and the stage's name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {stage}: {error}")]
+pub struct ChainError {
+    /// The sample key.
+    pub key: String,
+    /// Which stage failed.
+    pub stage: &'static str,
+    /// Why.
+    pub error: StageError,
+}
+
+/// Run every stage on one raw sample.
+pub fn process(cfg: &StagesConfig, raw: &shards::Sample, run_seed: u64, epoch: u64) -> Result<Example, ChainError> {
+    let key = &raw.key;
+    let err = |stage: &'static str| move |error| ChainError { key: key.clone(), stage, error };
+    cfg.validate().map_err(err("config"))?;
+    let decoded = decode::apply(&cfg.decode, raw).map_err(err("decode"))?;
+    let mut rng = stage_rng(run_seed, epoch, key, AUGMENT);
+    let (pixels, view) = augment::apply(&cfg.augment, &decoded, &mut rng).map_err(err("augment"))?;
+    drop(decoded);
+    let a = &cfg.augment;
+    let image = augment::normalize(&pixels, a.mean, a.std);
+    let grid = a.size / cfg.patch;
+    let mask = mask::apply(&cfg.mask, grid * grid, &mut stage_rng(run_seed, epoch, key, MASK)).map_err(err("mask"))?;
+    let smooth = smooth::apply(&cfg.smooth, &image, 3, a.size, a.size).map_err(err("smooth"))?;
+    let targets = cfg
+        .targets
+        .kinds
+        .iter()
+        .map(|&kind| targets::compute(kind, &cfg.targets, &pixels, &image, cfg.patch))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err("targets"))?;
+    Ok(Example {
+        key: key.clone(),
+        class: raw.class_index(),
+        view,
+        pixels,
+        image,
+        patch: cfg.patch,
+        mask,
+        smooth,
+        targets,
+    })
+}
+
+/// [`process`] under an `on_error` policy: a failure is counted in `skips`
+/// (logged as `shard:key: reason`) and gives `Ok(None)` under `Skip`, and is
+/// returned under `Fail`.
+pub fn process_or_skip(
+    cfg: &StagesConfig,
+    raw: &shards::Sample,
+    run_seed: u64,
+    epoch: u64,
+    policy: shards::OnError,
+    skips: &shards::Skips,
+    shard: &str,
+) -> Result<Option<Example>, ChainError> {
+    match process(cfg, raw, run_seed, epoch) {
+        Ok(ex) => Ok(Some(ex)),
+        Err(e) if policy == shards::OnError::Skip && e.stage != "config" => {
+            skips.record(shard, &e.key, &format!("{}: {}", e.stage, e.error));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg_sample(key: &str) -> shards::Sample {
+        use image::codecs::jpeg::JpegEncoder;
+        let (w, h) = (120u32, 90u32);
+        let rgb: Vec<u8> = (0..w * h * 3).map(|i| ((i / 3) % w * 2 + (i % 3) * 40) as u8).collect();
+        let mut bytes = Vec::new();
+        JpegEncoder::new_with_quality(&mut bytes, 90).encode(&rgb, w, h, image::ExtendedColorType::Rgb8).unwrap();
+        shards::Sample::new(key).with("jpg", bytes).with("cls", b"7".to_vec())
+    }
+
+    fn small_cfg() -> StagesConfig {
+        let mut cfg = StagesConfig::default();
+        cfg.augment.size = 64;
+        cfg.smooth.sigma = 3.0;
+        cfg.targets.kinds = vec![targets::Kind::Pixel, targets::Kind::Hog, targets::Kind::Canny];
+        cfg
+    }
+
+    #[test]
+    fn shapes_and_independent_recomputation() {
+        let cfg = small_cfg();
+        let ex = process(&cfg, &jpeg_sample("a"), 1, 0).unwrap();
+        assert_eq!(ex.class, Some(7));
+        assert_eq!((ex.view.source_width, ex.view.source_height, ex.view.size), (120, 90, 64));
+        assert_eq!(ex.image.len(), 3 * 64 * 64);
+        assert_eq!(ex.smooth.len(), 3 * 64 * 64);
+        assert_eq!(ex.num_patches(), 16);
+        assert_eq!(ex.mask.mask.len(), 16);
+        assert_eq!(ex.mask.mask.iter().filter(|&&m| m == 0).count(), 4);
+        let dims: Vec<usize> = ex.targets.iter().map(|t| t.dims).collect();
+        assert_eq!(dims, vec![768, 108, 256]);
+        // The chain's pieces, recomputed one by one from the recorded view.
+        let decoded = decode::apply(&cfg.decode, &jpeg_sample("a")).unwrap();
+        let again = augment::resize_bicubic(&decoded, ex.view.crop, 64, 64, ex.view.flip);
+        assert_eq!(again, ex.pixels);
+        let normalized = augment::normalize(&again, cfg.augment.mean, cfg.augment.std);
+        assert_eq!(normalized, ex.image);
+        let exact = smooth::blur_exact(&normalized, 3, 64, 64, 3.0);
+        let err = exact.iter().zip(&ex.smooth).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(err < 0.02, "smooth error {err}");
+    }
+
+    #[test]
+    fn same_inputs_same_example_on_other_threads_epochs_differ() {
+        let cfg = small_cfg();
+        let here = process(&cfg, &jpeg_sample("k1"), 5, 2).unwrap();
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let cfg = cfg.clone();
+                std::thread::spawn(move || process(&cfg, &jpeg_sample("k1"), 5, 2).unwrap())
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), here);
+        }
+        let other = process(&cfg, &jpeg_sample("k1"), 5, 3).unwrap();
+        assert_ne!(other.mask, here.mask);
+        let other_key = process(&cfg, &jpeg_sample("k2"), 5, 2).unwrap();
+        assert_ne!(other_key.mask, here.mask);
+    }
+
+    #[test]
+    fn bad_samples_skip_or_fail_by_policy() {
+        let cfg = small_cfg();
+        let skips = shards::Skips::default();
+        let bad = shards::Sample::new("bad").with("jpg", b"\xFF\xD8\xFF\xE0garbage".to_vec());
+        let got = process_or_skip(&cfg, &bad, 0, 0, shards::OnError::Skip, &skips, "s.tar").unwrap();
+        assert!(got.is_none());
+        assert_eq!(skips.total(), 1);
+        let e = process_or_skip(&cfg, &bad, 0, 0, shards::OnError::Fail, &skips, "s.tar").unwrap_err();
+        assert_eq!((e.key.as_str(), e.stage), ("bad", "decode"));
+        assert!(e.to_string().starts_with("bad: decode: corrupt image"), "{e}");
+        let mut wrong = cfg.clone();
+        wrong.patch = 24;
+        assert_eq!(process(&wrong, &jpeg_sample("a"), 0, 0).unwrap_err().stage, "config");
+    }
+
+    #[test]
+    fn config_reads_from_yaml_like_json_and_rejects_unknown_keys() {
+        let cfg: StagesConfig =
+            serde_json::from_str(r#"{"mask": {"ratio": 0.5}, "smooth": {"sigma": 2.0, "method": "exact"}}"#).unwrap();
+        assert_eq!(cfg.mask.ratio, 0.5);
+        assert_eq!(cfg.smooth.method, smooth::Method::Exact);
+        assert_eq!(cfg.augment, augment::Config::default());
+        assert!(serde_json::from_str::<StagesConfig>(r#"{"mask": {"ratoi": 0.5}}"#).is_err());
+        assert!(serde_json::from_str::<StagesConfig>(r#"{"maks": {}}"#).is_err());
+    }
+}

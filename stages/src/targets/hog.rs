@@ -1,0 +1,275 @@
+//! hog target: MaskFeat's histograms of oriented gradients per patch.
+//!
+//! Reference: `../shared/testvectors/photo224_hog.npy` (4 x 196 x 108), made
+//! from the u8 pixels of `photo224_normalized`: reflect pad 1, per-channel
+//! Sobel `gx = left - right`, `gy = top - bottom`, magnitude
+//! `sqrt(gx^2 + gy^2)`, `bin = floor(atan2(gx, gy) / pi * 9) mod 9`,
+//! magnitudes summed per cell of P/2 x P/2 px, each cell's 9 bins
+//! L2-normalized per channel (eps 1e-12), laid out per patch at
+//! `((c * 9 + bin) * 2 + cell_y) * 2 + cell_x` (108 values for P = 16).
+//! Compared per patch by cosine similarity (mean >= 0.995, 1st percentile
+//! >= 0.98, the README's bounds), because hard binning at the 0 / pi
+//! boundary is sensitive to the sign of a float zero in the reference.
+//!
+//! Working from the u8 pixels with integer gradients keeps flat cells exactly
+//! zero (and normalization cannot change HOG: each cell is L2-normalized per
+//! channel). [`hog_reference`] bins with `atan2`; [`hog`] (the chain's path)
+//! folds the gradient into the upper half-plane and counts the bin borders
+//! `k pi / 9` it passes with cross products, no trigonometry. Integer
+//! gradients never lie exactly on a border other than 0, so the two agree
+//! bin for bin (test `fast_binning_equals_atan2_binning`).
+
+use crate::sample::{Rgb8, StageError};
+
+/// Orientation bins (unsigned, over pi).
+pub const BINS: usize = 9;
+
+/// Values per patch: 3 channels x 9 bins x 2 x 2 cells.
+pub const DIMS: usize = 3 * BINS * 4;
+
+/// Per-pixel Sobel gradients of one channel with reflect-1 borders (i32).
+#[inline]
+fn sobel_at(img: &Rgb8, x: usize, y: usize, c: usize) -> (i32, i32) {
+    let (w, h) = (img.width, img.height);
+    let xm = if x == 0 { 1.min(w - 1) } else { x - 1 };
+    let xp = if x + 1 == w { x.saturating_sub(1) } else { x + 1 };
+    let ym = if y == 0 { 1.min(h - 1) } else { y - 1 };
+    let yp = if y + 1 == h { y.saturating_sub(1) } else { y + 1 };
+    let p = |x: usize, y: usize| img.at(x, y, c) as i32;
+    let gx = (p(xm, ym) + 2 * p(xm, y) + p(xm, yp)) - (p(xp, ym) + 2 * p(xp, y) + p(xp, yp));
+    let gy = (p(xm, ym) + 2 * p(x, ym) + p(xp, ym)) - (p(xm, yp) + 2 * p(x, yp) + p(xp, yp));
+    (gx, gy)
+}
+
+/// `floor(atan2(gx, gy) / pi * 9) mod 9`, the reference definition.
+pub fn bin_atan2(gx: i32, gy: i32) -> usize {
+    let t = (gx as f64).atan2(gy as f64) / std::f64::consts::PI * BINS as f64;
+    (t.floor() as i64).rem_euclid(BINS as i64) as usize
+}
+
+/// Border directions (cos, sin) of k pi / 9, k = 1..8, for [`bin_fast`].
+fn borders() -> [(f32, f32); BINS - 1] {
+    let mut b = [(0f32, 0f32); BINS - 1];
+    for (k, v) in b.iter_mut().enumerate() {
+        let a = (k + 1) as f64 * std::f64::consts::PI / BINS as f64;
+        *v = (a.cos() as f32, a.sin() as f32);
+    }
+    b
+}
+
+/// The same bin without trigonometry: rotate by pi into atan2's [0, pi)
+/// (unsigned orientation), then count the borders at or below the angle:
+/// angle >= a exactly when sin(angle - a) >= 0, i.e. `gx cos a - gy sin a >= 0`
+/// (atan2's first argument is the "y" of the angle, here gx).
+#[inline]
+fn bin_fast(gx: i32, gy: i32, borders: &[(f32, f32); BINS - 1]) -> usize {
+    let (gx, gy) = if gx < 0 || (gx == 0 && gy < 0) { (-gx, -gy) } else { (gx, gy) };
+    let (fx, fy) = (gx as f32, gy as f32);
+    borders.iter().map(|&(c, s)| usize::from(fx * c - fy * s >= 0.0)).sum()
+}
+
+fn check(img: &Rgb8, patch: usize) -> Result<(usize, usize), StageError> {
+    if patch < 2 || patch % 2 != 0 || img.width % patch != 0 || img.height % patch != 0 || img.width < 2 || img.height < 2 {
+        return Err(StageError::Config(format!(
+            "hog: {}x{} image does not split into {patch} px patches of 2x2 cells",
+            img.width, img.height
+        )));
+    }
+    Ok((img.width / patch, img.height / patch))
+}
+
+/// Shared back half: cell histograms `[cy][cx][c][bin]` to per-patch layout.
+fn layout(hist: &mut [f32], gw: usize, gh: usize) -> Vec<f32> {
+    let (cw, ch) = (gw * 2, gh * 2);
+    for cell in hist.chunks_exact_mut(BINS) {
+        let norm = cell.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt().max(1e-12);
+        cell.iter_mut().for_each(|v| *v = (*v as f64 / norm) as f32);
+    }
+    let mut out = vec![0f32; gw * gh * DIMS];
+    for py in 0..gh {
+        for px in 0..gw {
+            let dst = &mut out[(py * gw + px) * DIMS..(py * gw + px + 1) * DIMS];
+            for cy in 0..2 {
+                for cx in 0..2 {
+                    let cell = ((py * 2 + cy) * cw + px * 2 + cx) * 3 * BINS;
+                    for c in 0..3 {
+                        for b in 0..BINS {
+                            dst[((c * BINS + b) * 2 + cy) * 2 + cx] = hist[cell + c * BINS + b];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let _ = ch;
+    out
+}
+
+/// HOG by the letter of the definition (atan2 binning): `(N, 108)`.
+pub fn hog_reference(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
+    let (gw, gh) = check(img, patch)?;
+    let cell = patch / 2;
+    let cw = gw * 2;
+    let mut hist = vec![0f32; gw * gh * 4 * 3 * BINS];
+    for y in 0..img.height {
+        for x in 0..img.width {
+            for c in 0..3 {
+                let (gx, gy) = sobel_at(img, x, y, c);
+                let mag = ((gx * gx + gy * gy) as f64).sqrt();
+                hist[((y / cell) * cw + x / cell) * 3 * BINS + c * BINS + bin_atan2(gx, gy)] += mag as f32;
+            }
+        }
+    }
+    Ok(layout(&mut hist, gw, gh))
+}
+
+/// The chain's HOG: same result, row-wise integer Sobel and trig-free binning.
+pub fn hog(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
+    let (gw, gh) = check(img, patch)?;
+    let (w, h) = (img.width, img.height);
+    let cell = patch / 2;
+    let cw = gw * 2;
+    let b = borders();
+    let mut hist = vec![0f32; gw * gh * 4 * 3 * BINS];
+    // Per row: vertical [1 2 1] sums and top - bottom differences for all
+    // channel-pixels (contiguous), then the horizontal parts.
+    let row_len = w * 3;
+    let mut vs = vec![0i32; row_len]; // top + 2 mid + bottom
+    let mut vd = vec![0i32; row_len]; // top - bottom
+    let mut gxs = vec![0i32; row_len];
+    let mut gys = vec![0i32; row_len];
+    for y in 0..h {
+        let ym = if y == 0 { 1 } else { y - 1 };
+        let yp = if y + 1 == h { y - 1 } else { y + 1 };
+        let (top, mid, bot) = (
+            &img.data[ym * row_len..(ym + 1) * row_len],
+            &img.data[y * row_len..(y + 1) * row_len],
+            &img.data[yp * row_len..(yp + 1) * row_len],
+        );
+        for i in 0..row_len {
+            let (t, m, bo) = (top[i] as i32, mid[i] as i32, bot[i] as i32);
+            vs[i] = t + 2 * m + bo;
+            vd[i] = t - bo;
+        }
+        for x in 0..w {
+            let xm = if x == 0 { 1 } else { x - 1 };
+            let xp = if x + 1 == w { x - 1 } else { x + 1 };
+            for c in 0..3 {
+                gxs[x * 3 + c] = vs[xm * 3 + c] - vs[xp * 3 + c];
+                gys[x * 3 + c] = vd[xm * 3 + c] + 2 * vd[x * 3 + c] + vd[xp * 3 + c];
+            }
+        }
+        let hrow = (y / cell) * cw;
+        for x in 0..w {
+            let base = (hrow + x / cell) * 3 * BINS;
+            for c in 0..3 {
+                let (gx, gy) = (gxs[x * 3 + c], gys[x * 3 + c]);
+                if gx == 0 && gy == 0 {
+                    continue;
+                }
+                let mag = ((gx * gx + gy * gy) as f32).sqrt();
+                hist[base + c * BINS + bin_fast(gx, gy, &b)] += mag;
+            }
+        }
+    }
+    Ok(layout(&mut hist, gw, gh))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::npy::{photo224_pixels as photo_pixels, testvector};
+
+    fn cosines(got: &[f32], want: &[f64]) -> Vec<f64> {
+        got.chunks_exact(DIMS)
+            .zip(want.chunks_exact(DIMS))
+            .filter_map(|(a, b)| {
+                let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y).sum();
+                let na = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+                let nb = b.iter().map(|&y| y * y).sum::<f64>().sqrt();
+                // Flat patches are zero in both: nothing to compare.
+                match (na > 0.0, nb > 0.0) {
+                    (true, true) => Some(dot / (na * nb)),
+                    (false, false) => None,
+                    _ => Some(0.0),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_testvector_by_patch_cosine() {
+        let want = testvector("photo224_hog.npy");
+        assert_eq!(want.shape, vec![4, 196, 108]);
+        let per = 196 * DIMS;
+        let mut all = Vec::new();
+        for i in 0..4 {
+            let img = photo_pixels(i);
+            let got = hog(&img, 16).unwrap();
+            all.extend(cosines(&got, &want.data[i * per..(i + 1) * per]));
+            let reference = hog_reference(&img, 16).unwrap();
+            all.extend(cosines(&reference, &want.data[i * per..(i + 1) * per]));
+        }
+        all.sort_by(f64::total_cmp);
+        let mean = all.iter().sum::<f64>() / all.len() as f64;
+        let p1 = all[all.len() / 100];
+        assert!(mean >= 0.995 && p1 >= 0.98, "cosine mean {mean}, 1st percentile {p1}");
+    }
+
+    #[test]
+    fn fast_binning_equals_atan2_binning() {
+        let b = borders();
+        for gx in (-1020..=1020).step_by(3) {
+            for gy in (-1020..=1020).step_by(7) {
+                assert_eq!(bin_fast(gx, gy, &b), bin_atan2(gx, gy), "gx {gx} gy {gy}");
+            }
+        }
+        for (gx, gy) in [(0, 5), (0, -5), (5, 0), (-5, 0), (1, 1), (-1, -1), (1, -1)] {
+            assert_eq!(bin_fast(gx, gy, &b), bin_atan2(gx, gy), "gx {gx} gy {gy}");
+        }
+    }
+
+    #[test]
+    fn fast_equals_reference_and_flat_is_zero() {
+        let img = photo_pixels(1);
+        let a = hog(&img, 16).unwrap();
+        let r = hog_reference(&img, 16).unwrap();
+        let worst = a.iter().zip(&r).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{worst}");
+        // A flat image has no gradient: exact zeros, not unit vectors of noise.
+        let flat = Rgb8 { width: 32, height: 32, data: vec![117; 32 * 32 * 3] };
+        assert!(hog(&flat, 16).unwrap().iter().all(|&v| v == 0.0));
+        // Cell size follows the patch: 8 px patches on a 32 px image, 4 px cells.
+        assert_eq!(hog(&img_small(), 8).unwrap().len(), 16 * DIMS);
+        assert!(hog(&img_small(), 12).is_err());
+    }
+
+    fn img_small() -> Rgb8 {
+        Rgb8 { width: 32, height: 32, data: (0..32 * 32 * 3).map(|i| (i * 31 % 256) as u8).collect() }
+    }
+
+    /// A vertical edge (dark left, bright right) has gx < 0, gy = 0: orientation
+    /// pi, bin 0, only in cells that touch the edge; each such cell is a unit vector.
+    #[test]
+    fn vertical_edge_lands_in_bin_zero() {
+        let mut img = Rgb8::zeros(16, 16);
+        for y in 0..16 {
+            for x in 8..16 {
+                for c in 0..3 {
+                    img.data[(y * 16 + x) * 3 + c] = 200;
+                }
+            }
+        }
+        let h = hog(&img, 16).unwrap();
+        for c in 0..3 {
+            for cy in 0..2 {
+                for cx in 0..2 {
+                    assert!((h[((c * BINS) * 2 + cy) * 2 + cx] - 1.0).abs() < 1e-6);
+                    for bin in 1..BINS {
+                        assert_eq!(h[((c * BINS + bin) * 2 + cy) * 2 + cx], 0.0);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! AdamW with two parameter groups and exportable moments.
+//!
+//! candle-nn's `AdamW` has no parameter groups and keeps its moments private,
+//! so a run could not resume exactly. This one follows PyTorch's update
+//! (`torch/optim/adamw.py`, `_single_tensor_adamw`), per parameter p with
+//! gradient g at step t (1-based):
+//!
+//! ```text
+//! p  *= 1 - lr * wd                      (decoupled weight decay; wd = 0 for 1-D params and biases)
+//! m  += (1 - b1) * (g - m)
+//! v   = b2 * v + (1 - b2) * g^2
+//! p  -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//! ```
+//!
+//! The groups follow MAE (`optim_factory.add_weight_decay`): no decay for
+//! parameters with one dimension or a name ending in `.bias`; everything else
+//! (cls and mask tokens included, as in MAE) decays.
+
+use candle_core::{Result, Tensor, Var};
+use std::collections::HashMap;
+
+/// Whether a parameter is in the weight-decay group.
+pub fn decays(name: &str, dims: &[usize]) -> bool {
+    dims.len() > 1 && !name.ends_with(".bias")
+}
+
+/// Hyper-parameters other than the lr (which the schedule gives per step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWParams {
+    /// MAE pre-training: betas (0.9, 0.95), eps 1e-8, weight decay 0.05.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.05 }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// The optimizer over named parameters, in a fixed (sorted) order.
+pub struct AdamW {
+    slots: Vec<Slot>,
+    params: AdamWParams,
+    /// Updates made so far (PyTorch's `state['step']`).
+    t: u64,
+}
+
+impl AdamW {
+    /// `vars`: (name, parameter); they are sorted by name.
+    pub fn new(mut vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let slots = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let m = var.as_tensor().zeros_like()?;
+                let v = m.clone();
+                Ok(Slot { decay: decays(&name, var.dims()), name, var, m, v })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { slots, params, t: 0 })
+    }
+
+    /// Updates made so far.
+    pub fn steps(&self) -> u64 {
+        self.t
+    }
+
+    /// Parameter names in update order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(|s| s.name.as_str())
+    }
+
+    /// The parameters, in update order.
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.slots.iter().map(|s| (s.name.as_str(), &s.var))
+    }
+
+    /// Names of the parameters that get weight decay.
+    pub fn decayed(&self) -> Vec<&str> {
+        self.slots.iter().filter(|s| s.decay).map(|s| s.name.as_str()).collect()
+    }
+
+    /// One update with learning rate `lr`; `grads[name]` for every parameter
+    /// (a missing gradient counts as zero).
+    pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.t += 1;
+        let AdamWParams { beta1: b1, beta2: b2, eps, weight_decay } = self.params;
+        let bc1 = 1.0 - b1.powi(self.t as i32);
+        let bc2_sqrt = (1.0 - b2.powi(self.t as i32)).sqrt();
+        let step_size = lr / bc1;
+        for s in &mut self.slots {
+            let g = match grads.get(&s.name) {
+                Some(g) => g.clone(),
+                None => s.m.zeros_like()?,
+            };
+            let mut p = s.var.as_tensor().detach();
+            if s.decay && weight_decay != 0.0 {
+                p = (p * (1.0 - lr * weight_decay))?;
+            }
+            s.m = (&s.m + ((&g - &s.m)? * (1.0 - b1))?)?;
+            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((s.v.sqrt()? / bc2_sqrt)? + eps)?;
+            let p = (p - ((&s.m / denom)? * step_size)?)?;
+            s.var.set(&p)?;
+        }
+        Ok(())
+    }
+
+    /// The moments as `m.NAME` / `v.NAME`, for the checkpoint.
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for s in &self.slots {
+            out.insert(format!("m.{}", s.name), s.m.clone());
+            out.insert(format!("v.{}", s.name), s.v.clone());
+        }
+        out
+    }
+
+    /// Restores moments and the step count; every parameter must be present with its shape.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+        for s in &mut self.slots {
+            for (kind, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
+                let key = format!("{kind}.{}", s.name);
+                let Some(x) = tensors.get(&key) else { candle_core::bail!("optimizer state lacks {key}") };
+                if x.dims() != s.var.dims() {
+                    candle_core::bail!("optimizer state {key}: shape {:?}, parameter has {:?}", x.dims(), s.var.dims())
+                }
+                *slot = x.to_device(s.var.device())?.to_dtype(s.var.dtype())?;
+            }
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Reference values from this float64 script (PyTorch's `_single_tensor_adamw` rule):
+    ///
+    /// ```python
+    /// import math
+    /// def adamw(p, grads, lrs, wd, b1=0.9, b2=0.95, eps=1e-8):
+    ///     m = [0.0]*len(p); v = [0.0]*len(p)
+    ///     for t, (g, lr) in enumerate(zip(grads, lrs), 1):
+    ///         for i in range(len(p)):
+    ///             p[i] *= 1 - lr*wd
+    ///             m[i] += (g[i] - m[i])*(1 - b1)
+    ///             v[i] = v[i]*b2 + (1 - b2)*g[i]*g[i]
+    ///             denom = math.sqrt(v[i])/math.sqrt(1 - b2**t) + eps
+    ///             p[i] -= lr/(1 - b1**t) * m[i]/denom
+    ///         print(t, p)
+    /// adamw([1.0, -2.0], [[0.1, -0.3], [-0.2, 0.4], [0.05, 0.0]], [0.01, 0.02, 0.005], 0.05)
+    /// adamw([0.5], [[0.1], [-0.2], [0.05]], [0.01, 0.02, 0.005], 0.0)
+    /// ```
+    #[test]
+    fn matches_pytorch_rule_on_scalars() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::new(&[[1f32, -2.0]], &dev)?)?;
+        let b = Var::from_tensor(&Tensor::new(&[0.5f32], &dev)?)?;
+        let mut opt = AdamW::new(vec![("lin.weight".into(), w.clone()), ("lin.bias".into(), b.clone())], AdamWParams::default())?;
+        assert_eq!(opt.decayed(), vec!["lin.weight"]);
+        let grads = [([0.1f32, -0.3], 0.1f32, 0.01), ([-0.2, 0.4], -0.2, 0.02), ([0.05, 0.0], 0.05, 0.005)];
+        let want_w = [[0.9895000009999999, -1.9890000003333335], [0.9957779795524063, -1.9908676597888482], [0.9962151507382654, -1.9911248818290044]];
+        let want_b = [0.4900000009999999, 0.4972674795534062, 0.49795359523415345];
+        for (i, (gw, gb, lr)) in grads.into_iter().enumerate() {
+            let mut g = HashMap::new();
+            g.insert("lin.weight".to_string(), Tensor::new(&[gw], &dev)?);
+            g.insert("lin.bias".to_string(), Tensor::new(&[gb], &dev)?);
+            opt.step(&g, lr)?;
+            let got_w = w.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let got_b = b.as_tensor().to_vec1::<f32>()?;
+            for (g, w) in got_w.iter().zip(want_w[i]) {
+                assert!((*g as f64 - w).abs() < 2e-7, "step {}: weight {g} vs {w}", i + 1);
+            }
+            assert!((got_b[0] as f64 - want_b[i]).abs() < 2e-7, "step {}: bias {} vs {}", i + 1, got_b[0], want_b[i]);
+        }
+        // Moments export and restore.
+        let state = opt.state_tensors();
+        assert_eq!(state.len(), 4);
+        let mut again = AdamW::new(vec![("lin.weight".into(), w.clone()), ("lin.bias".into(), b.clone())], AdamWParams::default())?;
+        again.load_state(&state, opt.steps())?;
+        assert_eq!(again.steps(), 3);
+        assert_eq!(again.state_tensors()["v.lin.bias"].to_vec1::<f32>()?, state["v.lin.bias"].to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn decay_groups_follow_mae() {
+        assert!(decays("backbone.blocks.0.attn.qkv.weight", &[576, 192]));
+        assert!(decays("backbone.cls_token", &[1, 1, 192]));
+        assert!(!decays("backbone.blocks.0.attn.qkv.bias", &[576]));
+        assert!(!decays("backbone.norm.weight", &[192]));
+    }
+}

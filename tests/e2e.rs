@@ -1,0 +1,204 @@
+//! End-to-end tests: the real `pipeline` binary in a temp dir.
+//!
+//! The binary is built by `cargo test --workspace` (the `pipeline` package has
+//! integration tests of its own, which makes cargo build its binary first).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn shared_dir() -> PathBuf {
+    std::env::var_os("CROSSMAE_SHARED").map(PathBuf::from).unwrap_or_else(|| repo().join("../shared"))
+}
+
+/// The `pipeline` binary next to this test's own build directory.
+fn pipeline() -> Command {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe.parent().and_then(Path::parent).map(|dir| dir.join("pipeline")).expect("target dir");
+    assert!(bin.exists(), "{} not built: run `cargo test --workspace` (it builds the binary)", bin.display());
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(repo());
+    cmd
+}
+
+fn ok(output: Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "failed:\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+fn json(output: Output) -> serde_json::Value {
+    serde_json::from_str(&ok(output)).expect("valid JSON")
+}
+
+#[test]
+fn inspect_photo_shards_reports_1024_samples_none_bad() {
+    let pattern = shared_dir().join("data/photos-{000000..000003}.tar");
+    let report = json(pipeline().args(["shards", "inspect"]).arg(pattern).arg("--json").output().unwrap());
+    assert_eq!(report["shards"], 4);
+    assert_eq!(report["samples"], 1024);
+    assert_eq!(report["bad_samples"], 0);
+    assert_eq!(report["extensions"]["jpg"], 1024);
+    assert_eq!(report["extensions"]["cls"], 1024);
+}
+
+#[test]
+fn embedded_fashion_mnist_is_balanced_and_complete() {
+    let train = json(
+        pipeline()
+            .args(["shards", "inspect", "shards/data/fashion-mnist/train-{000000..000004}.tar.zst", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!((train["samples"].as_u64(), train["bad_samples"].as_u64()), (Some(10_000), Some(0)));
+    assert_eq!(train["extensions"]["png"], 10_000);
+    let test = json(
+        pipeline()
+            .args(["shards", "inspect", "shards/data/fashion-mnist/test-{000000..000004}.tar.zst", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!((test["samples"].as_u64(), test["bad_samples"].as_u64()), (Some(10_000), Some(0)));
+}
+
+#[test]
+fn main_job_streams_the_embedded_default() {
+    let out = ok(pipeline().args(["run", "configs/pretrain.yaml"]).output().unwrap());
+    assert!(out.contains("epoch 0: 10000 samples"), "{out}");
+    // The balanced subset: 1000 per class, whatever the lanes' order.
+    assert!(out.contains(&format!("per class: {:?}", vec![1000; 10])), "{out}");
+    assert!(out.contains("skipped: 0 samples, 0 shards"), "{out}");
+}
+
+/// Write a tiny IDX pair: `n` 3x2 images whose pixels encode (index, position), labels `i % classes`.
+fn write_idx(dir: &Path, n: usize, classes: u8, gzip: bool) -> (PathBuf, PathBuf, Vec<Vec<u8>>) {
+    let images: Vec<Vec<u8>> = (0..n).map(|i| (0..6).map(|p| (i * 7 + p * 31) as u8).collect()).collect();
+    let mut img = vec![0, 0, 8, 3];
+    for d in [n as u32, 3, 2] {
+        img.extend(d.to_be_bytes());
+    }
+    img.extend(images.iter().flatten());
+    let mut lab = vec![0, 0, 8, 1];
+    lab.extend((n as u32).to_be_bytes());
+    lab.extend((0..n).map(|i| i as u8 % classes));
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        if gzip {
+            use std::io::Write;
+            let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&path).unwrap(), flate2::Compression::fast());
+            enc.write_all(bytes).unwrap();
+            enc.finish().unwrap();
+        } else {
+            std::fs::write(&path, bytes).unwrap();
+        }
+        path
+    };
+    (write("images.idx", &img), write("labels.idx", &lab), images)
+}
+
+fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Grayscale);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+#[test]
+fn import_idx_writes_pngs_that_decode_to_the_source_pixels() {
+    for gzip in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, labels, pixels) = write_idx(dir.path(), 25, 3, gzip);
+        let out = dir.path().join("out/idx-%06d.tar.zst");
+        ok(pipeline()
+            .args(["shards", "import", "idx", "--images"])
+            .arg(&images)
+            .arg("--labels")
+            .arg(&labels)
+            .arg("--out")
+            .arg(&out)
+            .args(["--per-class", "4", "--max-samples", "5", "--key-prefix", "t-"])
+            .output()
+            .unwrap());
+        let paths = shards::expand(&[dir.path().join("out/idx-{000000..000002}.tar.zst").to_string_lossy().into_owned()]).unwrap();
+        let skips = shards::Skips::default();
+        let samples: Vec<shards::Sample> = paths
+            .iter()
+            .flat_map(|p| shards::ShardReader::open(p, shards::OnError::Fail, &skips).unwrap())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        // 4 per class, first in file order: indices 0..12 (labels cycle 0,1,2).
+        assert_eq!(samples.len(), 12);
+        for (sample, index) in samples.iter().zip(0..12usize) {
+            assert_eq!(sample.key, format!("t-{index:06}"));
+            assert_eq!(sample.class_index(), Some((index % 3) as i64));
+            assert_eq!(decode_png(&sample.files["png"]), (2, 3, pixels[index].clone()));
+        }
+    }
+}
+
+#[test]
+fn import_folder_writes_classes_and_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ds");
+    for (class, files) in [("cat", vec!["a.jpg", "b.v2.PNG"]), ("dog", vec!["c.jpeg"])] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for f in files {
+            std::fs::write(root.join(class).join(f), format!("bytes of {f}")).unwrap();
+        }
+    }
+    std::fs::write(root.join("dog/notes.txt"), "not an image").unwrap();
+    let out = dir.path().join("shards/f-%06d.tar");
+    ok(pipeline().args(["shards", "import", "folder"]).arg(&root).arg("--out").arg(&out).output().unwrap());
+    assert_eq!(std::fs::read_to_string(dir.path().join("shards/classes.txt")).unwrap(), "cat\ndog\n");
+    let skips = shards::Skips::default();
+    let samples: Vec<shards::Sample> = shards::ShardReader::open(&dir.path().join("shards/f-000000.tar"), shards::OnError::Fail, &skips)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let got: Vec<(String, String, i64)> = samples
+        .iter()
+        .map(|s| {
+            let (ext, _) = s.first(&["jpg", "png"]).unwrap();
+            (s.key.clone(), ext.to_string(), s.class_index().unwrap())
+        })
+        .collect();
+    let want = [("cat_a", "jpg", 0), ("cat_b_v2", "png", 0), ("dog_c", "jpg", 1)];
+    assert_eq!(got, want.map(|(k, e, c)| (k.to_string(), e.to_string(), c)));
+    assert_eq!(samples[1].files["png"], b"bytes of b.v2.PNG");
+}
+
+/// A config over one good and one truncated shard (plus a missing one).
+fn damaged_dataset(dir: &Path) -> PathBuf {
+    let mut writer = shards::ShardWriter::new(dir.join("d-%06d.tar").to_str().unwrap(), shards::WriterOptions { max_samples: 10, ..Default::default() }).unwrap();
+    for i in 0..20 {
+        writer.write(&shards::Sample::new(format!("k{i:02}")).with("bin", vec![7u8; 600]).with("cls", "1")).unwrap();
+    }
+    let paths = writer.close().unwrap();
+    let bytes = std::fs::read(&paths[1]).unwrap();
+    std::fs::write(&paths[1], &bytes[..bytes.len() / 2]).unwrap();
+    let config = dir.join("c.yaml");
+    std::fs::write(&config, "seed: 1\ndata:\n  train: ['d-{000000..000002}.tar']\n  lanes: 2\n  shuffle_buffer: 4\n").unwrap();
+    config
+}
+
+#[test]
+fn run_skips_bad_input_with_counts_or_fails_naming_shard_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = damaged_dataset(dir.path());
+    let out = pipeline().arg("run").arg(&config).output().unwrap();
+    let stdout = ok(out);
+    // Shard 0: 10 good. Shard 1 cut in half: 4 complete samples read, the 5th counted. Shard 2: missing.
+    assert!(stdout.contains("epoch 0: 14 samples"), "{stdout}");
+    assert!(stdout.contains("skipped: 1 samples, 1 shards"), "{stdout}");
+
+    let out = pipeline().arg("run").arg(&config).args(["--set", "data.on_error=fail"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("d-000001.tar:k14:") || err.contains("d-000002.tar"), "{err}");
+}
