@@ -11,14 +11,24 @@ fn repo() -> &'static Path {
 }
 
 fn shared_dir() -> PathBuf {
-    std::env::var_os("CROSSMAE_SHARED").map(PathBuf::from).unwrap_or_else(|| repo().join("../shared"))
+    std::env::var_os("CROSSMAE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared"))
 }
 
 /// The `pipeline` binary next to this test's own build directory.
 fn pipeline() -> Command {
     let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe.parent().and_then(Path::parent).map(|dir| dir.join("pipeline")).expect("target dir");
-    assert!(bin.exists(), "{} not built: run `cargo test --workspace` (it builds the binary)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("pipeline"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo test --workspace` (it builds the binary)",
+        bin.display()
+    );
     let mut cmd = Command::new(bin);
     cmd.current_dir(repo());
     cmd
@@ -26,7 +36,11 @@ fn pipeline() -> Command {
 
 fn ok(output: Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "failed:\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "failed:\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     stdout
 }
 
@@ -37,7 +51,14 @@ fn json(output: Output) -> serde_json::Value {
 #[test]
 fn inspect_photo_shards_reports_1024_samples_none_bad() {
     let pattern = shared_dir().join("data/photos-{000000..000003}.tar");
-    let report = json(pipeline().args(["shards", "inspect"]).arg(pattern).arg("--json").output().unwrap());
+    let report = json(
+        pipeline()
+            .args(["shards", "inspect"])
+            .arg(pattern)
+            .arg("--json")
+            .output()
+            .unwrap(),
+    );
     assert_eq!(report["shards"], 4);
     assert_eq!(report["samples"], 1024);
     assert_eq!(report["bad_samples"], 0);
@@ -49,19 +70,35 @@ fn inspect_photo_shards_reports_1024_samples_none_bad() {
 fn embedded_fashion_mnist_is_balanced_and_complete() {
     let train = json(
         pipeline()
-            .args(["shards", "inspect", "shards/data/fashion-mnist/train-{000000..000004}.tar.zst", "--json"])
+            .args([
+                "shards",
+                "inspect",
+                "shards/data/fashion-mnist/train-{000000..000007}.tar.zst",
+                "--json",
+            ])
             .output()
             .unwrap(),
     );
-    assert_eq!((train["samples"].as_u64(), train["bad_samples"].as_u64()), (Some(10_000), Some(0)));
+    assert_eq!(
+        (train["samples"].as_u64(), train["bad_samples"].as_u64()),
+        (Some(10_000), Some(0))
+    );
     assert_eq!(train["extensions"]["png"], 10_000);
     let test = json(
         pipeline()
-            .args(["shards", "inspect", "shards/data/fashion-mnist/test-{000000..000004}.tar.zst", "--json"])
+            .args([
+                "shards",
+                "inspect",
+                "shards/data/fashion-mnist/test-{000000..000007}.tar.zst",
+                "--json",
+            ])
             .output()
             .unwrap(),
     );
-    assert_eq!((test["samples"].as_u64(), test["bad_samples"].as_u64()), (Some(10_000), Some(0)));
+    assert_eq!(
+        (test["samples"].as_u64(), test["bad_samples"].as_u64()),
+        (Some(10_000), Some(0))
+    );
 }
 
 #[test]
@@ -75,7 +112,9 @@ fn main_job_streams_the_embedded_default() {
 
 /// Write a tiny IDX pair: `n` 3x2 images whose pixels encode (index, position), labels `i % classes`.
 fn write_idx(dir: &Path, n: usize, classes: u8, gzip: bool) -> (PathBuf, PathBuf, Vec<Vec<u8>>) {
-    let images: Vec<Vec<u8>> = (0..n).map(|i| (0..6).map(|p| (i * 7 + p * 31) as u8).collect()).collect();
+    let images: Vec<Vec<u8>> = (0..n)
+        .map(|i| (0..6).map(|p| (i * 7 + p * 31) as u8).collect())
+        .collect();
     let mut img = vec![0, 0, 8, 3];
     for d in [n as u32, 3, 2] {
         img.extend(d.to_be_bytes());
@@ -88,7 +127,8 @@ fn write_idx(dir: &Path, n: usize, classes: u8, gzip: bool) -> (PathBuf, PathBuf
         let path = dir.join(name);
         if gzip {
             use std::io::Write;
-            let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&path).unwrap(), flate2::Compression::fast());
+            let mut enc =
+                flate2::write::GzEncoder::new(std::fs::File::create(&path).unwrap(), flate2::Compression::fast());
             enc.write_all(bytes).unwrap();
             enc.finish().unwrap();
         } else {
@@ -125,7 +165,12 @@ fn import_idx_writes_pngs_that_decode_to_the_source_pixels() {
             .args(["--per-class", "4", "--max-samples", "5", "--key-prefix", "t-"])
             .output()
             .unwrap());
-        let paths = shards::expand(&[dir.path().join("out/idx-{000000..000002}.tar.zst").to_string_lossy().into_owned()]).unwrap();
+        let paths = shards::expand(&[dir
+            .path()
+            .join("out/idx-{000000..000002}.tar.zst")
+            .to_string_lossy()
+            .into_owned()])
+        .unwrap();
         let skips = shards::Skips::default();
         let samples: Vec<shards::Sample> = paths
             .iter()
@@ -154,13 +199,23 @@ fn import_folder_writes_classes_and_keys() {
     }
     std::fs::write(root.join("dog/notes.txt"), "not an image").unwrap();
     let out = dir.path().join("shards/f-%06d.tar");
-    ok(pipeline().args(["shards", "import", "folder"]).arg(&root).arg("--out").arg(&out).output().unwrap());
-    assert_eq!(std::fs::read_to_string(dir.path().join("shards/classes.txt")).unwrap(), "cat\ndog\n");
+    ok(pipeline()
+        .args(["shards", "import", "folder"])
+        .arg(&root)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("shards/classes.txt")).unwrap(),
+        "cat\ndog\n"
+    );
     let skips = shards::Skips::default();
-    let samples: Vec<shards::Sample> = shards::ShardReader::open(&dir.path().join("shards/f-000000.tar"), shards::OnError::Fail, &skips)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let samples: Vec<shards::Sample> =
+        shards::ShardReader::open(&dir.path().join("shards/f-000000.tar"), shards::OnError::Fail, &skips)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
     let got: Vec<(String, String, i64)> = samples
         .iter()
         .map(|s| {
@@ -175,15 +230,32 @@ fn import_folder_writes_classes_and_keys() {
 
 /// A config over one good and one truncated shard (plus a missing one).
 fn damaged_dataset(dir: &Path) -> PathBuf {
-    let mut writer = shards::ShardWriter::new(dir.join("d-%06d.tar").to_str().unwrap(), shards::WriterOptions { max_samples: 10, ..Default::default() }).unwrap();
+    let mut writer = shards::ShardWriter::new(
+        dir.join("d-%06d.tar").to_str().unwrap(),
+        shards::WriterOptions {
+            max_samples: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for i in 0..20 {
-        writer.write(&shards::Sample::new(format!("k{i:02}")).with("bin", vec![7u8; 600]).with("cls", "1")).unwrap();
+        writer
+            .write(
+                &shards::Sample::new(format!("k{i:02}"))
+                    .with("bin", vec![7u8; 600])
+                    .with("cls", "1"),
+            )
+            .unwrap();
     }
     let paths = writer.close().unwrap();
     let bytes = std::fs::read(&paths[1]).unwrap();
     std::fs::write(&paths[1], &bytes[..bytes.len() / 2]).unwrap();
     let config = dir.join("c.yaml");
-    std::fs::write(&config, "seed: 1\ndata:\n  train: ['d-{000000..000002}.tar']\n  lanes: 2\n  shuffle_buffer: 4\n").unwrap();
+    std::fs::write(
+        &config,
+        "seed: 1\ndata:\n  train: ['d-{000000..000002}.tar']\n  lanes: 2\n  shuffle_buffer: 4\n",
+    )
+    .unwrap();
     config
 }
 
@@ -197,8 +269,16 @@ fn run_skips_bad_input_with_counts_or_fails_naming_shard_and_key() {
     assert!(stdout.contains("epoch 0: 14 samples"), "{stdout}");
     assert!(stdout.contains("skipped: 1 samples, 1 shards"), "{stdout}");
 
-    let out = pipeline().arg("run").arg(&config).args(["--set", "data.on_error=fail"]).output().unwrap();
+    let out = pipeline()
+        .arg("run")
+        .arg(&config)
+        .args(["--set", "data.on_error=fail"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("d-000001.tar:k14:") || err.contains("d-000002.tar"), "{err}");
+    assert!(
+        err.contains("d-000001.tar:k14:") || err.contains("d-000002.tar"),
+        "{err}"
+    );
 }

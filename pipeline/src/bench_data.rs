@@ -49,7 +49,11 @@ pub struct BenchDataArgs {
 pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     let cfg = crate::config::load(&args.config, &args.set)?;
     anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
-    let patterns = if args.shards.is_empty() { cfg.data.train.clone() } else { args.shards.clone() };
+    let patterns = if args.shards.is_empty() {
+        cfg.data.train.clone()
+    } else {
+        args.shards.clone()
+    };
     let paths = shards::expand(&patterns).context("expanding --shards")?;
     let skips = shards::Skips::default();
     let mut raws = Vec::new();
@@ -78,20 +82,28 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
             );
         }
     };
-    eprintln!("{} samples from {} shards; decoder {}", raws.len(), paths.len(), decode::DECODER_CHOICE);
+    eprintln!(
+        "{} samples from {} shards; decoder {}",
+        raws.len(),
+        paths.len(),
+        decode::DECODER_CHOICE
+    );
 
     figure("decode", raws.len(), &|i| {
         std::hint::black_box(decode::apply(&st.decode, &raws[i]).ok());
     });
     figure("decode_image_crate", raws.len(), &|i| {
         if let Some((_, bytes)) = raws[i].first(&["jpg", "jpeg", "png"]) {
-            std::hint::black_box(image::load_from_memory(bytes).ok().map(|im| im.into_rgb8()));
+            std::hint::black_box(decode::decode_with_image_crate(bytes).ok());
         }
     });
 
     // Inputs of the stage-alone figures: each stage's input, prepared once.
     let k = args.stage_inputs.clamp(1, raws.len());
-    let decoded: Vec<Rgb8> = raws[..k].iter().filter_map(|r| decode::apply(&st.decode, r).ok()).collect();
+    let decoded: Vec<Rgb8> = raws[..k]
+        .iter()
+        .filter_map(|r| decode::apply(&st.decode, r).ok())
+        .collect();
     let keys: Vec<&str> = raws[..k].iter().map(|r| r.key.as_str()).collect();
     let views: Vec<Rgb8> = decoded
         .iter()
@@ -101,8 +113,10 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
             augment::apply(&st.augment, d, &mut rng).ok().map(|(v, _)| v)
         })
         .collect();
-    let normalized: Vec<Vec<f32>> =
-        views.iter().map(|v| augment::normalize(v, st.augment.mean, st.augment.std)).collect();
+    let normalized: Vec<Vec<f32>> = views
+        .iter()
+        .map(|v| augment::normalize(v, st.augment.mean, st.augment.std))
+        .collect();
     anyhow::ensure!(!views.is_empty(), "none of the first {k} samples decodes");
 
     figure("augment", decoded.len(), &|i| {
@@ -126,7 +140,10 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
         });
     }
     let kinds: Vec<&str> = st.targets.kinds.iter().map(|k| k.name()).collect();
-    eprintln!("chain: decode -> crop -> flip -> normalize -> mask -> smooth (sigma {}) -> {kinds:?}", st.smooth.sigma);
+    eprintln!(
+        "chain: decode -> crop -> flip -> normalize -> mask -> smooth (sigma {}) -> {kinds:?}",
+        st.smooth.sigma
+    );
     figure("chain", raws.len(), &|i| {
         std::hint::black_box(chain::process(st, &raws[i], seed, 0).ok());
     });

@@ -77,7 +77,11 @@ pub fn parse(text: &str, sets: &[String], base: &Path) -> anyhow::Result<RunConf
     }
     let mut config: RunConfig = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        anyhow::anyhow!("{}: {}", if path == "." { "(top level)".to_string() } else { path }, e.into_inner())
+        anyhow::anyhow!(
+            "{}: {}",
+            if path == "." { "(top level)".to_string() } else { path },
+            e.into_inner()
+        )
     })?;
     config.resolve_paths(base);
     config.validate()?;
@@ -86,7 +90,9 @@ pub fn parse(text: &str, sets: &[String], base: &Path) -> anyhow::Result<RunConf
 
 /// Apply one `a.b.c=value` override; the value is parsed as YAML (`3`, `true`, `[a, b]`).
 fn apply_set(root: &mut Value, set: &str) -> anyhow::Result<()> {
-    let (key, raw) = set.split_once('=').with_context(|| format!("--set {set:?}: expected KEY=VALUE"))?;
+    let (key, raw) = set
+        .split_once('=')
+        .with_context(|| format!("--set {set:?}: expected KEY=VALUE"))?;
     let new: Value = serde_norway::from_str(raw).with_context(|| format!("--set {key}: value {raw:?} is not YAML"))?;
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
@@ -178,7 +184,11 @@ mod tests {
 
     #[test]
     fn set_overrides_nested_values_as_yaml() {
-        let sets = ["data.lanes=7".to_string(), "data.on_error=fail".to_string(), "seed=11".to_string()];
+        let sets = [
+            "data.lanes=7".to_string(),
+            "data.on_error=fail".to_string(),
+            "seed=11".to_string(),
+        ];
         let c = parse(MINIMAL, &sets, Path::new("")).unwrap();
         assert_eq!((c.data.lanes, c.data.on_error, c.seed), (7, shards::OnError::Fail, 11));
         let c = parse(MINIMAL, &["data.test=[t.tar]".to_string()], Path::new("")).unwrap();

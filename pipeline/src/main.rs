@@ -58,8 +58,12 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Shards { command } => shards_cmd::run(command),
-        Command::Stages { command: StagesCommand::Dump(args) } => stages_dump::run(&args),
-        Command::Bench { command: BenchCommand::Data(args) } => bench_data::run(&args),
+        Command::Stages {
+            command: StagesCommand::Dump(args),
+        } => stages_dump::run(&args),
+        Command::Bench {
+            command: BenchCommand::Data(args),
+        } => bench_data::run(&args),
     }
 }
 
@@ -76,7 +80,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // A closed pipe (`pipeline shards inspect ... | head`) is not an error.
-            if err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)) {
+            if err.chain().any(|e| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {err:#}");

@@ -85,10 +85,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             per_class[class] += count;
         }
     }
-    println!("epoch 0: {samples} samples, {bytes} bytes from {} shards in {} lanes", shard_paths.len(), cfg.data.lanes);
+    println!(
+        "epoch 0: {samples} samples, {bytes} bytes from {} shards in {} lanes",
+        shard_paths.len(),
+        cfg.data.lanes
+    );
     println!("per lane: {:?}", tallies.iter().map(|t| t.samples).collect::<Vec<_>>());
     println!("per class: {per_class:?}");
-    println!("skipped: {} samples, {} shards {:?}", skips.total(), skips.shards(), skips.by_reason());
+    println!(
+        "skipped: {} samples, {} shards {:?}",
+        skips.total(),
+        skips.shards(),
+        skips.by_reason()
+    );
     println!("{:.0} samples/s ({seconds:.2} s)", samples as f64 / seconds.max(1e-9));
     Ok(())
 }

@@ -46,7 +46,11 @@ pub struct ShardOptions {
 
 impl ShardOptions {
     fn writer(&self) -> WriterOptions {
-        WriterOptions { max_samples: self.max_samples, max_bytes: self.max_bytes, zstd_level: self.zstd_level }
+        WriterOptions {
+            max_samples: self.max_samples,
+            max_bytes: self.max_bytes,
+            zstd_level: self.zstd_level,
+        }
     }
 }
 
@@ -91,18 +95,22 @@ pub struct InspectArgs {
 
 pub fn run(command: ShardsCommand) -> anyhow::Result<()> {
     match command {
-        ShardsCommand::Import { command: ImportCommand::Idx(args) } => {
+        ShardsCommand::Import {
+            command: ImportCommand::Idx(args),
+        } => {
             let options = IdxImport {
                 per_class: args.per_class,
                 limit: args.limit,
                 key_prefix: args.key_prefix.clone(),
                 writer: args.shards.writer(),
             };
-            let summary = import_idx(&args.images, &args.labels, &args.shards.out, &options)
-                .context("importing IDX files")?;
+            let summary =
+                import_idx(&args.images, &args.labels, &args.shards.out, &options).context("importing IDX files")?;
             print_summary(&summary)
         }
-        ShardsCommand::Import { command: ImportCommand::Folder(args) } => {
+        ShardsCommand::Import {
+            command: ImportCommand::Folder(args),
+        } => {
             let summary = import_folder(&args.dir, &args.shards.out, &args.shards.writer())
                 .with_context(|| format!("importing {}", args.dir.display()))?;
             print_summary(&summary)
@@ -113,7 +121,12 @@ pub fn run(command: ShardsCommand) -> anyhow::Result<()> {
 
 fn print_summary(summary: &ImportSummary) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "wrote {} samples in {} shards", summary.samples, summary.shards.len())?;
+    writeln!(
+        out,
+        "wrote {} samples in {} shards",
+        summary.samples,
+        summary.shards.len()
+    )?;
     writeln!(out, "per class: {:?}", summary.per_class)?;
     if !summary.skipped.is_empty() {
         writeln!(out, "skipped {} input files (see log)", summary.skipped.len())?;

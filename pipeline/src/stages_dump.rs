@@ -39,7 +39,11 @@ pub struct DumpArgs {
 /// Run `pipeline stages dump`.
 pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     let cfg = crate::config::load(&args.config, &args.set)?;
-    let patterns = if args.shards.is_empty() { cfg.data.train.clone() } else { args.shards.clone() };
+    let patterns = if args.shards.is_empty() {
+        cfg.data.train.clone()
+    } else {
+        args.shards.clone()
+    };
     let paths = shards::expand(&patterns).context("expanding --shards")?;
     anyhow::ensure!(!paths.is_empty(), "no shards match {patterns:?}");
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
@@ -67,13 +71,25 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
             }
         }
     }
-    println!("wrote {written} examples to {} ({} skipped)", args.out.display(), skips.total());
+    println!(
+        "wrote {written} examples to {} ({} skipped)",
+        args.out.display(),
+        skips.total()
+    );
     Ok(())
 }
 
 /// A key made safe as a file name (`a/b` becomes `a_b`).
 fn file_stem(key: &str) -> String {
-    key.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn write_example(dir: &Path, ex: &stages::sample::Example) -> anyhow::Result<()> {
@@ -84,11 +100,17 @@ fn write_example(dir: &Path, ex: &stages::sample::Example) -> anyhow::Result<()>
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
     };
     put(format!("{stem}.image.npy"), npy::encode(&[3, size, size], &ex.image))?;
-    put(format!("{stem}.mask.npy"), npy::encode(&[ex.mask.mask.len()], &ex.mask.mask))?;
+    put(
+        format!("{stem}.mask.npy"),
+        npy::encode(&[ex.mask.mask.len()], &ex.mask.mask),
+    )?;
     put(format!("{stem}.smooth.npy"), npy::encode(&[3, size, size], &ex.smooth))?;
     let n = ex.num_patches();
     for t in &ex.targets {
-        put(format!("{stem}.target.{}.npy", t.kind), npy::encode(&[n, t.dims], &t.values))?;
+        put(
+            format!("{stem}.target.{}.npy", t.kind),
+            npy::encode(&[n, t.dims], &t.values),
+        )?;
     }
     let view = serde_json::json!({
         "key": ex.key,

@@ -47,11 +47,17 @@ pub enum Error {
 impl Error {
     /// Wrap an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A format error on `path`.
     pub fn format(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Error {
-        Error::Format { path: path.into(), reason: reason.to_string() }
+        Error::Format {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
     }
 }

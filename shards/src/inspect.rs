@@ -46,10 +46,18 @@ pub struct InspectReport {
 /// Read every shard (skipping and recording bad input) and count.
 pub fn inspect(shards: &[PathBuf]) -> Result<InspectReport> {
     let skips = Skips::default();
-    let mut report = InspectReport { shards: shards.len(), ..Default::default() };
+    let mut report = InspectReport {
+        shards: shards.len(),
+        ..Default::default()
+    };
     for path in shards {
         let before = skips.total();
-        let mut summary = ShardSummary { path: path.clone(), samples: 0, bytes: 0, bad_samples: 0 };
+        let mut summary = ShardSummary {
+            path: path.clone(),
+            samples: 0,
+            bytes: 0,
+            bad_samples: 0,
+        };
         for sample in ShardReader::open(path, OnError::Skip, &skips)? {
             let sample = sample?;
             summary.samples += 1;

@@ -129,7 +129,12 @@ impl Iterator for LaneReader {
         }
         let pick = self.rng.random_range(0..self.buffer.len());
         let (shard, sample) = self.buffer.swap_remove(pick);
-        let record = LaneRecord { lane: self.lane, position: self.position, shard, sample };
+        let record = LaneRecord {
+            lane: self.lane,
+            position: self.position,
+            shard,
+            sample,
+        };
         self.position += 1;
         Some(Ok(record))
     }

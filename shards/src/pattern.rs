@@ -13,12 +13,17 @@ use crate::{Error, Result};
 pub fn expand(patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for pattern in patterns {
-        let names = webdataset::braceexpand(pattern)
-            .map_err(|e| Error::Pattern { pattern: pattern.clone(), reason: e.to_string() })?;
+        let names = webdataset::braceexpand(pattern).map_err(|e| Error::Pattern {
+            pattern: pattern.clone(),
+            reason: e.to_string(),
+        })?;
         out.extend(names.into_iter().map(PathBuf::from));
     }
     if out.is_empty() {
-        return Err(Error::Pattern { pattern: patterns.join(" "), reason: "no shards given".into() });
+        return Err(Error::Pattern {
+            pattern: patterns.join(" "),
+            reason: "no shards given".into(),
+        });
     }
     Ok(out)
 }
@@ -30,8 +35,10 @@ mod tests {
     #[test]
     fn ranges_lists_and_several_patterns() {
         let got = expand(&["a-{000..002}.tar".into(), "b-{x,y}.tar.zst".into()]).unwrap();
-        let want: Vec<PathBuf> =
-            ["a-000.tar", "a-001.tar", "a-002.tar", "b-x.tar.zst", "b-y.tar.zst"].iter().map(PathBuf::from).collect();
+        let want: Vec<PathBuf> = ["a-000.tar", "a-001.tar", "a-002.tar", "b-x.tar.zst", "b-y.tar.zst"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
         assert_eq!(got, want);
     }
 

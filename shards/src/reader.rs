@@ -73,7 +73,13 @@ impl ShardReader {
                 let reason = format!("cannot open shard: {why}");
                 match policy {
                     OnError::Skip => skips.record_shard(&shard.display().to_string(), &reason),
-                    OnError::Fail => return Err(Error::BadSample { shard: shard.into(), key: "*".into(), reason }),
+                    OnError::Fail => {
+                        return Err(Error::BadSample {
+                            shard: shard.into(),
+                            key: "*".into(),
+                            reason,
+                        })
+                    }
                 }
             }
         }
@@ -91,7 +97,9 @@ impl ShardReader {
 
     /// Finish the pending sample: `Some(sample)` if it is good.
     fn finish_pending(&mut self) -> Result<Option<Sample>> {
-        let Some((sample, bad)) = self.pending.take() else { return Ok(None) };
+        let Some((sample, bad)) = self.pending.take() else {
+            return Ok(None);
+        };
         self.seen.insert(sample.key.clone());
         match bad {
             None => Ok(Some(sample)),
@@ -101,7 +109,9 @@ impl ShardReader {
 
     fn advance(&mut self) -> Result<Option<Sample>> {
         loop {
-            let Some(entries) = self.entries.as_mut() else { return Ok(None) };
+            let Some(entries) = self.entries.as_mut() else {
+                return Ok(None);
+            };
             let entry = match entries.next() {
                 None => {
                     self.entries = None;

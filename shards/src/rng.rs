@@ -58,7 +58,9 @@ mod tests {
     #[test]
     fn stream_is_the_same_on_another_thread() {
         let here: u64 = stage_rng(1, 0, "k", "s").random();
-        let there: u64 = std::thread::spawn(|| stage_rng(1, 0, "k", "s").random()).join().unwrap();
+        let there: u64 = std::thread::spawn(|| stage_rng(1, 0, "k", "s").random())
+            .join()
+            .unwrap();
         assert_eq!(here, there);
     }
 }

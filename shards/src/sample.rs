@@ -18,7 +18,10 @@ pub struct Sample {
 impl Sample {
     /// An empty sample with this key.
     pub fn new(key: impl Into<String>) -> Sample {
-        Sample { key: key.into(), files: BTreeMap::new() }
+        Sample {
+            key: key.into(),
+            files: BTreeMap::new(),
+        }
     }
 
     /// Add a file, builder style: `Sample::new("k").with("cls", b"3")`.
@@ -29,7 +32,9 @@ impl Sample {
 
     /// The first of these extensions present (`sample.first(&["jpg", "jpeg", "png"])`).
     pub fn first(&self, exts: &[&str]) -> Option<(&str, &[u8])> {
-        exts.iter().find_map(|e| self.files.get_key_value(*e)).map(|(k, v)| (k.as_str(), v.as_slice()))
+        exts.iter()
+            .find_map(|e| self.files.get_key_value(*e))
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 
     /// The class index stored in `KEY.cls` (decimal text), if any.

@@ -65,7 +65,11 @@ impl Skips {
             inner.samples += 1;
             *inner.by_reason.entry(reason_kind(reason)).or_default() += 1;
             if inner.records.len() < KEEP_RECORDS {
-                inner.records.push(SkipRecord { shard: shard.into(), key: key.into(), reason: reason.into() });
+                inner.records.push(SkipRecord {
+                    shard: shard.into(),
+                    key: key.into(),
+                    reason: reason.into(),
+                });
             }
         });
     }
@@ -77,7 +81,11 @@ impl Skips {
             inner.shards += 1;
             *inner.by_reason.entry(reason_kind(reason)).or_default() += 1;
             if inner.records.len() < KEEP_RECORDS {
-                inner.records.push(SkipRecord { shard: shard.into(), key: "*".into(), reason: reason.into() });
+                inner.records.push(SkipRecord {
+                    shard: shard.into(),
+                    key: "*".into(),
+                    reason: reason.into(),
+                });
             }
         });
     }
@@ -114,8 +122,10 @@ pub fn handle_bad(policy: OnError, skips: &Skips, shard: &Path, key: &str, reaso
             skips.record(&shard.display().to_string(), key, reason);
             Ok(())
         }
-        OnError::Fail => {
-            Err(Error::BadSample { shard: shard.to_path_buf(), key: key.to_string(), reason: reason.to_string() })
-        }
+        OnError::Fail => Err(Error::BadSample {
+            shard: shard.to_path_buf(),
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }),
     }
 }

@@ -30,7 +30,11 @@ pub struct WriterOptions {
 
 impl Default for WriterOptions {
     fn default() -> Self {
-        WriterOptions { max_samples: 10_000, max_bytes: 1 << 30, zstd_level: 3 }
+        WriterOptions {
+            max_samples: 10_000,
+            max_bytes: 1 << 30,
+            zstd_level: 3,
+        }
     }
 }
 
@@ -81,7 +85,10 @@ pub struct ShardWriter {
 
 /// Fill the first `%d` / `%0Nd` of `pattern` with `index` (Python's `ShardWriter` convention).
 pub fn shard_name(pattern: &str, index: usize) -> Result<String> {
-    let bad = || Error::Pattern { pattern: pattern.into(), reason: "needs one `%d` or `%06d` for the shard number".into() };
+    let bad = || Error::Pattern {
+        pattern: pattern.into(),
+        reason: "needs one `%d` or `%06d` for the shard number".into(),
+    };
     let start = pattern.find('%').ok_or_else(bad)?;
     let rest = &pattern[start + 1..];
     let end = rest.find('d').ok_or_else(bad)?;
@@ -89,8 +96,18 @@ pub fn shard_name(pattern: &str, index: usize) -> Result<String> {
     if !spec.chars().all(|c| c.is_ascii_digit()) || pattern[start + 1 + end + 1..].contains('%') {
         return Err(bad());
     }
-    let width: usize = if spec.is_empty() { 0 } else { spec.parse().map_err(|_| bad())? };
-    Ok(format!("{}{:0width$}{}", &pattern[..start], index, &rest[end + 1..], width = width))
+    let width: usize = if spec.is_empty() {
+        0
+    } else {
+        spec.parse().map_err(|_| bad())?
+    };
+    Ok(format!(
+        "{}{:0width$}{}",
+        &pattern[..start],
+        index,
+        &rest[end + 1..],
+        width = width
+    ))
 }
 
 impl ShardWriter {
@@ -98,9 +115,18 @@ impl ShardWriter {
     pub fn new(pattern: &str, options: WriterOptions) -> Result<ShardWriter> {
         shard_name(pattern, 0)?;
         if options.max_samples == 0 {
-            return Err(Error::Pattern { pattern: pattern.into(), reason: "max_samples must be at least 1".into() });
+            return Err(Error::Pattern {
+                pattern: pattern.into(),
+                reason: "max_samples must be at least 1".into(),
+            });
         }
-        Ok(ShardWriter { pattern: pattern.into(), options, next_index: 0, current: None, written: Vec::new() })
+        Ok(ShardWriter {
+            pattern: pattern.into(),
+            options,
+            next_index: 0,
+            current: None,
+            written: Vec::new(),
+        })
     }
 
     fn open_next(&mut self) -> Result<&mut OpenShard> {
@@ -125,7 +151,14 @@ impl ShardWriter {
         let tar = TarWriter::new(Box::new(stream.clone()), Compression::None)
             .map_err(|e| Error::format(&temp, e))?
             .with_mtime(Some(0));
-        Ok(self.current.insert(OpenShard { tar, stream, temp, path, samples: 0, bytes: 0 }))
+        Ok(self.current.insert(OpenShard {
+            tar,
+            stream,
+            temp,
+            path,
+            samples: 0,
+            bytes: 0,
+        }))
     }
 
     /// Append a sample, starting a new shard when the current one is full.
@@ -145,14 +178,19 @@ impl ShardWriter {
         for (ext, data) in &sample.files {
             record.insert(ext.clone(), webdataset::Value::Bytes(data.clone().into()));
         }
-        let bytes = shard.tar.write(&record).map_err(|e| Error::format(&shard.temp, format!("{}: {e}", sample.key)))?;
+        let bytes = shard
+            .tar
+            .write(&record)
+            .map_err(|e| Error::format(&shard.temp, format!("{}: {e}", sample.key)))?;
         shard.samples += 1;
         shard.bytes += bytes;
         Ok(())
     }
 
     fn finish_current(&mut self) -> Result<()> {
-        let Some(shard) = self.current.take() else { return Ok(()) };
+        let Some(shard) = self.current.take() else {
+            return Ok(());
+        };
         let temp = shard.temp.clone();
         shard.tar.close().map_err(|e| Error::format(&temp, e))?;
         let stream = shard.stream.0.lock().ok().and_then(|mut s| s.take());

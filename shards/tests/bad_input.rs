@@ -34,9 +34,14 @@ fn good_shard_reads_every_sample_with_its_files() {
     let path = dir.path().join("good.tar");
     write_tar(&path, &as_refs(&good_members(3)));
     let skips = Skips::default();
-    let samples: Vec<Sample> =
-        ShardReader::open(&path, OnError::Fail, &skips).unwrap().collect::<Result<_, _>>().unwrap();
-    assert_eq!(samples.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(), ["k0", "k1", "k2"]);
+    let samples: Vec<Sample> = ShardReader::open(&path, OnError::Fail, &skips)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        samples.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(),
+        ["k0", "k1", "k2"]
+    );
     assert_eq!(samples[2].files["png"], vec![3u8; 702]);
     assert_eq!(samples[2].class_index(), Some(2));
     assert_eq!(skips.total(), 0);
@@ -79,7 +84,16 @@ fn truncated_tar_skips_the_sample_in_progress_or_fails_naming_it() {
 fn zero_length_member_skips_its_sample() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("zero.tar");
-    write_tar(&path, &[("a.png", b"x"), ("a.cls", b"1"), ("b.png", b""), ("b.cls", b"2"), ("c.png", b"y")]);
+    write_tar(
+        &path,
+        &[
+            ("a.png", b"x"),
+            ("a.cls", b"1"),
+            ("b.png", b""),
+            ("b.cls", b"2"),
+            ("c.png", b"y"),
+        ],
+    );
     let skips = Skips::default();
     assert_eq!(read(&path, OnError::Skip, &skips), (keys(&["a", "c"]), None));
     assert_eq!(skips.total(), 1);
@@ -98,8 +112,12 @@ fn corrupt_zstd_frame_is_detected() {
     let mut writer = ShardWriter::new(path.to_str().unwrap(), WriterOptions::default()).unwrap();
     for i in 0..50 {
         // Incompressible-ish payloads so the damage lands inside sample data.
-        let data: Vec<u8> = (0..2000u32).map(|j| (j.wrapping_mul(2654435761).wrapping_add(i) >> 13) as u8).collect();
-        writer.write(&Sample::new(format!("s{i:03}")).with("bin", data)).unwrap();
+        let data: Vec<u8> = (0..2000u32)
+            .map(|j| (j.wrapping_mul(2654435761).wrapping_add(i) >> 13) as u8)
+            .collect();
+        writer
+            .write(&Sample::new(format!("s{i:03}")).with("bin", data))
+            .unwrap();
     }
     let shard = writer.close().unwrap().remove(0);
     let mut bytes = std::fs::read(&shard).unwrap();
@@ -124,7 +142,10 @@ fn corrupt_zstd_frame_is_detected() {
 fn member_without_key_is_skipped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nokey.tar");
-    write_tar(&path, &[("a.png", b"x"), (".png", b"y"), ("README", b"z"), ("b.png", b"w")]);
+    write_tar(
+        &path,
+        &[("a.png", b"x"), (".png", b"y"), ("README", b"z"), ("b.png", b"w")],
+    );
     let skips = Skips::default();
     assert_eq!(read(&path, OnError::Skip, &skips), (keys(&["a", "b"]), None));
     assert_eq!(skips.total(), 2);
@@ -143,11 +164,20 @@ fn duplicate_keys_keep_the_first_and_count_the_rest() {
     let path = dir.path().join("dup.tar");
     write_tar(
         &path,
-        &[("a.png", b"1"), ("a.cls", b"1"), ("b.png", b"2"), ("a.png", b"3"), ("c.png", b"4"), ("c.png", b"5")],
+        &[
+            ("a.png", b"1"),
+            ("a.cls", b"1"),
+            ("b.png", b"2"),
+            ("a.png", b"3"),
+            ("c.png", b"4"),
+            ("c.png", b"5"),
+        ],
     );
     let skips = Skips::default();
-    let samples: Vec<Sample> =
-        ShardReader::open(&path, OnError::Skip, &skips).unwrap().collect::<Result<_, _>>().unwrap();
+    let samples: Vec<Sample> = ShardReader::open(&path, OnError::Skip, &skips)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
     assert_eq!(samples.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     assert_eq!(samples[0].files["png"], b"1");
     assert_eq!(skips.total(), 2);
@@ -171,7 +201,10 @@ fn missing_shard_is_a_counted_skip_or_an_error_naming_it() {
 
     let (_, err) = read(&path, OnError::Fail, &Skips::default());
     let err = err.unwrap();
-    assert!(err.contains("nope-000001.tar") && err.contains("cannot open shard"), "{err}");
+    assert!(
+        err.contains("nope-000001.tar") && err.contains("cannot open shard"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -17,12 +17,23 @@ fn python_written_photo_shards_read_here() {
     let pattern = common::shared_dir().join("data/photos-{000000..000003}.tar");
     let paths = shards::expand(&[pattern.to_string_lossy().into_owned()]).unwrap();
     let report = shards::inspect::inspect(&paths).unwrap();
-    assert_eq!((report.shards, report.samples, report.bad_samples, report.bad_shards), (4, 1024, 0, 0));
-    assert_eq!(report.extensions.get("jpg").copied().unwrap_or(0) + report.extensions.get("jpeg").copied().unwrap_or(0), 1024);
+    assert_eq!(
+        (report.shards, report.samples, report.bad_samples, report.bad_shards),
+        (4, 1024, 0, 0)
+    );
+    assert_eq!(
+        report.extensions.get("jpg").copied().unwrap_or(0) + report.extensions.get("jpeg").copied().unwrap_or(0),
+        1024
+    );
 }
 
 fn python_reads(script: &str, shard: &std::path::Path) -> Result<String, String> {
-    let out = Command::new("python3").arg("-c").arg(script).arg(shard).output().map_err(|e| format!("python3: {e}"))?;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(shard)
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -34,8 +45,13 @@ fn shards_we_write_read_in_python() {
     let dir = tempfile::tempdir().unwrap();
     let pattern = dir.path().join("py-%06d.tar");
     let mut writer = ShardWriter::new(pattern.to_str().unwrap(), WriterOptions::default()).unwrap();
-    let input: Vec<Sample> =
-        (0..5).map(|i| Sample::new(format!("k{i}")).with("png", vec![i as u8; 10 + i]).with("cls", i.to_string())).collect();
+    let input: Vec<Sample> = (0..5)
+        .map(|i| {
+            Sample::new(format!("k{i}"))
+                .with("png", vec![i as u8; 10 + i])
+                .with("cls", i.to_string())
+        })
+        .collect();
     for s in &input {
         writer.write(s).unwrap();
     }
@@ -51,10 +67,16 @@ for key in sorted(groups):
     print(key, groups[key]['cls'].decode(), len(groups[key]['png']))
 "#;
     let got = python_reads(tarfile, &shard).expect("python3 tarfile must read our shard");
-    let want: String = input.iter().map(|s| format!("{} {} {}\n", s.key, s.class_index().unwrap(), s.files["png"].len())).collect();
+    let want: String = input
+        .iter()
+        .map(|s| format!("{} {} {}\n", s.key, s.class_index().unwrap(), s.files["png"].len()))
+        .collect();
     assert_eq!(got, want);
 
-    let has_webdataset = Command::new("python3").args(["-c", "import webdataset"]).status().is_ok_and(|s| s.success());
+    let has_webdataset = Command::new("python3")
+        .args(["-c", "import webdataset"])
+        .status()
+        .is_ok_and(|s| s.success());
     if has_webdataset {
         let wds = r#"
 import sys, webdataset as wds
@@ -85,8 +107,14 @@ with tarfile.open(sys.argv[1], 'w', format=tarfile.PAX_FORMAT) as t:
 "#;
     python_reads(script, &shard).expect("python3 must write the shard");
     let skips = Skips::default();
-    let samples: Vec<Sample> = ShardReader::open(&shard, OnError::Fail, &skips).unwrap().collect::<Result<_, _>>().unwrap();
-    assert_eq!(samples.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(), ["sub/sample_0", "sub/sample_1", "sub/sample_2"]);
+    let samples: Vec<Sample> = ShardReader::open(&shard, OnError::Fail, &skips)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        samples.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(),
+        ["sub/sample_0", "sub/sample_1", "sub/sample_2"]
+    );
     assert_eq!(samples[2].files["jpg"], vec![2u8; 102]);
     assert_eq!(samples[1].class_index(), Some(1));
 }

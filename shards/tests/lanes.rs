@@ -11,10 +11,15 @@ use shards::{plan_epoch, LaneReader, OnError, Sample, ShardWriter, Skips, Writer
 /// 7 shards of 13 samples each.
 fn make_shards(dir: &std::path::Path) -> Vec<PathBuf> {
     let pattern = dir.join("l-%06d.tar");
-    let options = WriterOptions { max_samples: 13, ..Default::default() };
+    let options = WriterOptions {
+        max_samples: 13,
+        ..Default::default()
+    };
     let mut writer = ShardWriter::new(pattern.to_str().unwrap(), options).unwrap();
     for i in 0..91 {
-        writer.write(&Sample::new(format!("s{i:03}")).with("cls", i.to_string())).unwrap();
+        writer
+            .write(&Sample::new(format!("s{i:03}")).with("cls", i.to_string()))
+            .unwrap();
     }
     writer.close().unwrap()
 }

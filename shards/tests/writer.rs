@@ -6,7 +6,11 @@ use shards::{OnError, Sample, ShardReader, ShardWriter, Skips, WriterOptions};
 
 fn samples(n: usize) -> Vec<Sample> {
     (0..n)
-        .map(|i| Sample::new(format!("key{i:04}")).with("png", vec![(i % 251) as u8; 100 + i]).with("cls", format!("{}", i % 7)))
+        .map(|i| {
+            Sample::new(format!("key{i:04}"))
+                .with("png", vec![(i % 251) as u8; 100 + i])
+                .with("cls", format!("{}", i % 7))
+        })
         .collect()
 }
 
@@ -26,14 +30,20 @@ fn round_trip_plain_and_zstd_with_sample_limit() {
     for ext in ["tar", "tar.zst"] {
         let dir = tempfile::tempdir().unwrap();
         let pattern = dir.path().join(format!("s-%06d.{ext}"));
-        let options = WriterOptions { max_samples: 4, ..Default::default() };
+        let options = WriterOptions {
+            max_samples: 4,
+            ..Default::default()
+        };
         let mut writer = ShardWriter::new(pattern.to_str().unwrap(), options).unwrap();
         let input = samples(10);
         for s in &input {
             writer.write(s).unwrap();
         }
         let paths = writer.close().unwrap();
-        let names: Vec<String> = paths.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = paths
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names, [0, 1, 2].map(|i| format!("s-{i:06}.{ext}")));
         assert_eq!(read_all(&paths), input);
         // Nothing temporary is left behind.
@@ -44,7 +54,11 @@ fn round_trip_plain_and_zstd_with_sample_limit() {
             .collect();
         assert!(leftovers.is_empty());
         if ext == "tar.zst" {
-            assert_eq!(std::fs::read(&paths[0]).unwrap()[..4], [0x28, 0xb5, 0x2f, 0xfd], "not a zstd frame");
+            assert_eq!(
+                std::fs::read(&paths[0]).unwrap()[..4],
+                [0x28, 0xb5, 0x2f, 0xfd],
+                "not a zstd frame"
+            );
         }
     }
 }
@@ -54,9 +68,14 @@ fn byte_limit_starts_new_shards() {
     let dir = tempfile::tempdir().unwrap();
     let pattern = dir.path().join("b-%d.tar");
     // Each sample has ~1.1 kB of payload; 2.5 kB per shard means a new shard after 3 samples.
-    let options = WriterOptions { max_bytes: 2500, ..Default::default() };
+    let options = WriterOptions {
+        max_bytes: 2500,
+        ..Default::default()
+    };
     let mut writer = ShardWriter::new(pattern.to_str().unwrap(), options).unwrap();
-    let input: Vec<Sample> = (0..7).map(|i| Sample::new(format!("k{i}")).with("bin", vec![1u8; 1100])).collect();
+    let input: Vec<Sample> = (0..7)
+        .map(|i| Sample::new(format!("k{i}")).with("bin", vec![1u8; 1100]))
+        .collect();
     for s in &input {
         writer.write(s).unwrap();
     }
@@ -90,12 +109,22 @@ fn a_crash_mid_shard_leaves_no_shard_that_looks_whole() {
     }
     // Simulate a crash: the process never reaches close() or Drop.
     std::mem::forget(writer);
-    let names: Vec<String> =
-        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(!names.contains(&"crash-000000.tar".to_string()), "{names:?}");
-    assert!(names.iter().all(|n| n.starts_with("crash-000000.tar.tmp-")), "{names:?}");
+    assert!(
+        names.iter().all(|n| n.starts_with("crash-000000.tar.tmp-")),
+        "{names:?}"
+    );
     // The brace pattern a user would give does not match the temporary file.
-    let expanded = shards::expand(&[dir.path().join("crash-{000000..000000}.tar").to_string_lossy().into_owned()]).unwrap();
+    let expanded = shards::expand(&[dir
+        .path()
+        .join("crash-{000000..000000}.tar")
+        .to_string_lossy()
+        .into_owned()])
+    .unwrap();
     assert!(!expanded[0].exists());
 }
 

@@ -34,7 +34,10 @@ pub fn len_keep(num_patches: usize, ratio: f64) -> usize {
 /// Draw uniform noise for `num_patches` patches and mask by it.
 pub fn apply(cfg: &Config, num_patches: usize, rng: &mut impl Rng) -> Result<Mask, StageError> {
     if !(0.0..1.0).contains(&cfg.ratio) {
-        return Err(StageError::Config(format!("mask.ratio {} is not in [0, 1)", cfg.ratio)));
+        return Err(StageError::Config(format!(
+            "mask.ratio {} is not in [0, 1)",
+            cfg.ratio
+        )));
     }
     let noise: Vec<f32> = (0..num_patches).map(|_| rng.random::<f32>()).collect();
     Ok(random_masking(&noise, cfg.ratio))
@@ -51,8 +54,15 @@ pub fn random_masking(noise: &[f32], ratio: f64) -> Mask {
     for (pos, &id) in ids_shuffle.iter().enumerate() {
         ids_restore[id as usize] = pos as u32;
     }
-    let mask = ids_restore.iter().map(|&pos| u8::from(pos as usize >= keep)).collect();
-    Mask { mask, ids_keep: ids_shuffle[..keep].to_vec(), ids_restore }
+    let mask = ids_restore
+        .iter()
+        .map(|&pos| u8::from(pos as usize >= keep))
+        .collect();
+    Mask {
+        mask,
+        ids_keep: ids_shuffle[..keep].to_vec(),
+        ids_restore,
+    }
 }
 
 #[cfg(test)]
@@ -72,7 +82,10 @@ mod tests {
         for i in 0..b {
             let m = random_masking(&noise.to_f32()[i * n..(i + 1) * n], 0.75);
             let as_f64 = |v: &[u32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-            assert_eq!(m.mask.iter().map(|&x| x as f64).collect::<Vec<_>>(), mask.data[i * n..(i + 1) * n]);
+            assert_eq!(
+                m.mask.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                mask.data[i * n..(i + 1) * n]
+            );
             assert_eq!(as_f64(&m.ids_keep), keep.data[i * k..(i + 1) * k]);
             assert_eq!(as_f64(&m.ids_restore), restore.data[i * n..(i + 1) * n]);
         }
@@ -98,10 +111,22 @@ mod tests {
     #[test]
     fn deterministic_per_key_and_different_per_epoch() {
         let cfg = Config::default();
-        let draw = |epoch| apply(&cfg, 196, &mut shards::rng::stage_rng(3, epoch, "img1", "mask")).unwrap();
+        let draw = |epoch| {
+            apply(
+                &cfg,
+                196,
+                &mut shards::rng::stage_rng(3, epoch, "img1", "mask"),
+            )
+            .unwrap()
+        };
         let a = draw(0);
         let b = std::thread::spawn(move || {
-            apply(&Config::default(), 196, &mut shards::rng::stage_rng(3, 0, "img1", "mask")).unwrap()
+            apply(
+                &Config::default(),
+                196,
+                &mut shards::rng::stage_rng(3, 0, "img1", "mask"),
+            )
+            .unwrap()
         })
         .join()
         .unwrap();

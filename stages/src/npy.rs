@@ -62,7 +62,10 @@ pub fn parse(bytes: &[u8]) -> Result<Npy, NpyError> {
             if bytes.len() < 12 {
                 return Err(bad("short header"));
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
         v => return Err(NpyError::Format(format!("unknown version {v}"))),
     };
@@ -103,14 +106,30 @@ pub fn parse(bytes: &[u8]) -> Result<Npy, NpyError> {
     }
     let chunks = body[..count * width].chunks_exact(width);
     let data: Vec<f64> = match dtype.as_str() {
-        "<f4" => chunks.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-        "<f8" => chunks.map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
-        "<i4" => chunks.map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-        "<u4" => chunks.map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-        "<i8" => chunks.map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64).collect(),
-        "<u8" => chunks.map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64).collect(),
-        "<i2" => chunks.map(|c| i16::from_le_bytes([c[0], c[1]]) as f64).collect(),
-        "<u2" => chunks.map(|c| u16::from_le_bytes([c[0], c[1]]) as f64).collect(),
+        "<f4" => chunks
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        "<f8" => chunks
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+        "<i4" => chunks
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        "<u4" => chunks
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        "<i8" => chunks
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64)
+            .collect(),
+        "<u8" => chunks
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64)
+            .collect(),
+        "<i2" => chunks
+            .map(|c| i16::from_le_bytes([c[0], c[1]]) as f64)
+            .collect(),
+        "<u2" => chunks
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as f64)
+            .collect(),
         "|i1" => chunks.map(|c| c[0] as i8 as f64).collect(),
         _ => chunks.map(|c| c[0] as f64).collect(),
     };
@@ -162,10 +181,20 @@ pub fn encode<T: NpyElement>(shape: &[usize], data: &[T]) -> Vec<u8> {
     debug_assert_eq!(shape.iter().product::<usize>(), data.len());
     let dims = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
-    let mut header =
-        format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", T::DESCR, dims);
+    let mut header = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
+        T::DESCR,
+        dims
+    );
     // The header (with magic, version and length) is padded to a multiple of
     // 64 bytes and ends in a newline, as numpy writes it.
     let unpadded = 10 + header.len() + 1;

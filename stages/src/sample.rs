@@ -18,7 +18,11 @@ pub struct Rgb8 {
 impl Rgb8 {
     /// An all-black image.
     pub fn zeros(width: usize, height: usize) -> Rgb8 {
-        Rgb8 { width, height, data: vec![0; width * height * 3] }
+        Rgb8 {
+            width,
+            height,
+            data: vec![0; width * height * 3],
+        }
     }
 
     /// Pixel (x, y) channel c.

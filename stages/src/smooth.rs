@@ -49,7 +49,10 @@ pub enum Method {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { sigma: 10.0, method: Method::Fast }
+        Config {
+            sigma: 10.0,
+            method: Method::Fast,
+        }
     }
 }
 
@@ -57,9 +60,18 @@ impl Default for Config {
 pub const FIR_MAX_RADIUS: usize = 8;
 
 /// Blur a C x H x W float image (each channel independently).
-pub fn apply(cfg: &Config, image: &[f32], channels: usize, height: usize, width: usize) -> Result<Vec<f32>, StageError> {
+pub fn apply(
+    cfg: &Config,
+    image: &[f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+) -> Result<Vec<f32>, StageError> {
     if !(cfg.sigma > 0.0 && cfg.sigma.is_finite()) {
-        return Err(StageError::Config(format!("smooth.sigma {} must be positive", cfg.sigma)));
+        return Err(StageError::Config(format!(
+            "smooth.sigma {} must be positive",
+            cfg.sigma
+        )));
     }
     if image.len() != channels * height * width {
         return Err(StageError::Config(format!(
@@ -76,7 +88,9 @@ pub fn apply(cfg: &Config, image: &[f32], channels: usize, height: usize, width:
 /// The reference kernel: radius `ceil(3 sigma)`, `exp(-k^2 / 2 sigma^2)`, normalized.
 pub fn gaussian_kernel(sigma: f64) -> Vec<f64> {
     let r = (3.0 * sigma).ceil() as i64;
-    let w: Vec<f64> = (-r..=r).map(|k| (-(k * k) as f64 / (2.0 * sigma * sigma)).exp()).collect();
+    let w: Vec<f64> = (-r..=r)
+        .map(|k| (-(k * k) as f64 / (2.0 * sigma * sigma)).exp())
+        .collect();
     let s: f64 = w.iter().sum();
     w.into_iter().map(|v| v / s).collect()
 }
@@ -95,7 +109,13 @@ pub fn reflect(i: i64, n: usize) -> usize {
 }
 
 /// The exact separable Gaussian (rows then columns), f64 accumulation.
-pub fn blur_exact(image: &[f32], channels: usize, height: usize, width: usize, sigma: f64) -> Vec<f32> {
+pub fn blur_exact(
+    image: &[f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    sigma: f64,
+) -> Vec<f32> {
     let k = gaussian_kernel(sigma);
     let r = (k.len() / 2) as i64;
     let plane = height * width;
@@ -126,15 +146,28 @@ pub fn blur_exact(image: &[f32], channels: usize, height: usize, width: usize, s
 }
 
 /// The fast path (see the module doc for the method and its error).
-pub fn blur_fast(image: &[f32], channels: usize, height: usize, width: usize, sigma: f64) -> Vec<f32> {
+pub fn blur_fast(
+    image: &[f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    sigma: f64,
+) -> Vec<f32> {
     let radius = (3.0 * sigma).ceil() as usize;
     let plane = height * width;
     let mut out = vec![0f32; image.len()];
     let mut t = vec![0f32; plane];
     let mut u = vec![0f32; plane];
     let mut scratch = Vec::new();
-    let iir = if radius > FIR_MAX_RADIUS { Some(Deriche::new(sigma)) } else { None };
-    let kernel: Vec<f32> = gaussian_kernel(sigma).into_iter().map(|v| v as f32).collect();
+    let iir = if radius > FIR_MAX_RADIUS {
+        Some(Deriche::new(sigma))
+    } else {
+        None
+    };
+    let kernel: Vec<f32> = gaussian_kernel(sigma)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
     for c in 0..channels {
         let src = &image[c * plane..(c + 1) * plane];
         let dst = &mut out[c * plane..(c + 1) * plane];
@@ -235,7 +268,8 @@ fn poly_mul(a: &[C], b: &[C]) -> Vec<C> {
 impl Deriche {
     /// Coefficients for `sigma` (pixels).
     pub fn new(sigma: f64) -> Deriche {
-        let (a0, a1, b0, b1, w0, w1, c0, c1) = (1.680, 3.735, 1.783, 1.723, 0.6318, 1.997, -0.6803, -0.2598);
+        let (a0, a1, b0, b1, w0, w1, c0, c1) =
+            (1.680, 3.735, 1.783, 1.723, 0.6318, 1.997, -0.6803, -0.2598);
         let pole = |b: f64, w: f64| {
             let m = (-b / sigma).exp();
             C(m * (w / sigma).cos(), m * (w / sigma).sin())
@@ -243,7 +277,12 @@ impl Deriche {
         let (p0, p1) = (pole(b0, w0), pole(b1, w1));
         let poles = [p0, C(p0.0, -p0.1), p1, C(p1.0, -p1.1)];
         // h(n) = sum_k alpha_k p_k^n for n >= 0.
-        let alpha = [C(a0 / 2.0, -a1 / 2.0), C(a0 / 2.0, a1 / 2.0), C(c0 / 2.0, -c1 / 2.0), C(c0 / 2.0, c1 / 2.0)];
+        let alpha = [
+            C(a0 / 2.0, -a1 / 2.0),
+            C(a0 / 2.0, a1 / 2.0),
+            C(c0 / 2.0, -c1 / 2.0),
+            C(c0 / 2.0, c1 / 2.0),
+        ];
         // Denominator prod (1 - p_k z^-1).
         let mut den = vec![C(1.0, 0.0)];
         for &p in &poles {
@@ -269,8 +308,18 @@ impl Deriche {
         let sum = |v: &[C]| v.iter().map(|c| c.0).sum::<f64>();
         let gain = (sum(&causal) + sum(&anti)) / sum(&den);
         Deriche {
-            causal: [causal[0].0 / gain, causal[1].0 / gain, causal[2].0 / gain, causal[3].0 / gain],
-            anti: [anti[1].0 / gain, anti[2].0 / gain, anti[3].0 / gain, anti[4].0 / gain],
+            causal: [
+                causal[0].0 / gain,
+                causal[1].0 / gain,
+                causal[2].0 / gain,
+                causal[3].0 / gain,
+            ],
+            anti: [
+                anti[1].0 / gain,
+                anti[2].0 / gain,
+                anti[3].0 / gain,
+                anti[4].0 / gain,
+            ],
             den: [den[1].0, den[2].0, den[3].0, den[4].0],
             // The slowest pole decays as e^{-1.723 n / sigma}; after 6 sigma
             // a start-up transient is down to 3e-5 of its size.
@@ -313,11 +362,12 @@ impl Deriche {
             let (i1, i2, i3, i4) = ((n + 3) % 4, (n + 2) % 4, (n + 1) % 4, n % 4);
             let (j1, j2, j3) = ((n + 2) % 3, (n + 1) % 3, n % 3);
             for c in 0..w {
-                let y = n0 * x0[c] + n1 * xs[j1 * w + c] + n2 * xs[j2 * w + c] + n3 * xs[j3 * w + c]
-                    - d1 * ys[i1 * w + c]
-                    - d2 * ys[i2 * w + c]
-                    - d3 * ys[i3 * w + c]
-                    - d4 * ys[i4 * w + c];
+                let y =
+                    n0 * x0[c] + n1 * xs[j1 * w + c] + n2 * xs[j2 * w + c] + n3 * xs[j3 * w + c]
+                        - d1 * ys[i1 * w + c]
+                        - d2 * ys[i2 * w + c]
+                        - d3 * ys[i3 * w + c]
+                        - d4 * ys[i4 * w + c];
                 // Slot i4 held y[n-4]; it now holds y[n] (oldest out).
                 ys[i4 * w + c] = y;
             }
@@ -342,7 +392,10 @@ impl Deriche {
         for (t, n) in (0..len).rev().enumerate() {
             let (i1, i2, i3, i4) = ((t + 3) % 4, (t + 2) % 4, (t + 1) % 4, t % 4);
             for c in 0..w {
-                let y = m1 * xa[i1 * w + c] + m2 * xa[i2 * w + c] + m3 * xa[i3 * w + c] + m4 * xa[i4 * w + c]
+                let y = m1 * xa[i1 * w + c]
+                    + m2 * xa[i2 * w + c]
+                    + m3 * xa[i3 * w + c]
+                    + m4 * xa[i4 * w + c]
                     - d1 * ys[i1 * w + c]
                     - d2 * ys[i2 * w + c]
                     - d3 * ys[i3 * w + c]
@@ -367,7 +420,10 @@ mod tests {
     use crate::npy::testvector;
 
     fn max_abs(a: &[f32], b: &[f64]) -> f64 {
-        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y).abs())
+            .fold(0.0, f64::max)
     }
 
     #[test]
@@ -388,7 +444,10 @@ mod tests {
     #[test]
     fn exact_matches_testvectors() {
         let x = testvector("photo224_normalized.npy").to_f32();
-        for (name, sigma) in [("photo224_blur_sigma10.npy", 10.0), ("photo224_blur_sigma1.25.npy", 1.25)] {
+        for (name, sigma) in [
+            ("photo224_blur_sigma10.npy", 10.0),
+            ("photo224_blur_sigma1.25.npy", 1.25),
+        ] {
             let want = testvector(name);
             let plane = 3 * 224 * 224;
             // Two of the four photos keep the test quick at -O1.
@@ -406,9 +465,10 @@ mod tests {
     fn fast_path_error_against_reference_is_small() {
         let x = testvector("photo224_normalized.npy").to_f32();
         let plane = 3 * 224 * 224;
-        for (name, sigma, bound) in
-            [("photo224_blur_sigma10.npy", 10.0, 0.02), ("photo224_blur_sigma1.25.npy", 1.25, 1e-4)]
-        {
+        for (name, sigma, bound) in [
+            ("photo224_blur_sigma10.npy", 10.0, 0.02),
+            ("photo224_blur_sigma1.25.npy", 1.25, 1e-4),
+        ] {
             let want = testvector(name);
             let mut worst = 0f64;
             for i in 0..4 {
@@ -431,26 +491,40 @@ mod tests {
             let d = Deriche::new(sigma);
             let mut out = vec![0f32; n];
             d.columns(&img, &mut out, n, 1, &mut Vec::new());
-            let norm: f64 = (-200..=200).map(|k: i64| (-((k * k) as f64) / (2.0 * sigma * sigma)).exp()).sum();
+            let norm: f64 = (-200..=200)
+                .map(|k: i64| (-((k * k) as f64) / (2.0 * sigma * sigma)).exp())
+                .sum();
             let peak = 1.0 / norm;
             for (i, &o) in out.iter().enumerate() {
                 let k = i as f64 - 200.0;
                 let g = (-k * k / (2.0 * sigma * sigma)).exp() / norm;
-                assert!((o as f64 - g).abs() < 2e-3 * peak, "sigma {sigma} at {k}: {o} vs {g}");
+                assert!(
+                    (o as f64 - g).abs() < 2e-3 * peak,
+                    "sigma {sigma} at {k}: {o} vs {g}"
+                );
             }
         }
-        let img: Vec<f32> = (0..3 * 37 * 53).map(|i| ((i * 7919) % 97) as f32 / 40.0 - 1.2).collect();
+        let img: Vec<f32> = (0..3 * 37 * 53)
+            .map(|i| ((i * 7919) % 97) as f32 / 40.0 - 1.2)
+            .collect();
         for sigma in [0.8, 2.0, 4.0] {
             let a = blur_exact(&img, 3, 37, 53, sigma);
             let b = blur_fast(&img, 3, 37, 53, sigma);
-            let err = b.iter().zip(&a).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            let err = b
+                .iter()
+                .zip(&a)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
             assert!(err < 0.03, "sigma {sigma}: {err}");
         }
     }
 
     #[test]
     fn bad_config_and_shape_are_errors() {
-        let cfg = Config { sigma: 0.0, ..Config::default() };
+        let cfg = Config {
+            sigma: 0.0,
+            ..Config::default()
+        };
         assert!(apply(&cfg, &[0.0; 12], 3, 2, 2).is_err());
         assert!(apply(&Config::default(), &[0.0; 11], 3, 2, 2).is_err());
     }

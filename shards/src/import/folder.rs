@@ -31,17 +31,31 @@ fn sample_key(class: &str, stem: &str) -> String {
 pub fn import_folder(dir: &Path, out_pattern: &str, writer_options: &WriterOptions) -> Result<ImportSummary> {
     let classes: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect();
     if classes.is_empty() {
-        return Err(Error::format(dir, "no class folders inside (expected DIR/<class>/<image>)"));
+        return Err(Error::format(
+            dir,
+            "no class folders inside (expected DIR/<class>/<image>)",
+        ));
     }
-    let mut summary = ImportSummary { per_class: vec![0; classes.len()], ..Default::default() };
+    let mut summary = ImportSummary {
+        per_class: vec![0; classes.len()],
+        ..Default::default()
+    };
     let mut writer = ShardWriter::new(out_pattern, writer_options.clone())?;
     let mut names = Vec::new();
     for (class_index, class_dir) in classes.iter().enumerate() {
-        let class_name = class_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let class_name = class_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         for path in sorted_entries(class_dir)? {
-            let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            let ext = path
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
             if !path.is_file() || !IMAGE_EXTS.contains(&ext.as_str()) {
-                summary.skipped.push(format!("{}: not a jpg/jpeg/png file", path.display()));
+                summary
+                    .skipped
+                    .push(format!("{}: not a jpg/jpeg/png file", path.display()));
                 continue;
             }
             let data = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
@@ -49,9 +63,16 @@ pub fn import_folder(dir: &Path, out_pattern: &str, writer_options: &WriterOptio
                 summary.skipped.push(format!("{}: empty file", path.display()));
                 continue;
             }
-            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let ext = if ext == "jpeg" { "jpg".to_string() } else { ext };
-            writer.write(&Sample::new(sample_key(&class_name, &stem)).with(ext, data).with("cls", class_index.to_string()))?;
+            writer.write(
+                &Sample::new(sample_key(&class_name, &stem))
+                    .with(ext, data)
+                    .with("cls", class_index.to_string()),
+            )?;
             summary.per_class[class_index] += 1;
             summary.samples += 1;
         }
@@ -61,7 +82,10 @@ pub fn import_folder(dir: &Path, out_pattern: &str, writer_options: &WriterOptio
         tracing::warn!("{skipped} (skipped)");
     }
     summary.shards = writer.close()?;
-    let out_dir = Path::new(out_pattern).parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let out_dir = Path::new(out_pattern)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let classes_file = out_dir.join("classes.txt");
     std::fs::write(&classes_file, names.join("\n") + "\n").map_err(|e| Error::io(&classes_file, e))?;
     Ok(summary)

@@ -24,10 +24,14 @@ pub struct IdxArray {
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut raw = Vec::new();
-    BufReader::new(file).read_to_end(&mut raw).map_err(|e| Error::io(path, e))?;
+    BufReader::new(file)
+        .read_to_end(&mut raw)
+        .map_err(|e| Error::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| Error::io(path, e))?;
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| Error::io(path, e))?;
         raw = out;
     }
     parse_idx(&raw).map_err(|reason| Error::format(path, reason))
@@ -46,23 +50,42 @@ pub fn parse_idx(raw: &[u8]) -> std::result::Result<IdxArray, String> {
     if ndims == 0 || raw.len() < header {
         return Err(format!("IDX header for {ndims} dimensions is truncated"));
     }
-    let dims: Vec<usize> =
-        raw[4..header].chunks_exact(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize).collect();
-    let count = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or("IDX dimensions overflow")?;
+    let dims: Vec<usize> = raw[4..header]
+        .chunks_exact(4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .collect();
+    let count = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or("IDX dimensions overflow")?;
     let data = &raw[header..];
     if data.len() != count {
-        return Err(format!("IDX dimensions {dims:?} need {count} bytes of data, file has {}", data.len()));
+        return Err(format!(
+            "IDX dimensions {dims:?} need {count} bytes of data, file has {}",
+            data.len()
+        ));
     }
-    Ok(IdxArray { dims, data: data.to_vec() })
+    Ok(IdxArray {
+        dims,
+        data: data.to_vec(),
+    })
 }
 
-/// Encode a grayscale u8 image as PNG.
-pub fn encode_gray_png(width: u32, height: u32, pixels: &[u8]) -> std::result::Result<Vec<u8>, String> {
+/// Encode a grayscale u8 image as PNG, deflated or stored.
+///
+/// Inside a zstd shard the PNGs are better stored (`deflate: false`): zstd
+/// then compresses across images, which a per-image deflate stream hides
+/// from it (the embedded Fashion-MNIST: 8.7 MB for 20,000 images, 9.4 MB with deflated PNGs).
+pub fn encode_gray_png(width: u32, height: u32, pixels: &[u8], deflate: bool) -> std::result::Result<Vec<u8>, String> {
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, width, height);
     encoder.set_color(png::ColorType::Grayscale);
     encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_compression(png::Compression::High);
+    encoder.set_compression(if deflate {
+        png::Compression::High
+    } else {
+        png::Compression::NoCompression
+    });
     let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
     writer.write_image_data(pixels).map_err(|e| e.to_string())?;
     writer.finish().map_err(|e| e.to_string())?;
@@ -91,17 +114,27 @@ pub fn import_idx(images: &Path, labels: &Path, out_pattern: &str, options: &Idx
     let image_array = read_idx(images)?;
     let label_array = read_idx(labels)?;
     let [count, rows, cols] = image_array.dims[..] else {
-        return Err(Error::format(images, format!("images must have 3 dimensions, found {:?}", image_array.dims)));
+        return Err(Error::format(
+            images,
+            format!("images must have 3 dimensions, found {:?}", image_array.dims),
+        ));
     };
     if label_array.dims != [count] {
         return Err(Error::format(
             labels,
-            format!("labels have dimensions {:?}, the images need [{count}]", label_array.dims),
+            format!(
+                "labels have dimensions {:?}, the images need [{count}]",
+                label_array.dims
+            ),
         ));
     }
     let num_classes = label_array.data.iter().copied().max().map_or(0, |m| m as usize + 1);
-    let mut summary = ImportSummary { per_class: vec![0; num_classes], ..Default::default() };
+    let mut summary = ImportSummary {
+        per_class: vec![0; num_classes],
+        ..Default::default()
+    };
     let mut writer = ShardWriter::new(out_pattern, options.writer.clone())?;
+    let deflate = !(out_pattern.ends_with(".zst") || out_pattern.ends_with(".zstd"));
     let pixels_per_image = rows * cols;
     for index in 0..count {
         if options.limit.is_some_and(|limit| summary.samples >= limit) {
@@ -112,7 +145,7 @@ pub fn import_idx(images: &Path, labels: &Path, out_pattern: &str, options: &Idx
             continue;
         }
         let pixels = &image_array.data[index * pixels_per_image..(index + 1) * pixels_per_image];
-        let png = encode_gray_png(cols as u32, rows as u32, pixels)
+        let png = encode_gray_png(cols as u32, rows as u32, pixels, deflate)
             .map_err(|e| Error::format(images, format!("image {index}: {e}")))?;
         let key = format!("{}{index:06}", options.key_prefix);
         writer.write(&Sample::new(key).with("png", png).with("cls", class.to_string()))?;

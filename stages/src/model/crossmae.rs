@@ -77,14 +77,33 @@ impl CrossMae {
         let backbone = Vit::new(&cfg.backbone, vb.pp("backbone"))?;
         let d = cfg.backbone.embed_dim;
         let (draw, mask_token) = match cfg.draw.mode {
-            DrawMode::None => (None, Some(vb.get_with_hints((1, 1, d), "mask_token", ZERO)?)),
-            _ => (Some(DrawHead::new(&cfg.draw, &cfg.backbone, cfg.noise, vb.pp("draw"))?), None),
+            DrawMode::None => (
+                None,
+                Some(vb.get_with_hints((1, 1, d), "mask_token", ZERO)?),
+            ),
+            _ => (
+                Some(DrawHead::new(
+                    &cfg.draw,
+                    &cfg.backbone,
+                    cfg.noise,
+                    vb.pp("draw"),
+                )?),
+                None,
+            ),
         };
         let predictor = match cfg.predictor {
-            PredictorMode::Linear => Some(linear(d, cfg.effective_target_dim(), vb.pp("predictor"))?),
+            PredictorMode::Linear => {
+                Some(linear(d, cfg.effective_target_dim(), vb.pp("predictor"))?)
+            }
             PredictorMode::None => None,
         };
-        Ok(Self { cfg: cfg.clone(), backbone, draw, mask_token, predictor })
+        Ok(Self {
+            cfg: cfg.clone(),
+            backbone,
+            draw,
+            mask_token,
+            predictor,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -101,7 +120,9 @@ impl CrossMae {
 
     /// E_draw on x: patches (B, N, P*P*C) MAE order, mask (B, N, 1) -> drawn (B, N, P*P*C).
     pub fn forward_draw(&self, x_p: &Tensor, mask: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
-        let Some(head) = &self.draw else { candle_core::bail!("forward_draw: draw.mode is none") };
+        let Some(head) = &self.draw else {
+            candle_core::bail!("forward_draw: draw.mode is none")
+        };
         let (p, c) = (self.cfg.backbone.patch_size, self.cfg.backbone.in_chans);
         head.forward(&mae_to_conv_order(x_p, p, c)?, mask, z)
     }
@@ -115,7 +136,10 @@ impl CrossMae {
     /// With `mask` (B, N, 1), removed positions get the baseline's mask token.
     pub fn forward_backbone(&self, x_p: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (p, c) = (self.cfg.backbone.patch_size, self.cfg.backbone.in_chans);
-        let mut tokens = self.backbone.patch_embed.forward_patches(&mae_to_conv_order(x_p, p, c)?)?;
+        let mut tokens = self
+            .backbone
+            .patch_embed
+            .forward_patches(&mae_to_conv_order(x_p, p, c)?)?;
         if let (Some(m), Some(t)) = (mask, &self.mask_token) {
             tokens = (tokens.broadcast_mul(&(1.0 - m)?)? + t.broadcast_mul(m)?)?;
         }
@@ -163,21 +187,35 @@ impl CrossMae {
         let Some(_) = &self.draw else {
             let pred = self.forward_pred(&self.forward_backbone(&x_p, Some(&mask))?)?;
             let loss_pred = Self::loss_pred(&pred, &inp.targets, &pred_weight)?;
-            return Ok(Losses { loss: loss_pred.clone(), loss_draw: loss_pred.zeros_like()?, loss_pred });
+            return Ok(Losses {
+                loss: loss_pred.clone(),
+                loss_draw: loss_pred.zeros_like()?,
+                loss_pred,
+            });
         };
         let drawn = self.forward_draw(&x_p, &mask, inp.noise.as_ref())?;
         let draw_target = match (self.cfg.draw.mode, &inp.smoothed) {
             (DrawMode::Coarse, Some(s)) => patchify(s, p)?,
-            (DrawMode::Coarse, None) => candle_core::bail!("draw.mode coarse needs the smoothed image"),
+            (DrawMode::Coarse, None) => {
+                candle_core::bail!("draw.mode coarse needs the smoothed image")
+            }
             _ => x_p.clone(),
         };
         let loss_draw = Self::loss_draw(&drawn, &draw_target, &mask)?;
-        let drawn = if self.cfg.draw.detach { drawn.detach() } else { drawn };
+        let drawn = if self.cfg.draw.detach {
+            drawn.detach()
+        } else {
+            drawn
+        };
         let x_draw = Self::compose(&x_p, &drawn, &mask)?;
         let pred = self.forward_pred(&self.forward_backbone(&x_draw, None)?)?;
         let loss_pred = Self::loss_pred(&pred, &inp.targets, &pred_weight)?;
         let loss = (&loss_draw + (&loss_pred * self.cfg.lambda)?)?;
-        Ok(Losses { loss, loss_draw, loss_pred })
+        Ok(Losses {
+            loss,
+            loss_draw,
+            loss_pred,
+        })
     }
 }
 
@@ -194,7 +232,10 @@ impl CrossMae {
 ///   says zero for all).
 /// - LayerNorm weight 1, bias 0.
 pub fn init_weights(varmap: &VarMap, rng: &mut impl Rng) -> Result<()> {
-    let data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
@@ -202,7 +243,9 @@ pub fn init_weights(varmap: &VarMap, rng: &mut impl Rng) -> Result<()> {
         let dims = var.dims().to_vec();
         let n: usize = dims.iter().product();
         let values: Vec<f32> = if name.ends_with("cls_token") || name.ends_with("mask_token") {
-            (0..n).map(|_| 0.02 * Distribution::<f32>::sample(&StandardNormal, rng)).collect()
+            (0..n)
+                .map(|_| 0.02 * Distribution::<f32>::sample(&StandardNormal, rng))
+                .collect()
         } else if name.ends_with(".bias") {
             vec![0.0; n]
         } else if dims.len() == 1 {

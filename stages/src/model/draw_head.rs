@@ -55,7 +55,14 @@ pub struct DrawConfig {
 
 impl Default for DrawConfig {
     fn default() -> Self {
-        Self { mode: DrawMode::Coarse, embed_dim: 128, depth: 2, num_heads: 4, mlp_ratio: 4.0, detach: false }
+        Self {
+            mode: DrawMode::Coarse,
+            embed_dim: 128,
+            depth: 2,
+            num_heads: 4,
+            mlp_ratio: 4.0,
+            detach: false,
+        }
     }
 }
 
@@ -88,7 +95,12 @@ pub struct DrawHead {
 }
 
 impl DrawHead {
-    pub fn new(cfg: &DrawConfig, backbone: &VitConfig, noise: NoiseMode, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cfg: &DrawConfig,
+        backbone: &VitConfig,
+        noise: NoiseMode,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let v = cfg.vit(backbone);
         let d = v.embed_dim;
         let patch_embed = PatchEmbed::new(v.in_chans, v.patch_size, d, vb.pp("patch_embed"))?;
@@ -96,7 +108,9 @@ impl DrawHead {
         let n = v.num_patches();
         let pos_embed = Tensor::from_vec(pos_embed_2d(d, v.grid(), false), (1, n, d), vb.device())?;
         let mapping = match noise {
-            NoiseMode::Mapping => (0..3).map(|i| linear(d, d, vb.pp("mapping").pp(i))).collect::<Result<_>>()?,
+            NoiseMode::Mapping => (0..3)
+                .map(|i| linear(d, d, vb.pp("mapping").pp(i)))
+                .collect::<Result<_>>()?,
             _ => vec![],
         };
         let blocks = (0..v.depth)
@@ -104,7 +118,17 @@ impl DrawHead {
             .collect::<Result<Vec<_>>>()?;
         let norm = LayerNorm::new(d, vb.pp("norm"))?;
         let head = linear(d, v.patch_dim(), vb.pp("head"))?;
-        Ok(Self { patch_embed, mask_token, pos_embed, mapping, blocks, norm, head, noise, dim: d })
+        Ok(Self {
+            patch_embed,
+            mask_token,
+            pos_embed,
+            mapping,
+            blocks,
+            norm,
+            head,
+            noise,
+            dim: d,
+        })
     }
 
     /// Width of z.
@@ -144,7 +168,9 @@ impl DrawHead {
         for (i, block) in self.blocks.iter().enumerate() {
             x = match extra.get(i) {
                 // [token ; x] through the block, then drop the token again.
-                Some(t) => Tensor::cat(&[&t.reshape((b, 1, d))?, &x], 1)?.apply(block)?.narrow(1, 1, n)?,
+                Some(t) => Tensor::cat(&[&t.reshape((b, 1, d))?, &x], 1)?
+                    .apply(block)?
+                    .narrow(1, 1, n)?,
                 None => x.apply(block)?,
             };
         }

@@ -137,7 +137,10 @@ impl ModelConfig {
             ));
         }
         if !self.lambda.is_finite() || self.lambda < 0.0 {
-            return Err(format!("model.lambda {} must be finite and >= 0", self.lambda));
+            return Err(format!(
+                "model.lambda {} must be finite and >= 0",
+                self.lambda
+            ));
         }
         Ok(())
     }

@@ -87,7 +87,9 @@ impl CustomOp1 for Normalize {
         let y = res.detach();
         let g = grad.contiguous()?;
         let packed = Tensor::stack(&[&arg, &y, &g], 0)?;
-        Ok(Some(packed.apply_op1_no_bwd(&NormalizeBwd { eps: self.eps })?))
+        Ok(Some(
+            packed.apply_op1_no_bwd(&NormalizeBwd { eps: self.eps })?,
+        ))
     }
 }
 
@@ -173,7 +175,11 @@ impl CustomOp1 for SoftmaxBwd {
         let (y, g) = all.split_at(all.len() / 2);
         let d = l.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; y.len()];
-        for ((yr, gr), o) in y.chunks_exact(d).zip(g.chunks_exact(d)).zip(out.chunks_exact_mut(d)) {
+        for ((yr, gr), o) in y
+            .chunks_exact(d)
+            .zip(g.chunks_exact(d))
+            .zip(out.chunks_exact_mut(d))
+        {
             let dot = yr.iter().zip(gr).map(|(y, g)| y * g).sum::<f32>();
             for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
                 *o = y * (g - dot);
@@ -206,12 +212,19 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (3, 5, 7), &dev)?;
 
         let fast = normalize_slow(&x, 1e-6)?; // reference first
-        let fast_custom = x.as_tensor().contiguous()?.apply_op1(Normalize { eps: 1e-6 })?;
+        let fast_custom = x
+            .as_tensor()
+            .contiguous()?
+            .apply_op1(Normalize { eps: 1e-6 })?;
         assert!(max_abs_diff(&fast, &fast_custom) < 1e-5);
         let g_ref = (fast * &w)?.sum_all()?.backward()?;
         let g_new = (fast_custom * &w)?.sum_all()?.backward()?;
         let (a, b) = (g_ref.get(&x).expect("grad"), g_new.get(&x).expect("grad"));
-        assert!(max_abs_diff(a, b) < 1e-4, "normalize grad differs by {}", max_abs_diff(a, b));
+        assert!(
+            max_abs_diff(a, b) < 1e-4,
+            "normalize grad differs by {}",
+            max_abs_diff(a, b)
+        );
 
         let s_ref = candle_nn::ops::softmax(&x, D::Minus1)?;
         let s_new = softmax_last(&x)?;
@@ -219,14 +232,21 @@ mod tests {
         let g_ref = (s_ref * &w)?.sum_all()?.backward()?;
         let g_new = (s_new * &w)?.sum_all()?.backward()?;
         let (a, b) = (g_ref.get(&x).expect("grad"), g_new.get(&x).expect("grad"));
-        assert!(max_abs_diff(a, b) < 1e-5, "softmax grad differs by {}", max_abs_diff(a, b));
+        assert!(
+            max_abs_diff(a, b) < 1e-5,
+            "softmax grad differs by {}",
+            max_abs_diff(a, b)
+        );
         Ok(())
     }
 
     #[test]
     fn leaky_relu_values() -> Result<()> {
         let x = Tensor::new(&[-2f32, -0.5, 0.0, 3.0], &Device::Cpu)?;
-        assert_eq!(leaky_relu(&x, 0.2)?.to_vec1::<f32>()?, vec![-0.4, -0.1, 0.0, 3.0]);
+        assert_eq!(
+            leaky_relu(&x, 0.2)?.to_vec1::<f32>()?,
+            vec![-0.4, -0.1, 0.0, 3.0]
+        );
         Ok(())
     }
 }

@@ -45,7 +45,10 @@ pub fn patchify_conv(images: &Tensor, p: usize) -> Result<Tensor> {
 /// MAE-order patches (B, N, P*P*C) -> conv order (B, N, C*P*P), without a round trip through images.
 pub fn mae_to_conv_order(patches: &Tensor, p: usize, c: usize) -> Result<Tensor> {
     let (b, n, _) = patches.dims3()?;
-    patches.reshape((b, n, p, p, c))?.permute((0, 1, 4, 2, 3))?.reshape((b, n, c * p * p))
+    patches
+        .reshape((b, n, p, p, c))?
+        .permute((0, 1, 4, 2, 3))?
+        .reshape((b, n, c * p * p))
 }
 
 /// MAE's `get_2d_sincos_pos_embed(dim, grid, cls_token)`, row-major (1 + N or N, dim).
@@ -56,7 +59,9 @@ pub fn mae_to_conv_order(patches: &Tensor, p: usize, c: usize) -> Result<Tensor>
 /// Computed in f64 like numpy, then rounded to f32. `cls` prepends a zero row.
 pub fn pos_embed_2d(dim: usize, grid: usize, cls: bool) -> Vec<f32> {
     let quarter = dim / 4;
-    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
     let mut out = Vec::with_capacity((grid * grid + cls as usize) * dim);
     if cls {
         out.extend(std::iter::repeat_n(0f32, dim));
@@ -79,15 +84,27 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a.to_dtype(DType::F32).expect("a") - b.to_dtype(DType::F32).expect("b")).expect("shapes");
-        d.abs().and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar()).expect("max")
+        let d = (a.to_dtype(DType::F32).expect("a") - b.to_dtype(DType::F32).expect("b"))
+            .expect("shapes");
+        d.abs()
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar())
+            .expect("max")
     }
 
     #[test]
     fn pos_embed_matches_mae_reference() -> Result<()> {
-        for (name, dim, grid) in [("pos_embed_d16_g4_cls", 16, 4), ("pos_embed_d192_g14_cls", 192, 14)] {
+        for (name, dim, grid) in [
+            ("pos_embed_d16_g4_cls", 16, 4),
+            ("pos_embed_d192_g14_cls", 192, 14),
+        ] {
             let want = read(name)?;
-            let got = Tensor::from_vec(pos_embed_2d(dim, grid, true), (grid * grid + 1, dim), &Device::Cpu)?;
+            let got = Tensor::from_vec(
+                pos_embed_2d(dim, grid, true),
+                (grid * grid + 1, dim),
+                &Device::Cpu,
+            )?;
             assert_eq!(want.dims(), got.dims(), "{name}");
             let err = max_abs_diff(&want, &got);
             assert!(err < 1e-6, "{name}: max abs error {err}");
@@ -103,7 +120,11 @@ mod tests {
             let got = patchify(&x, p)?;
             assert_eq!(want.dims(), got.dims(), "{name}");
             assert_eq!(max_abs_diff(&want, &got), 0.0, "{name}");
-            assert_eq!(max_abs_diff(&unpatchify(&got, p, 3)?, &x), 0.0, "unpatchify {name}");
+            assert_eq!(
+                max_abs_diff(&unpatchify(&got, p, 3)?, &x),
+                0.0,
+                "unpatchify {name}"
+            );
         }
         Ok(())
     }

@@ -58,17 +58,41 @@ impl Default for VitConfig {
 impl VitConfig {
     /// The embedded default: 28 x 28 Fashion-MNIST, 1 channel, patch 4, D 192, depth 6, 3 heads.
     pub fn vit_tiny_patch4_28() -> Self {
-        Self { img_size: 28, patch_size: 4, in_chans: 1, embed_dim: 192, depth: 6, num_heads: 3, mlp_ratio: 4.0 }
+        Self {
+            img_size: 28,
+            patch_size: 4,
+            in_chans: 1,
+            embed_dim: 192,
+            depth: 6,
+            num_heads: 3,
+            mlp_ratio: 4.0,
+        }
     }
 
     /// timm `vit_small_patch16_224`: D 384, depth 12, 6 heads.
     pub fn vit_small_patch16_224() -> Self {
-        Self { img_size: 224, patch_size: 16, in_chans: 3, embed_dim: 384, depth: 12, num_heads: 6, mlp_ratio: 4.0 }
+        Self {
+            img_size: 224,
+            patch_size: 16,
+            in_chans: 3,
+            embed_dim: 384,
+            depth: 12,
+            num_heads: 6,
+            mlp_ratio: 4.0,
+        }
     }
 
     /// timm `vit_base_patch16_224`: D 768, depth 12, 12 heads.
     pub fn vit_base_patch16_224() -> Self {
-        Self { img_size: 224, patch_size: 16, in_chans: 3, embed_dim: 768, depth: 12, num_heads: 12, mlp_ratio: 4.0 }
+        Self {
+            img_size: 224,
+            patch_size: 16,
+            in_chans: 3,
+            embed_dim: 768,
+            depth: 12,
+            num_heads: 12,
+            mlp_ratio: 4.0,
+        }
     }
 
     /// A preset by name (`vit_tiny_patch4_28`, `vit_small_patch16_224`, `vit_base_patch16_224`).
@@ -105,21 +129,30 @@ impl VitConfig {
     pub fn validate(&self, key: &str) -> std::result::Result<(), String> {
         let (s, p) = (self.img_size, self.patch_size);
         if p == 0 || s == 0 || s % p != 0 {
-            return Err(format!("{key}.img_size {s} is not divisible by {key}.patch_size {p}"));
+            return Err(format!(
+                "{key}.img_size {s} is not divisible by {key}.patch_size {p}"
+            ));
         }
         if self.in_chans == 0 || self.depth == 0 {
             return Err(format!("{key}.in_chans and {key}.depth must be positive"));
         }
         let (d, h) = (self.embed_dim, self.num_heads);
         if h == 0 || d == 0 || d % h != 0 {
-            return Err(format!("{key}.num_heads {h} does not divide {key}.embed_dim {d}"));
+            return Err(format!(
+                "{key}.num_heads {h} does not divide {key}.embed_dim {d}"
+            ));
         }
         // The sin-cos embedding splits D into 4 equal parts (row/column x sin/cos).
         if d % 4 != 0 {
-            return Err(format!("{key}.embed_dim {d} must be a multiple of 4 (2D sin-cos position embedding)"));
+            return Err(format!(
+                "{key}.embed_dim {d} must be a multiple of 4 (2D sin-cos position embedding)"
+            ));
         }
         if self.mlp_hidden() == 0 {
-            return Err(format!("{key}.mlp_ratio {} gives an empty MLP", self.mlp_ratio));
+            return Err(format!(
+                "{key}.mlp_ratio {} gives an empty MLP",
+                self.mlp_ratio
+            ));
         }
         Ok(())
     }
@@ -141,7 +174,10 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get_with_hints(dim, "weight", ZERO)?, bias: vb.get_with_hints(dim, "bias", ZERO)? })
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", ZERO)?,
+            bias: vb.get_with_hints(dim, "bias", ZERO)?,
+        })
     }
 }
 
@@ -164,7 +200,11 @@ impl PatchEmbed {
         let vb = vb.pp("proj");
         let weight = vb.get_with_hints((dim, in_chans, patch, patch), "weight", ZERO)?;
         let bias = vb.get_with_hints(dim, "bias", ZERO)?;
-        Ok(Self { weight, bias, patch })
+        Ok(Self {
+            weight,
+            bias,
+            patch,
+        })
     }
 
     /// (B, N, C*P*P) patches in conv order (c, row, col) -> (B, N, D) tokens.
@@ -172,7 +212,11 @@ impl PatchEmbed {
         let (b, n, k) = patches.dims3()?;
         let d = self.weight.dim(0)?;
         let w = self.weight.reshape((d, k))?;
-        patches.reshape((b * n, k))?.matmul(&w.t()?)?.broadcast_add(&self.bias)?.reshape((b, n, d))
+        patches
+            .reshape((b * n, k))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&self.bias)?
+            .reshape((b, n, d))
     }
 
     /// (B, C, H, W) images -> (B, N, D) tokens, as the stride-P conv would.
@@ -195,7 +239,12 @@ impl Attention {
         let qkv = linear(dim, 3 * dim, vb.pp("qkv"))?;
         let proj = linear(dim, dim, vb.pp("proj"))?;
         let scale = 1.0 / ((dim / num_heads) as f64).sqrt();
-        Ok(Self { qkv, proj, num_heads, scale })
+        Ok(Self {
+            qkv,
+            proj,
+            num_heads,
+            scale,
+        })
     }
 
     /// (B, T, D) -> (B, T, D).
@@ -203,7 +252,11 @@ impl Attention {
         let (b, t, d) = x.dims3()?;
         let h = self.num_heads;
         // (B, T, 3D) -> (3, B, H, T, D/H), timm's layout.
-        let qkv = self.qkv.forward(x)?.reshape((b, t, 3, h, d / h))?.permute((2, 0, 3, 1, 4))?;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, t, 3, h, d / h))?
+            .permute((2, 0, 3, 1, 4))?;
         let q = (qkv.get(0)?.contiguous()? * self.scale)?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
@@ -222,7 +275,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { fc1: linear(dim, hidden, vb.pp("fc1"))?, fc2: linear(hidden, dim, vb.pp("fc2"))? })
+        Ok(Self {
+            fc1: linear(dim, hidden, vb.pp("fc1"))?,
+            fc2: linear(hidden, dim, vb.pp("fc2"))?,
+        })
     }
 }
 
@@ -280,13 +336,24 @@ impl Vit {
         let patch_embed = PatchEmbed::new(cfg.in_chans, cfg.patch_size, d, vb.pp("patch_embed"))?;
         let cls_token = vb.get_with_hints((1, 1, d), "cls_token", ZERO)?;
         let n = cfg.num_patches();
-        let pos_embed = Tensor::from_vec(pos_embed_2d(d, cfg.grid(), true), (1, n + 1, d), vb.device())?;
+        let pos_embed = Tensor::from_vec(
+            pos_embed_2d(d, cfg.grid(), true),
+            (1, n + 1, d),
+            vb.device(),
+        )?;
         let vb_b = vb.pp("blocks");
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(d, cfg.num_heads, cfg.mlp_hidden(), vb_b.pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let norm = LayerNorm::new(d, vb.pp("norm"))?;
-        Ok(Self { patch_embed, cls_token, pos_embed, blocks, norm, cfg: cfg.clone() })
+        Ok(Self {
+            patch_embed,
+            cls_token,
+            pos_embed,
+            blocks,
+            norm,
+            cfg: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &VitConfig {
@@ -322,4 +389,3 @@ pub fn patch_tokens(x: &Tensor) -> Result<Tensor> {
     let t = x.dim(1)?;
     x.narrow(1, 1, t - 1)
 }
-

@@ -32,9 +32,17 @@ pub const DIMS: usize = 3 * BINS * 4;
 fn sobel_at(img: &Rgb8, x: usize, y: usize, c: usize) -> (i32, i32) {
     let (w, h) = (img.width, img.height);
     let xm = if x == 0 { 1.min(w - 1) } else { x - 1 };
-    let xp = if x + 1 == w { x.saturating_sub(1) } else { x + 1 };
+    let xp = if x + 1 == w {
+        x.saturating_sub(1)
+    } else {
+        x + 1
+    };
     let ym = if y == 0 { 1.min(h - 1) } else { y - 1 };
-    let yp = if y + 1 == h { y.saturating_sub(1) } else { y + 1 };
+    let yp = if y + 1 == h {
+        y.saturating_sub(1)
+    } else {
+        y + 1
+    };
     let p = |x: usize, y: usize| img.at(x, y, c) as i32;
     let gx = (p(xm, ym) + 2 * p(xm, y) + p(xm, yp)) - (p(xp, ym) + 2 * p(xp, y) + p(xp, yp));
     let gy = (p(xm, ym) + 2 * p(x, ym) + p(xp, ym)) - (p(xm, yp) + 2 * p(x, yp) + p(xp, yp));
@@ -63,13 +71,26 @@ fn borders() -> [(f32, f32); BINS - 1] {
 /// (atan2's first argument is the "y" of the angle, here gx).
 #[inline]
 fn bin_fast(gx: i32, gy: i32, borders: &[(f32, f32); BINS - 1]) -> usize {
-    let (gx, gy) = if gx < 0 || (gx == 0 && gy < 0) { (-gx, -gy) } else { (gx, gy) };
+    let (gx, gy) = if gx < 0 || (gx == 0 && gy < 0) {
+        (-gx, -gy)
+    } else {
+        (gx, gy)
+    };
     let (fx, fy) = (gx as f32, gy as f32);
-    borders.iter().map(|&(c, s)| usize::from(fx * c - fy * s >= 0.0)).sum()
+    borders
+        .iter()
+        .map(|&(c, s)| usize::from(fx * c - fy * s >= 0.0))
+        .sum()
 }
 
 fn check(img: &Rgb8, patch: usize) -> Result<(usize, usize), StageError> {
-    if patch < 2 || patch % 2 != 0 || img.width % patch != 0 || img.height % patch != 0 || img.width < 2 || img.height < 2 {
+    if patch < 2
+        || patch % 2 != 0
+        || img.width % patch != 0
+        || img.height % patch != 0
+        || img.width < 2
+        || img.height < 2
+    {
         return Err(StageError::Config(format!(
             "hog: {}x{} image does not split into {patch} px patches of 2x2 cells",
             img.width, img.height
@@ -82,7 +103,12 @@ fn check(img: &Rgb8, patch: usize) -> Result<(usize, usize), StageError> {
 fn layout(hist: &mut [f32], gw: usize, gh: usize) -> Vec<f32> {
     let (cw, ch) = (gw * 2, gh * 2);
     for cell in hist.chunks_exact_mut(BINS) {
-        let norm = cell.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt().max(1e-12);
+        let norm = cell
+            .iter()
+            .map(|&v| (v as f64) * (v as f64))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
         cell.iter_mut().for_each(|v| *v = (*v as f64 / norm) as f32);
     }
     let mut out = vec![0f32; gw * gh * DIMS];
@@ -116,7 +142,8 @@ pub fn hog_reference(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
             for c in 0..3 {
                 let (gx, gy) = sobel_at(img, x, y, c);
                 let mag = ((gx * gx + gy * gy) as f64).sqrt();
-                hist[((y / cell) * cw + x / cell) * 3 * BINS + c * BINS + bin_atan2(gx, gy)] += mag as f32;
+                hist[((y / cell) * cw + x / cell) * 3 * BINS + c * BINS + bin_atan2(gx, gy)] +=
+                    mag as f32;
             }
         }
     }
@@ -213,7 +240,10 @@ mod tests {
         all.sort_by(f64::total_cmp);
         let mean = all.iter().sum::<f64>() / all.len() as f64;
         let p1 = all[all.len() / 100];
-        assert!(mean >= 0.995 && p1 >= 0.98, "cosine mean {mean}, 1st percentile {p1}");
+        assert!(
+            mean >= 0.995 && p1 >= 0.98,
+            "cosine mean {mean}, 1st percentile {p1}"
+        );
     }
 
     #[test]
@@ -234,10 +264,18 @@ mod tests {
         let img = photo_pixels(1);
         let a = hog(&img, 16).unwrap();
         let r = hog_reference(&img, 16).unwrap();
-        let worst = a.iter().zip(&r).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let worst = a
+            .iter()
+            .zip(&r)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
         assert!(worst < 1e-5, "{worst}");
         // A flat image has no gradient: exact zeros, not unit vectors of noise.
-        let flat = Rgb8 { width: 32, height: 32, data: vec![117; 32 * 32 * 3] };
+        let flat = Rgb8 {
+            width: 32,
+            height: 32,
+            data: vec![117; 32 * 32 * 3],
+        };
         assert!(hog(&flat, 16).unwrap().iter().all(|&v| v == 0.0));
         // Cell size follows the patch: 8 px patches on a 32 px image, 4 px cells.
         assert_eq!(hog(&img_small(), 8).unwrap().len(), 16 * DIMS);
@@ -245,13 +283,18 @@ mod tests {
     }
 
     fn img_small() -> Rgb8 {
-        Rgb8 { width: 32, height: 32, data: (0..32 * 32 * 3).map(|i| (i * 31 % 256) as u8).collect() }
+        Rgb8 {
+            width: 32,
+            height: 32,
+            data: (0..32 * 32 * 3).map(|i| (i * 31 % 256) as u8).collect(),
+        }
     }
 
-    /// A vertical edge (dark left, bright right) has gx < 0, gy = 0: orientation
-    /// pi, bin 0, only in cells that touch the edge; each such cell is a unit vector.
+    /// A vertical edge (dark left, bright right) has gx < 0, gy = 0:
+    /// atan2(gx, 0) = -pi/2, -4.5 bins, floor -5, mod 9 = bin 4, in the
+    /// cells that touch the edge; each such cell is a unit vector.
     #[test]
-    fn vertical_edge_lands_in_bin_zero() {
+    fn vertical_edge_lands_in_bin_four() {
         let mut img = Rgb8::zeros(16, 16);
         for y in 0..16 {
             for x in 8..16 {
@@ -264,8 +307,8 @@ mod tests {
         for c in 0..3 {
             for cy in 0..2 {
                 for cx in 0..2 {
-                    assert!((h[((c * BINS) * 2 + cy) * 2 + cx] - 1.0).abs() < 1e-6);
-                    for bin in 1..BINS {
+                    assert!((h[((c * BINS + 4) * 2 + cy) * 2 + cx] - 1.0).abs() < 1e-6);
+                    for bin in (0..BINS).filter(|&b| b != 4) {
                         assert_eq!(h[((c * BINS + bin) * 2 + cy) * 2 + cx], 0.0);
                     }
                 }

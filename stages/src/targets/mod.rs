@@ -48,7 +48,12 @@ pub struct CannyConfig {
 
 impl Default for CannyConfig {
     fn default() -> Self {
-        CannyConfig { sigma: 1.0, low: 0.1, high: 0.2, fraction: false }
+        CannyConfig {
+            sigma: 1.0,
+            low: 0.1,
+            high: 0.2,
+            fraction: false,
+        }
     }
 }
 
@@ -64,7 +69,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { kinds: vec![Kind::Hog], canny: CannyConfig::default() }
+        Config {
+            kinds: vec![Kind::Hog],
+            canny: CannyConfig::default(),
+        }
     }
 }
 
@@ -87,5 +95,9 @@ pub fn compute(
         }
     };
     let n = (h / patch) * (w / patch);
-    Ok(Target { kind: kind.name().to_string(), dims: values.len() / n.max(1), values })
+    Ok(Target {
+        kind: kind.name().to_string(),
+        dims: values.len() / n.max(1),
+        values,
+    })
 }

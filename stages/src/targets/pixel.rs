@@ -9,7 +9,13 @@
 use crate::sample::StageError;
 
 /// `(C, H, W)` to `(N, P * P * C)`: MAE's `patchify`.
-pub fn patchify(image: &[f32], channels: usize, height: usize, width: usize, p: usize) -> Result<Vec<f32>, StageError> {
+pub fn patchify(
+    image: &[f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    p: usize,
+) -> Result<Vec<f32>, StageError> {
     if p == 0 || height % p != 0 || width % p != 0 || image.len() != channels * height * width {
         return Err(StageError::Config(format!(
             "patchify: {channels}x{height}x{width} ({} values) does not split into {p} px patches",
@@ -50,7 +56,13 @@ pub fn norm_pix(patches: &mut [f32], dims: usize, eps: f64) {
 }
 
 /// The pixel target of a C x H x W normalized image: `(N, P*P*C)`.
-pub fn pixel_target(image: &[f32], channels: usize, height: usize, width: usize, p: usize) -> Result<Vec<f32>, StageError> {
+pub fn pixel_target(
+    image: &[f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    p: usize,
+) -> Result<Vec<f32>, StageError> {
     let mut patches = patchify(image, channels, height, width, p)?;
     norm_pix(&mut patches, p * p * channels, 1e-6);
     Ok(patches)

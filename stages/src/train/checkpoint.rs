@@ -55,7 +55,10 @@ pub fn config_hash<T: Serialize>(config: &T) -> String {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf, TrainError> {
@@ -67,9 +70,13 @@ fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf, TrainError> {
 }
 
 fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
-    candle_core::safetensors::save(tensors, path)
-        .map_err(|e| TrainError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
-    fs::File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
+    candle_core::safetensors::save(tensors, path).map_err(|e| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))
 }
 
 /// Writes a checkpoint to `dir` atomically (see the module doc).
@@ -88,10 +95,14 @@ pub fn save(
     write_safetensors(&tmp.join(MODEL_FILE), model)?;
     write_safetensors(&tmp.join(OPTIM_FILE), optim)?;
     let state_path = tmp.join(STATE_FILE);
-    let json = serde_json::to_vec_pretty(state)
-        .map_err(|e| TrainError::Checkpoint { path: state_path.clone(), msg: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Checkpoint {
+        path: state_path.clone(),
+        msg: e.to_string(),
+    })?;
     fs::write(&state_path, json).map_err(io_err(&state_path))?;
-    fs::File::open(&state_path).and_then(|f| f.sync_all()).map_err(io_err(&state_path))?;
+    fs::File::open(&state_path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&state_path))?;
     if old.exists() {
         fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
@@ -119,7 +130,10 @@ pub fn resolve(dir: &Path) -> Result<PathBuf, TrainError> {
     if old.join(STATE_FILE).is_file() {
         return Ok(old);
     }
-    Err(TrainError::Checkpoint { path: dir.to_path_buf(), msg: format!("no {STATE_FILE}: not a checkpoint") })
+    Err(TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        msg: format!("no {STATE_FILE}: not a checkpoint"),
+    })
 }
 
 /// A loaded checkpoint.
@@ -134,15 +148,26 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, TrainError> {
     let dir = resolve(dir)?;
     let read = |name: &str| {
         let path = dir.join(name);
-        candle_core::safetensors::load(&path, device)
-            .map_err(|e| TrainError::Checkpoint { path: path.clone(), msg: e.to_string() })
+        candle_core::safetensors::load(&path, device).map_err(|e| TrainError::Checkpoint {
+            path: path.clone(),
+            msg: e.to_string(),
+        })
     };
     let state_path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
-    let state: TrainState = serde_json::from_str(&text)
-        .map_err(|e| TrainError::Checkpoint { path: state_path.clone(), msg: e.to_string() })?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: state_path.clone(),
+        msg: e.to_string(),
+    })?;
     if state.version != 1 {
-        return Err(TrainError::Checkpoint { path: state_path, msg: format!("unknown version {}", state.version) });
+        return Err(TrainError::Checkpoint {
+            path: state_path,
+            msg: format!("unknown version {}", state.version),
+        });
     }
-    Ok(Loaded { model: read(MODEL_FILE)?, optim: read(OPTIM_FILE)?, state })
+    Ok(Loaded {
+        model: read(MODEL_FILE)?,
+        optim: read(OPTIM_FILE)?,
+        state,
+    })
 }

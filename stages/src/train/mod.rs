@@ -29,6 +29,7 @@
 //! # Ok::<(), stages::train::TrainError>(())
 //! ```
 
+pub mod bench;
 pub mod checkpoint;
 pub mod ema;
 pub mod optim;
@@ -108,13 +109,19 @@ impl TrainConfig {
             ));
         }
         if !(self.peak_lr() > 0.0 && self.peak_lr().is_finite()) {
-            return Err(format!("train.blr / train.lr give lr {}, which must be positive", self.peak_lr()));
+            return Err(format!(
+                "train.blr / train.lr give lr {}, which must be positive",
+                self.peak_lr()
+            ));
         }
         if !(0.0..1.0).contains(&self.betas[0]) || !(0.0..1.0).contains(&self.betas[1]) {
             return Err(format!("train.betas {:?} must lie in [0, 1)", self.betas));
         }
         if !(0.0..=1.0).contains(&self.ema_momentum) {
-            return Err(format!("train.ema_momentum {} must lie in [0, 1]", self.ema_momentum));
+            return Err(format!(
+                "train.ema_momentum {} must lie in [0, 1]",
+                self.ema_momentum
+            ));
         }
         if self.clip_grad.is_some_and(|c| !(c > 0.0)) {
             return Err("train.clip_grad must be positive".into());
@@ -134,11 +141,19 @@ pub enum TrainError {
     #[error("batch {position}: {msg}")]
     Batch { position: u64, msg: String },
     #[error("non-finite {what} {value} at step {step} (batch {position}); stopping, the last good checkpoint is kept")]
-    NonFinite { what: &'static str, value: f64, step: u64, position: u64 },
+    NonFinite {
+        what: &'static str,
+        value: f64,
+        step: u64,
+        position: u64,
+    },
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -184,11 +199,17 @@ impl Batch {
         check("images", self.images.len(), b * c * h * w)?;
         check("mask", self.mask.len(), b * v.num_patches())?;
         if cfg.draw.mode == DrawMode::Coarse {
-            let s = self.smoothed.as_ref().ok_or("draw.mode coarse needs the smoothed image")?;
+            let s = self
+                .smoothed
+                .as_ref()
+                .ok_or("draw.mode coarse needs the smoothed image")?;
             check("smoothed", s.len(), b * c * h * w)?;
         }
         if cfg.target == TargetSource::Batch {
-            let t = self.targets.as_ref().ok_or("target: batch needs per-patch targets")?;
+            let t = self
+                .targets
+                .as_ref()
+                .ok_or("target: batch needs per-patch targets")?;
             check("targets", t.len(), b * v.num_patches() * cfg.target_dim)?;
         }
         Ok(())
@@ -243,11 +264,19 @@ impl Trainer {
         model_cfg.validate().map_err(TrainError::Config)?;
         train_cfg.validate().map_err(TrainError::Config)?;
         if steps_per_epoch == 0 {
-            return Err(TrainError::Config("steps per epoch must be positive (is the dataset empty?)".into()));
+            return Err(TrainError::Config(
+                "steps per epoch must be positive (is the dataset empty?)".into(),
+            ));
         }
         let varmap = VarMap::new();
-        let model = CrossMae::new(model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-        init_weights(&varmap, &mut shards::rng::stage_rng(run_seed, 0, "model", "init"))?;
+        let model = CrossMae::new(
+            model_cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )?;
+        init_weights(
+            &varmap,
+            &mut shards::rng::stage_rng(run_seed, 0, "model", "init"),
+        )?;
         let ema = match model_cfg.target {
             TargetSource::Ema => Some(Ema::new(&model_cfg.backbone, &varmap, "backbone.", device)?),
             TargetSource::Batch => None,
@@ -259,7 +288,10 @@ impl Trainer {
             weight_decay: train_cfg.weight_decay,
         };
         let vars: Vec<(String, Var)> = {
-            let data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("varmap lock".into()))?;
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("varmap lock".into()))?;
             data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
         let optim = AdamW::new(vars, params)?;
@@ -291,6 +323,11 @@ impl Trainer {
         &self.model
     }
 
+    /// Where the parameters live (names as in the checkpoint).
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
     pub fn schedule(&self) -> &Schedule {
         &self.schedule
     }
@@ -307,7 +344,10 @@ impl Trainer {
 
     /// The trainable parameters by name, sorted.
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        self.optim.vars().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect()
+        self.optim
+            .vars()
+            .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+            .collect()
     }
 
     /// The backbone with timm names (no prefix, `pos_embed` included), for export.
@@ -337,7 +377,12 @@ impl Trainer {
 
     /// The batch as model inputs on the device (EMA targets computed here).
     pub fn inputs(&self, batch: &Batch) -> Result<Inputs, TrainError> {
-        batch.validate(&self.model_cfg).map_err(|msg| TrainError::Batch { position: self.position, msg })?;
+        batch
+            .validate(&self.model_cfg)
+            .map_err(|msg| TrainError::Batch {
+                position: self.position,
+                msg,
+            })?;
         let [b, c, h, w] = batch.shape;
         let n = self.model_cfg.backbone.num_patches();
         let images = Tensor::from_slice(&batch.images, (b, c, h, w), &self.device)?;
@@ -351,13 +396,24 @@ impl Trainer {
         };
         let targets = match (&self.ema, &batch.targets) {
             (Some(ema), _) => ema.targets(&images)?,
-            (None, Some(t)) => Tensor::from_slice(t, (b, n, self.model_cfg.target_dim), &self.device)?,
+            (None, Some(t)) => {
+                Tensor::from_slice(t, (b, n, self.model_cfg.target_dim), &self.device)?
+            }
             (None, None) => {
-                return Err(TrainError::Batch { position: self.position, msg: "no per-patch targets".into() })
+                return Err(TrainError::Batch {
+                    position: self.position,
+                    msg: "no per-patch targets".into(),
+                })
             }
         };
         let noise = self.noise(&batch.keys, batch.epoch)?;
-        Ok(Inputs { images, smoothed, mask, targets, noise })
+        Ok(Inputs {
+            images,
+            smoothed,
+            mask,
+            targets,
+            noise,
+        })
     }
 
     /// Forward, backward, and (every `accum_iter` calls) one optimizer update.
@@ -367,7 +423,12 @@ impl Trainer {
         let losses = self.model.forward(&inputs)?;
         let loss = losses.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss.is_finite() {
-            return Err(TrainError::NonFinite { what: "loss", value: loss, step, position: self.position });
+            return Err(TrainError::NonFinite {
+                what: "loss",
+                value: loss,
+                step,
+                position: self.position,
+            });
         }
         let grads = (losses.loss / self.train_cfg.accum_iter as f64)?.backward()?;
         for (name, var) in self.optim.vars() {
@@ -399,14 +460,23 @@ impl Trainer {
         self.micro = 0;
         let norm = global_norm(&grads, self.optim.names())?;
         if !norm.is_finite() {
-            return Err(TrainError::NonFinite { what: "gradient norm", value: norm, step, position: self.position });
+            return Err(TrainError::NonFinite {
+                what: "gradient norm",
+                value: norm,
+                step,
+                position: self.position,
+            });
         }
         if let Some(max) = self.train_cfg.clip_grad {
             clip(&mut grads, norm, max)?;
         }
         self.optim.step(&grads, stats.lr)?;
         if let Some(ema) = &self.ema {
-            ema.update(ema_momentum(self.train_cfg.ema_momentum, step, self.schedule.total_steps))?;
+            ema.update(ema_momentum(
+                self.train_cfg.ema_momentum,
+                step,
+                self.schedule.total_steps,
+            ))?;
         }
         stats.step = self.optim.steps();
         stats.grad_norm = norm;
@@ -424,13 +494,23 @@ impl Trainer {
         if self.micro != 0 {
             return Err(TrainError::Checkpoint {
                 path: dir.to_path_buf(),
-                msg: format!("cannot save in the middle of gradient accumulation ({} of {})", self.micro, self.train_cfg.accum_iter),
+                msg: format!(
+                    "cannot save in the middle of gradient accumulation ({} of {})",
+                    self.micro, self.train_cfg.accum_iter
+                ),
             });
         }
         let mut model: HashMap<String, Tensor> = self.parameters().into_iter().collect();
-        model.insert("backbone.pos_embed".into(), self.model.backbone.pos_embed().clone());
+        model.insert(
+            "backbone.pos_embed".into(),
+            self.model.backbone.pos_embed().clone(),
+        );
         if let Some(ema) = &self.ema {
-            model.extend(ema.tensors().into_iter().map(|(k, v)| (format!("ema.{k}"), v)));
+            model.extend(
+                ema.tensors()
+                    .into_iter()
+                    .map(|(k, v)| (format!("ema.{k}"), v)),
+            );
         }
         let state = checkpoint::TrainState {
             version: 1,
@@ -449,7 +529,10 @@ impl Trainer {
     pub fn resume(&mut self, dir: &Path) -> Result<checkpoint::TrainState, TrainError> {
         let loaded = checkpoint::load(dir, &self.device)?;
         let state = loaded.state;
-        let err = |msg: String| TrainError::Checkpoint { path: dir.to_path_buf(), msg };
+        let err = |msg: String| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            msg,
+        };
         if state.config_hash != self.config_hash() {
             return Err(err(format!(
                 "saved with another model/train config (hash {}, this run {}); resume with the run's own config",
@@ -458,19 +541,32 @@ impl Trainer {
             )));
         }
         if state.run_seed != self.run_seed {
-            return Err(err(format!("saved with run seed {}, this run has {}", state.run_seed, self.run_seed)));
+            return Err(err(format!(
+                "saved with run seed {}, this run has {}",
+                state.run_seed, self.run_seed
+            )));
         }
         for (name, var) in self.optim.vars() {
-            let t = loaded.model.get(name).ok_or_else(|| err(format!("{} lacks parameter {name}", checkpoint::MODEL_FILE)))?;
+            let t = loaded
+                .model
+                .get(name)
+                .ok_or_else(|| err(format!("{} lacks parameter {name}", checkpoint::MODEL_FILE)))?;
             if t.dims() != var.dims() {
-                return Err(err(format!("{name}: shape {:?} in the checkpoint, {:?} in the model", t.dims(), var.dims())));
+                return Err(err(format!(
+                    "{name}: shape {:?} in the checkpoint, {:?} in the model",
+                    t.dims(),
+                    var.dims()
+                )));
             }
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         if let Some(ema) = &self.ema {
-            ema.load(&loaded.model, "ema.").map_err(|e| err(e.to_string()))?;
+            ema.load(&loaded.model, "ema.")
+                .map_err(|e| err(e.to_string()))?;
         }
-        self.optim.load_state(&loaded.optim, state.step).map_err(|e| err(e.to_string()))?;
+        self.optim
+            .load_state(&loaded.optim, state.step)
+            .map_err(|e| err(e.to_string()))?;
         self.accum.clear();
         self.micro = 0;
         self.position = state.data_position;
@@ -481,11 +577,18 @@ impl Trainer {
 }
 
 /// sqrt of the sum of squares of every gradient, summed in `order` (deterministic).
-pub fn global_norm<'a>(grads: &HashMap<String, Tensor>, order: impl Iterator<Item = &'a str>) -> Result<f64, TrainError> {
+pub fn global_norm<'a>(
+    grads: &HashMap<String, Tensor>,
+    order: impl Iterator<Item = &'a str>,
+) -> Result<f64, TrainError> {
     let mut total = 0f64;
     for name in order {
         if let Some(g) = grads.get(name) {
-            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     Ok(total.sqrt())

@@ -36,7 +36,12 @@ pub struct AdamWParams {
 impl Default for AdamWParams {
     /// MAE pre-training: betas (0.9, 0.95), eps 1e-8, weight decay 0.05.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.05 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        }
     }
 }
 
@@ -65,10 +70,20 @@ impl AdamW {
             .map(|(name, var)| {
                 let m = var.as_tensor().zeros_like()?;
                 let v = m.clone();
-                Ok(Slot { decay: decays(&name, var.dims()), name, var, m, v })
+                Ok(Slot {
+                    decay: decays(&name, var.dims()),
+                    name,
+                    var,
+                    m,
+                    v,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { slots, params, t: 0 })
+        Ok(Self {
+            slots,
+            params,
+            t: 0,
+        })
     }
 
     /// Updates made so far.
@@ -88,14 +103,23 @@ impl AdamW {
 
     /// Names of the parameters that get weight decay.
     pub fn decayed(&self) -> Vec<&str> {
-        self.slots.iter().filter(|s| s.decay).map(|s| s.name.as_str()).collect()
+        self.slots
+            .iter()
+            .filter(|s| s.decay)
+            .map(|s| s.name.as_str())
+            .collect()
     }
 
     /// One update with learning rate `lr`; `grads[name]` for every parameter
     /// (a missing gradient counts as zero).
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
         self.t += 1;
-        let AdamWParams { beta1: b1, beta2: b2, eps, weight_decay } = self.params;
+        let AdamWParams {
+            beta1: b1,
+            beta2: b2,
+            eps,
+            weight_decay,
+        } = self.params;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2_sqrt = (1.0 - b2.powi(self.t as i32)).sqrt();
         let step_size = lr / bc1;
@@ -132,9 +156,15 @@ impl AdamW {
         for s in &mut self.slots {
             for (kind, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
                 let key = format!("{kind}.{}", s.name);
-                let Some(x) = tensors.get(&key) else { candle_core::bail!("optimizer state lacks {key}") };
+                let Some(x) = tensors.get(&key) else {
+                    candle_core::bail!("optimizer state lacks {key}")
+                };
                 if x.dims() != s.var.dims() {
-                    candle_core::bail!("optimizer state {key}: shape {:?}, parameter has {:?}", x.dims(), s.var.dims())
+                    candle_core::bail!(
+                        "optimizer state {key}: shape {:?}, parameter has {:?}",
+                        x.dims(),
+                        s.var.dims()
+                    )
                 }
                 *slot = x.to_device(s.var.device())?.to_dtype(s.var.dtype())?;
             }
@@ -171,10 +201,24 @@ mod tests {
         let dev = Device::Cpu;
         let w = Var::from_tensor(&Tensor::new(&[[1f32, -2.0]], &dev)?)?;
         let b = Var::from_tensor(&Tensor::new(&[0.5f32], &dev)?)?;
-        let mut opt = AdamW::new(vec![("lin.weight".into(), w.clone()), ("lin.bias".into(), b.clone())], AdamWParams::default())?;
+        let mut opt = AdamW::new(
+            vec![
+                ("lin.weight".into(), w.clone()),
+                ("lin.bias".into(), b.clone()),
+            ],
+            AdamWParams::default(),
+        )?;
         assert_eq!(opt.decayed(), vec!["lin.weight"]);
-        let grads = [([0.1f32, -0.3], 0.1f32, 0.01), ([-0.2, 0.4], -0.2, 0.02), ([0.05, 0.0], 0.05, 0.005)];
-        let want_w = [[0.9895000009999999, -1.9890000003333335], [0.9957779795524063, -1.9908676597888482], [0.9962151507382654, -1.9911248818290044]];
+        let grads = [
+            ([0.1f32, -0.3], 0.1f32, 0.01),
+            ([-0.2, 0.4], -0.2, 0.02),
+            ([0.05, 0.0], 0.05, 0.005),
+        ];
+        let want_w = [
+            [0.9895000009999999, -1.9890000003333335],
+            [0.9957779795524063, -1.9908676597888482],
+            [0.9962151507382654, -1.9911248818290044],
+        ];
         let want_b = [0.4900000009999999, 0.4972674795534062, 0.49795359523415345];
         for (i, (gw, gb, lr)) in grads.into_iter().enumerate() {
             let mut g = HashMap::new();
@@ -184,17 +228,36 @@ mod tests {
             let got_w = w.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             let got_b = b.as_tensor().to_vec1::<f32>()?;
             for (g, w) in got_w.iter().zip(want_w[i]) {
-                assert!((*g as f64 - w).abs() < 2e-7, "step {}: weight {g} vs {w}", i + 1);
+                assert!(
+                    (*g as f64 - w).abs() < 2e-7,
+                    "step {}: weight {g} vs {w}",
+                    i + 1
+                );
             }
-            assert!((got_b[0] as f64 - want_b[i]).abs() < 2e-7, "step {}: bias {} vs {}", i + 1, got_b[0], want_b[i]);
+            assert!(
+                (got_b[0] as f64 - want_b[i]).abs() < 2e-7,
+                "step {}: bias {} vs {}",
+                i + 1,
+                got_b[0],
+                want_b[i]
+            );
         }
         // Moments export and restore.
         let state = opt.state_tensors();
         assert_eq!(state.len(), 4);
-        let mut again = AdamW::new(vec![("lin.weight".into(), w.clone()), ("lin.bias".into(), b.clone())], AdamWParams::default())?;
+        let mut again = AdamW::new(
+            vec![
+                ("lin.weight".into(), w.clone()),
+                ("lin.bias".into(), b.clone()),
+            ],
+            AdamWParams::default(),
+        )?;
         again.load_state(&state, opt.steps())?;
         assert_eq!(again.steps(), 3);
-        assert_eq!(again.state_tensors()["v.lin.bias"].to_vec1::<f32>()?, state["v.lin.bias"].to_vec1::<f32>()?);
+        assert_eq!(
+            again.state_tensors()["v.lin.bias"].to_vec1::<f32>()?,
+            state["v.lin.bias"].to_vec1::<f32>()?
+        );
         Ok(())
     }
 

@@ -38,7 +38,11 @@ impl Schedule {
 /// EMA momentum at step t of T: `1 - (1 - base) * (cos(pi t / T) + 1) / 2`,
 /// base at the start, 1 at the end (BYOL's schedule, 0.996 -> 1).
 pub fn ema_momentum(base: f64, t: u64, total_steps: u64) -> f64 {
-    let progress = if total_steps == 0 { 1.0 } else { (t as f64 / total_steps as f64).min(1.0) };
+    let progress = if total_steps == 0 {
+        1.0
+    } else {
+        (t as f64 / total_steps as f64).min(1.0)
+    };
     1.0 - (1.0 - base) * ((PI * progress).cos() + 1.0) / 2.0
 }
 
@@ -48,11 +52,16 @@ mod tests {
 
     #[test]
     fn lr_at_known_points() {
-        let s = Schedule { base_lr: 1e-3, min_lr: 1e-5, warmup_steps: 10, total_steps: 110 };
+        let s = Schedule {
+            base_lr: 1e-3,
+            min_lr: 1e-5,
+            warmup_steps: 10,
+            total_steps: 110,
+        };
         assert_eq!(s.lr(0), 0.0);
         assert!((s.lr(5) - 0.5e-3).abs() < 1e-15);
         assert!((s.lr(10) - 1e-3).abs() < 1e-15); // end of warmup = peak
-        // Halfway through the cosine: cos(pi/2) = 0, so the midpoint of base and min.
+                                                  // Halfway through the cosine: cos(pi/2) = 0, so the midpoint of base and min.
         assert!((s.lr(60) - (1e-3 + 1e-5) / 2.0).abs() < 1e-12);
         // A quarter: min + (base - min) * (1 + cos(pi/4)) / 2.
         let q = 1e-5 + (1e-3 - 1e-5) * (1.0 + std::f64::consts::FRAC_1_SQRT_2) / 2.0;
@@ -65,7 +74,12 @@ mod tests {
     fn lr_matches_mae_fractional_epochs() {
         // MAE lr_sched.adjust_learning_rate with 7 iterations per epoch, 3 warmup epochs of 10.
         let (ipe, warm, epochs, lr, min_lr) = (7u64, 3.0, 10.0, 2e-4, 0.0);
-        let s = Schedule { base_lr: lr, min_lr, warmup_steps: 21, total_steps: 70 };
+        let s = Schedule {
+            base_lr: lr,
+            min_lr,
+            warmup_steps: 21,
+            total_steps: 70,
+        };
         for t in 0..70u64 {
             let e = t as f64 / ipe as f64;
             let mae = if e < warm {
@@ -73,7 +87,11 @@ mod tests {
             } else {
                 min_lr + (lr - min_lr) * 0.5 * (1.0 + (PI * (e - warm) / (epochs - warm)).cos())
             };
-            assert!((s.lr(t) - mae).abs() < 1e-15, "step {t}: {} vs {mae}", s.lr(t));
+            assert!(
+                (s.lr(t) - mae).abs() < 1e-15,
+                "step {t}: {} vs {mae}",
+                s.lr(t)
+            );
         }
     }
 

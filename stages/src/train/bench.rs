@@ -1,0 +1,81 @@
+//! Training-step benchmark on synthetic batches (for `pipeline bench train`).
+//!
+//! Times complete steps (inputs to the device, forward, backward, AdamW, EMA)
+//! of a [`Trainer`] fed one fixed synthetic batch, so the data stages do not count.
+
+use super::{Batch, TrainConfig, TrainError, Trainer};
+use crate::model::ModelConfig;
+use candle_core::Device;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+/// One benchmark result (one JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub batch: usize,
+    pub steps: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub images_per_s: f64,
+    pub threads: usize,
+}
+
+/// A batch of `b` random images, 75% masked, random targets and smoothed images.
+pub fn synthetic_batch(cfg: &ModelConfig, b: usize, seed: u64) -> Batch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let v = &cfg.backbone;
+    let (px, n) = (v.in_chans * v.img_size * v.img_size, v.num_patches());
+    let images: Vec<f32> = (0..b * px).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mask = (0..b * n).map(|_| rng.random_bool(0.75) as u8).collect();
+    let targets = (0..b * n * cfg.target_dim)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    Batch {
+        keys: (0..b).map(|i| format!("bench-{i}")).collect(),
+        epoch: 0,
+        smoothed: Some(images.iter().map(|x| 0.5 * x).collect()),
+        images,
+        shape: [b, v.in_chans, v.img_size, v.img_size],
+        mask,
+        targets: Some(targets),
+    }
+}
+
+/// Runs `warmup` untimed and `steps` timed training steps at batch `b`.
+pub fn bench_train(
+    model: &ModelConfig,
+    train: &TrainConfig,
+    device: &Device,
+    b: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult, TrainError> {
+    let train = TrainConfig {
+        batch_size: b,
+        accum_iter: 1,
+        ..train.clone()
+    };
+    let mut trainer = Trainer::new(model, &train, device, 0, 1000)?;
+    let batch = synthetic_batch(model, b, 0);
+    for _ in 0..warmup {
+        trainer.step(&batch)?;
+    }
+    let mut ms = Vec::with_capacity(steps);
+    for _ in 0..steps.max(1) {
+        let t0 = Instant::now();
+        trainer.step(&batch)?;
+        device.synchronize()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    let median_ms = ms[ms.len() / 2];
+    Ok(BenchResult {
+        batch: b,
+        steps: ms.len(),
+        median_ms,
+        min_ms: ms[0],
+        images_per_s: b as f64 / (median_ms / 1e3),
+        threads: candle_core::utils::get_num_threads(),
+    })
+}

@@ -1,0 +1,541 @@
+//! The model and trainer at library level, on tiny models and synthetic batches.
+//!
+//! What can fail here: a parameter that never moves (an op without backward),
+//! parameter names or shapes that drift from timm, a resume that is not
+//! bitwise exact, gradient accumulation that is not a mean, a NaN that is not
+//! caught, a config with impossible shapes that is accepted.
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use stages::model::{
+    DrawMode, ModelConfig, NoiseMode, PredOn, PredictorMode, TargetSource, Vit, VitConfig,
+};
+use stages::train::{clip, global_norm, Batch, TrainConfig, TrainError, Trainer};
+use std::collections::HashMap;
+
+/// 16 x 16 grey images, patch 4 (N = 16), D 16, 2 blocks; drawing head D_h 16.
+fn tiny_model() -> ModelConfig {
+    let mut m = ModelConfig::default();
+    m.backbone = VitConfig {
+        img_size: 16,
+        patch_size: 4,
+        in_chans: 1,
+        embed_dim: 16,
+        depth: 2,
+        num_heads: 2,
+        mlp_ratio: 2.0,
+    };
+    m.draw.embed_dim = 16;
+    m.draw.num_heads = 2;
+    m.target_dim = 8;
+    m
+}
+
+fn train_cfg(batch_size: usize) -> TrainConfig {
+    TrainConfig {
+        batch_size,
+        epochs: 10,
+        warmup_epochs: 0.0,
+        lr: Some(1e-3),
+        weight_decay: 0.0,
+        ..TrainConfig::default()
+    }
+}
+
+/// A synthetic batch: smooth-ish random images, 75% masked, random targets.
+fn batch(cfg: &ModelConfig, b: usize, seed: u64, epoch: u64) -> Batch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let v = &cfg.backbone;
+    let (px, n) = (v.in_chans * v.img_size * v.img_size, v.num_patches());
+    let images: Vec<f32> = (0..b * px).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let smoothed = images.iter().map(|x| 0.5 * x).collect();
+    let mut mask = Vec::with_capacity(b * n);
+    for _ in 0..b {
+        // Exactly n/4 visible per sample, so every sample weighs the same in L_draw.
+        let mut m: Vec<u8> = (0..n).map(|i| (i >= n / 4) as u8).collect();
+        for i in (1..n).rev() {
+            m.swap(i, rng.random_range(0..=i));
+        }
+        mask.extend(m);
+    }
+    let targets = (0..b * n * cfg.target_dim)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    Batch {
+        keys: (0..b).map(|i| format!("s{seed}-{i}")).collect(),
+        epoch,
+        images,
+        shape: [b, v.in_chans, v.img_size, v.img_size],
+        mask,
+        smoothed: Some(smoothed),
+        targets: Some(targets),
+    }
+}
+
+fn snapshot(t: &Trainer) -> HashMap<String, Vec<f32>> {
+    t.parameters()
+        .into_iter()
+        .map(|(n, x)| {
+            (
+                n,
+                x.flatten_all().and_then(|x| x.to_vec1()).expect("to_vec"),
+            )
+        })
+        .collect()
+}
+
+/// Every ablation mode: after one AdamW step (weight decay off, so only a
+/// gradient can move a parameter), every trainable parameter has changed.
+#[test]
+fn every_parameter_changes_after_one_step_in_every_mode() -> Result<(), TrainError> {
+    let mut modes = vec![];
+    for draw in [DrawMode::Coarse, DrawMode::Original, DrawMode::None] {
+        for noise in [NoiseMode::Mapping, NoiseMode::Concat, NoiseMode::None] {
+            modes.push((
+                draw,
+                noise,
+                PredictorMode::Linear,
+                TargetSource::Batch,
+                PredOn::All,
+            ));
+        }
+    }
+    modes.push((
+        DrawMode::Coarse,
+        NoiseMode::Mapping,
+        PredictorMode::None,
+        TargetSource::Ema,
+        PredOn::All,
+    ));
+    modes.push((
+        DrawMode::Coarse,
+        NoiseMode::Mapping,
+        PredictorMode::Linear,
+        TargetSource::Ema,
+        PredOn::Masked,
+    ));
+    modes.push((
+        DrawMode::None,
+        NoiseMode::None,
+        PredictorMode::Linear,
+        TargetSource::Batch,
+        PredOn::Masked,
+    ));
+    for (draw, noise, predictor, target, pred_on) in modes {
+        let mut cfg = tiny_model();
+        cfg.draw.mode = draw;
+        cfg.noise = noise;
+        cfg.predictor = predictor;
+        cfg.target = target;
+        cfg.pred_on = pred_on;
+        let label = format!("{draw:?}/{noise:?}/{predictor:?}/{target:?}/{pred_on:?}");
+        let mut t = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 3, 10)?;
+        let before = snapshot(&t);
+        let stats = t.step(&batch(&cfg, 4, 1, 0))?;
+        assert!(stats.updated && stats.loss.is_finite(), "{label}");
+        let after = snapshot(&t);
+        assert_eq!(before.len(), after.len());
+        let frozen: Vec<&String> = before.keys().filter(|k| before[*k] == after[*k]).collect();
+        assert!(
+            frozen.is_empty(),
+            "{label}: parameters that did not move: {frozen:?}"
+        );
+        let has = |p: &str| before.keys().any(|k| k.starts_with(p));
+        assert_eq!(has("draw."), draw != DrawMode::None, "{label}");
+        assert_eq!(
+            has("draw.mapping."),
+            draw != DrawMode::None && noise == NoiseMode::Mapping,
+            "{label}"
+        );
+        assert_eq!(
+            has("predictor."),
+            predictor == PredictorMode::Linear,
+            "{label}"
+        );
+        assert_eq!(has("mask_token"), draw == DrawMode::None, "{label}");
+    }
+    Ok(())
+}
+
+/// The backbone's names and shapes equal timm's `vit_small_patch16_224` state
+/// dict without the classifier head (`head.weight`, `head.bias`): 21,665,664
+/// values = timm's 22,050,664 minus the head's 385,000.
+#[test]
+fn vit_small_names_and_shapes_match_timm() -> candle_core::Result<()> {
+    let cfg = VitConfig::vit_small_patch16_224();
+    let varmap = VarMap::new();
+    let vit = Vit::new(
+        &cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )?;
+    let mut got: Vec<(String, Vec<usize>)> = varmap
+        .data()
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect();
+    got.push(("pos_embed".into(), vit.pos_embed().dims().to_vec()));
+    got.sort();
+    let mut want: Vec<(String, Vec<usize>)> = vec![
+        ("cls_token".into(), vec![1, 1, 384]),
+        ("pos_embed".into(), vec![1, 197, 384]),
+        ("patch_embed.proj.weight".into(), vec![384, 3, 16, 16]),
+        ("patch_embed.proj.bias".into(), vec![384]),
+        ("norm.weight".into(), vec![384]),
+        ("norm.bias".into(), vec![384]),
+    ];
+    for i in 0..12 {
+        for (n, s) in [
+            ("norm1.weight", vec![384]),
+            ("norm1.bias", vec![384]),
+            ("attn.qkv.weight", vec![1152, 384]),
+            ("attn.qkv.bias", vec![1152]),
+            ("attn.proj.weight", vec![384, 384]),
+            ("attn.proj.bias", vec![384]),
+            ("norm2.weight", vec![384]),
+            ("norm2.bias", vec![384]),
+            ("mlp.fc1.weight", vec![1536, 384]),
+            ("mlp.fc1.bias", vec![1536]),
+            ("mlp.fc2.weight", vec![384, 1536]),
+            ("mlp.fc2.bias", vec![384]),
+        ] {
+            want.push((format!("blocks.{i}.{n}"), s));
+        }
+    }
+    want.sort();
+    assert_eq!(got, want);
+    let total: usize = got.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    assert_eq!(total, 21_665_664);
+    Ok(())
+}
+
+/// The base preset has timm's vit_base_patch16_224 sizes: 85,798,656 values
+/// without the head (timm: 86,567,656 with its 769,000-value head).
+#[test]
+fn vit_base_preset_size() {
+    let c = VitConfig::vit_base_patch16_224();
+    let (d, n, k) = (c.embed_dim, c.num_patches(), c.patch_dim());
+    let block =
+        2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d);
+    let total = (d * k + d) + d + (n + 1) * d + c.depth * block + 2 * d;
+    assert_eq!(total, 86_567_656 - 769_000);
+}
+
+/// A tiny model overfits one fixed batch: the loss falls by more than half.
+#[test]
+fn tiny_model_overfits_one_batch() -> Result<(), TrainError> {
+    let cfg = tiny_model();
+    let mut t = Trainer::new(
+        &cfg,
+        &TrainConfig {
+            lr: Some(3e-3),
+            ..train_cfg(8)
+        },
+        &Device::Cpu,
+        5,
+        1000,
+    )?;
+    let b = batch(&cfg, 8, 2, 0);
+    let first = t.step(&b)?.loss;
+    let mut last = first;
+    for _ in 0..80 {
+        last = t.step(&b)?.loss;
+    }
+    assert!(last < first / 2.0, "loss {first} -> {last}");
+    Ok(())
+}
+
+/// Stop after 2 steps, save, resume in a new trainer: the next losses are
+/// bitwise those of an uninterrupted run (batch targets and EMA targets).
+#[test]
+fn resume_is_bitwise_exact() -> Result<(), TrainError> {
+    for target in [TargetSource::Batch, TargetSource::Ema] {
+        let mut cfg = tiny_model();
+        cfg.target = target;
+        let tc = TrainConfig {
+            warmup_epochs: 1.0,
+            weight_decay: 0.05,
+            ..train_cfg(4)
+        };
+        let batches: Vec<Batch> = (0..5).map(|i| batch(&cfg, 4, 10 + i, i / 3)).collect();
+        let mut straight = Trainer::new(&cfg, &tc, &Device::Cpu, 11, 3)?;
+        let want: Vec<u64> = batches
+            .iter()
+            .map(|b| straight.step(b).map(|s| s.loss.to_bits()))
+            .collect::<Result<_, _>>()?;
+
+        let dir = tempfile::tempdir().map_err(|e| TrainError::Io {
+            path: "tempdir".into(),
+            source: e,
+        })?;
+        let ckpt = dir.path().join("ckpt");
+        let mut first = Trainer::new(&cfg, &tc, &Device::Cpu, 11, 3)?;
+        for b in &batches[..2] {
+            first.step(b)?;
+        }
+        first.save(&ckpt)?;
+        first.step(&batches[2])?; // work after the save is lost, as in a crash
+        drop(first);
+
+        let mut resumed = Trainer::new(&cfg, &tc, &Device::Cpu, 11, 3)?;
+        let state = resumed.resume(&ckpt)?;
+        assert_eq!((state.step, state.data_position), (2, 2));
+        let got: Vec<u64> = batches[state.data_position as usize..]
+            .iter()
+            .map(|b| resumed.step(b).map(|s| s.loss.to_bits()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(got, want[2..], "{target:?}");
+        // Saving again replaces the checkpoint atomically, leaving no temporaries.
+        resumed.save(&ckpt)?;
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["ckpt".to_string()]);
+    }
+    Ok(())
+}
+
+/// A checkpoint from another config or seed is refused with a clear message.
+#[test]
+fn resume_refuses_another_config() -> Result<(), TrainError> {
+    let cfg = tiny_model();
+    let dir = tempfile::tempdir().map_err(|e| TrainError::Io {
+        path: "tempdir".into(),
+        source: e,
+    })?;
+    let ckpt = dir.path().join("ckpt");
+    Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 1, 3)?.save(&ckpt)?;
+    let other = TrainConfig {
+        blr: 1e-4,
+        ..train_cfg(4)
+    };
+    let err = Trainer::new(&cfg, &other, &Device::Cpu, 1, 3)?
+        .resume(&ckpt)
+        .err()
+        .expect("must refuse");
+    assert!(
+        err.to_string().contains("another model/train config"),
+        "{err}"
+    );
+    let err = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 2, 3)?
+        .resume(&ckpt)
+        .err()
+        .expect("must refuse");
+    assert!(err.to_string().contains("run seed 1"), "{err}");
+    Ok(())
+}
+
+/// Two accumulated half-batches update the parameters as one full batch does.
+/// eps = 1 makes the first AdamW step nearly linear in the gradient, so equal
+/// updates mean equal gradients (with the default eps the first step is
+/// lr * sign(g), blind to the gradient's size).
+#[test]
+fn gradient_accumulation_equals_full_batch() -> Result<(), TrainError> {
+    let cfg = tiny_model();
+    let full = batch(&cfg, 4, 7, 0);
+    let half = |r: std::ops::Range<usize>| {
+        let (px, n, dt) = (16 * 16, 16, cfg.target_dim);
+        Batch {
+            keys: full.keys[r.clone()].to_vec(),
+            epoch: 0,
+            images: full.images[r.start * px..r.end * px].to_vec(),
+            shape: [r.len(), 1, 16, 16],
+            mask: full.mask[r.start * n..r.end * n].to_vec(),
+            smoothed: full
+                .smoothed
+                .as_ref()
+                .map(|s| s[r.start * px..r.end * px].to_vec()),
+            targets: full
+                .targets
+                .as_ref()
+                .map(|t| t[r.start * n * dt..r.end * n * dt].to_vec()),
+        }
+    };
+    let base = TrainConfig {
+        eps: 1.0,
+        ..train_cfg(4)
+    };
+    let mut one = Trainer::new(&cfg, &base, &Device::Cpu, 9, 10)?;
+    let s1 = one.step(&full)?;
+    let mut acc = Trainer::new(
+        &cfg,
+        &TrainConfig {
+            accum_iter: 2,
+            ..base
+        },
+        &Device::Cpu,
+        9,
+        10,
+    )?;
+    let a = acc.step(&half(0..2))?;
+    assert!(!a.updated);
+    let b = acc.step(&half(2..4))?;
+    assert!(b.updated && b.step == 1);
+    assert!(
+        (s1.grad_norm - b.grad_norm).abs() < 1e-5 * s1.grad_norm,
+        "{} vs {}",
+        s1.grad_norm,
+        b.grad_norm
+    );
+    assert!(
+        ((a.loss + b.loss) / 2.0 - s1.loss).abs() < 1e-5,
+        "losses {} {} vs {}",
+        a.loss,
+        b.loss,
+        s1.loss
+    );
+    let (p1, p2) = (snapshot(&one), snapshot(&acc));
+    for (name, v) in &p1 {
+        let worst = v
+            .iter()
+            .zip(&p2[name])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-7, "{name}: differs by {worst}");
+    }
+    Ok(())
+}
+
+/// PyTorch's clip_grad_norm_: the global norm over all gradients, scaled by
+/// max / (norm + 1e-6) when above max, untouched otherwise.
+#[test]
+fn clipping_scales_to_the_max_norm() -> Result<(), TrainError> {
+    let dev = Device::Cpu;
+    let mut g = HashMap::new();
+    g.insert(
+        "a".to_string(),
+        candle_core::Tensor::new(&[3f32, 0.0], &dev)?,
+    );
+    g.insert("b".to_string(), candle_core::Tensor::new(&[[4f32]], &dev)?);
+    let norm = global_norm(&g, ["a", "b"].into_iter())?;
+    assert!((norm - 5.0).abs() < 1e-12);
+    clip(&mut g, norm, 1.0)?;
+    let after = global_norm(&g, ["a", "b"].into_iter())?;
+    assert!((after - 5.0 / (5.0 + 1e-6)).abs() < 1e-6, "{after}");
+    clip(&mut g, after, 10.0)?;
+    assert_eq!(global_norm(&g, ["a", "b"].into_iter())?, after);
+
+    // In the trainer, the reported norm is the one before clipping.
+    let cfg = tiny_model();
+    let b = batch(&cfg, 4, 3, 0);
+    let plain = Trainer::new(&cfg, &train_cfg(4), &dev, 4, 10)?.step(&b)?;
+    let clipped = Trainer::new(
+        &cfg,
+        &TrainConfig {
+            clip_grad: Some(1e-3),
+            ..train_cfg(4)
+        },
+        &dev,
+        4,
+        10,
+    )?
+    .step(&b)?;
+    assert_eq!(plain.grad_norm.to_bits(), clipped.grad_norm.to_bits());
+    assert!(plain.grad_norm > 1e-3);
+    Ok(())
+}
+
+/// A NaN in the data stops the run with an error naming the step; the
+/// parameters are untouched and the last checkpoint still loads.
+#[test]
+fn non_finite_loss_stops_and_keeps_the_checkpoint() -> Result<(), TrainError> {
+    let cfg = tiny_model();
+    let dir = tempfile::tempdir().map_err(|e| TrainError::Io {
+        path: "tempdir".into(),
+        source: e,
+    })?;
+    let ckpt = dir.path().join("ckpt");
+    let mut t = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 1, 10)?;
+    t.step(&batch(&cfg, 4, 1, 0))?;
+    t.save(&ckpt)?;
+    let mut bad = batch(&cfg, 4, 2, 0);
+    bad.images[17] = f32::NAN;
+    let before = snapshot(&t);
+    let err = t.step(&bad).err().expect("NaN must stop the run");
+    assert!(
+        matches!(err, TrainError::NonFinite { step: 1, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("at step 1"), "{err}");
+    assert_eq!(before, snapshot(&t), "no update after a NaN");
+    let state = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 1, 10)?.resume(&ckpt)?;
+    assert_eq!(state.step, 1);
+    Ok(())
+}
+
+/// Shapes that cannot work are rejected before training, naming the key.
+#[test]
+fn impossible_shapes_are_rejected_with_the_key() {
+    let msg = |cfg: ModelConfig| match Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 1, 10) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted {cfg:?}"),
+    };
+    let mut c = tiny_model();
+    c.backbone.img_size = 30;
+    assert!(msg(c)
+        .contains("model.backbone.img_size 30 is not divisible by model.backbone.patch_size 4"));
+    let mut c = tiny_model();
+    c.backbone.num_heads = 3;
+    assert!(
+        msg(c).contains("model.backbone.num_heads 3 does not divide model.backbone.embed_dim 16")
+    );
+    let mut c = tiny_model();
+    c.draw.num_heads = 5;
+    assert!(msg(c).contains("model.draw.num_heads 5"));
+    let mut c = tiny_model();
+    c.predictor = PredictorMode::None;
+    assert!(msg(c).contains("predictor: none"));
+    let err = Trainer::new(
+        &tiny_model(),
+        &TrainConfig {
+            accum_iter: 3,
+            ..train_cfg(4)
+        },
+        &Device::Cpu,
+        1,
+        10,
+    )
+    .err();
+    assert!(err.is_some_and(|e| e
+        .to_string()
+        .contains("train.batch_size 4 is not divisible by train.accum_iter 3")));
+
+    // A batch of the wrong size is an error at the step, not a panic.
+    let cfg = tiny_model();
+    let mut t = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 1, 10).expect("valid");
+    let mut b = batch(&cfg, 4, 1, 0);
+    b.mask.pop();
+    let err = t.step(&b).err().expect("short mask");
+    assert!(
+        err.to_string().contains("mask has 63 values, expected 64"),
+        "{err}"
+    );
+}
+
+/// z depends on (run seed, epoch, key) only, not on the batch around it.
+#[test]
+fn noise_is_per_sample_and_reproducible() -> Result<(), TrainError> {
+    let cfg = tiny_model();
+    let t = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 1, 10)?;
+    let keys = |ks: &[&str]| ks.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let z2 = t
+        .noise(&keys(&["x", "y"]), 3)?
+        .expect("noise")
+        .to_vec2::<f32>()?;
+    let z1 = t
+        .noise(&keys(&["y"]), 3)?
+        .expect("noise")
+        .to_vec2::<f32>()?;
+    assert_eq!(z2[1], z1[0]);
+    assert_eq!(z2[0].len(), 16);
+    assert_ne!(
+        t.noise(&keys(&["y"]), 4)?
+            .expect("noise")
+            .to_vec2::<f32>()?[0],
+        z1[0]
+    );
+    Ok(())
+}
