@@ -101,13 +101,62 @@ fn embedded_fashion_mnist_is_balanced_and_complete() {
     );
 }
 
+/// Settings that make the default config quick enough for a test: a tiny
+/// model, one epoch over two of the embedded shards.
+const QUICK: &[&str] = &[
+    "--set",
+    "data.train=['../shards/data/fashion-mnist/train-{000000..000001}.tar.zst']",
+    "--set",
+    "data.lanes=2",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=100",
+    "--set",
+    "model.backbone.embed_dim=32",
+    "--set",
+    "model.backbone.depth=1",
+    "--set",
+    "model.backbone.num_heads=2",
+    "--set",
+    "model.draw.embed_dim=32",
+    "--set",
+    "model.draw.num_heads=2",
+];
+
 #[test]
-fn main_job_streams_the_embedded_default() {
-    let out = ok(pipeline().args(["run", "configs/pretrain.yaml"]).output().unwrap());
-    assert!(out.contains("epoch 0: 10000 samples"), "{out}");
-    // The balanced subset: 1000 per class, whatever the lanes' order.
-    assert!(out.contains(&format!("per class: {:?}", vec![1000; 10])), "{out}");
+fn main_job_trains_on_the_embedded_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let out = ok(pipeline()
+        .args(["run", "configs/pretrain.yaml"])
+        .args(QUICK)
+        .arg("--set")
+        .arg(format!("run.dir={}", run_dir.display()))
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap());
+    // 2 shards of 1250 in 2 lanes, 50 per lane per batch: 25 batches.
+    assert!(out.contains("trained 25 batches (2500 samples)"), "{out}");
     assert!(out.contains("skipped: 0 samples, 0 shards"), "{out}");
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 25);
+    assert!(steps
+        .iter()
+        .all(|s| s["loss"].as_f64().unwrap().is_finite() && s["samples"] == 100));
+    // The loss comes down over the epoch (mean of the last five below the first five).
+    let mean = |s: &[serde_json::Value]| s.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / s.len() as f64;
+    assert!(mean(&steps[20..]) < mean(&steps[..5]), "loss did not fall: {metrics}");
+    assert!(metrics.contains("\"kind\":\"stages\""), "no per-stage metrics");
+    assert!(
+        run_dir.join("ckpt/state.json").exists(),
+        "no checkpoint at the epoch end"
+    );
 }
 
 /// Write a tiny IDX pair: `n` 3x2 images whose pixels encode (index, position), labels `i % classes`.
@@ -228,8 +277,11 @@ fn import_folder_writes_classes_and_keys() {
     assert_eq!(samples[1].files["png"], b"bytes of b.v2.PNG");
 }
 
-/// A config over one good and one truncated shard (plus a missing one).
+/// A config over one good and one truncated shard (plus a missing one), of
+/// real images taken from the embedded dataset.
 fn damaged_dataset(dir: &Path) -> PathBuf {
+    let skips = shards::Skips::default();
+    let source = repo().join("shards/data/fashion-mnist/train-000000.tar.zst");
     let mut writer = shards::ShardWriter::new(
         dir.join("d-%06d.tar").to_str().unwrap(),
         shards::WriterOptions {
@@ -238,24 +290,25 @@ fn damaged_dataset(dir: &Path) -> PathBuf {
         },
     )
     .unwrap();
-    for i in 0..20 {
-        writer
-            .write(
-                &shards::Sample::new(format!("k{i:02}"))
-                    .with("bin", vec![7u8; 600])
-                    .with("cls", "1"),
-            )
-            .unwrap();
+    for sample in shards::ShardReader::open(&source, shards::OnError::Fail, &skips)
+        .unwrap()
+        .take(20)
+    {
+        writer.write(&sample.unwrap()).unwrap();
     }
     let paths = writer.close().unwrap();
+    // Cut the second shard in half.
     let bytes = std::fs::read(&paths[1]).unwrap();
     std::fs::write(&paths[1], &bytes[..bytes.len() / 2]).unwrap();
     let config = dir.join("c.yaml");
-    std::fs::write(
-        &config,
-        "seed: 1\ndata:\n  train: ['d-{000000..000002}.tar']\n  lanes: 2\n  shuffle_buffer: 4\n",
-    )
-    .unwrap();
+    let base = std::fs::read_to_string(repo().join("configs/pretrain.yaml")).unwrap();
+    let config_text = base
+        .replace(
+            "'../shards/data/fashion-mnist/train-{000000..000007}.tar.zst'",
+            "'d-{000000..000002}.tar'",
+        )
+        .replace("lanes: 4", "lanes: 1");
+    std::fs::write(&config, config_text).unwrap();
     config
 }
 
@@ -263,22 +316,48 @@ fn damaged_dataset(dir: &Path) -> PathBuf {
 fn run_skips_bad_input_with_counts_or_fails_naming_shard_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = damaged_dataset(dir.path());
-    let out = pipeline().arg("run").arg(&config).output().unwrap();
+    let run_dir = dir.path().join("run");
+    let quick = QUICK.iter().skip(4); // keep the damaged data and its single lane
+    let out = pipeline()
+        .arg("run")
+        .arg(&config)
+        .args(quick.clone())
+        .args(["--set", "train.batch_size=2", "--set"])
+        .arg(format!("run.dir={}", run_dir.display()))
+        .output()
+        .unwrap();
     let stdout = ok(out);
-    // Shard 0: 10 good. Shard 1 cut in half: 4 complete samples read, the 5th counted. Shard 2: missing.
-    assert!(stdout.contains("epoch 0: 14 samples"), "{stdout}");
+    // Shard 0: 10 good. Shard 1, cut in half: its complete samples read, the
+    // one in progress counted. Shard 2: missing, counted.
     assert!(stdout.contains("skipped: 1 samples, 1 shards"), "{stdout}");
+    let readable = shards::ShardReader::open(
+        &dir.path().join("d-000001.tar"),
+        shards::OnError::Skip,
+        &shards::Skips::default(),
+    )
+    .unwrap()
+    .count() as u64;
+    assert!((1..10).contains(&readable));
+    let trained: u64 = stdout
+        .split("trained ")
+        .nth(1)
+        .and_then(|s| s.split(" batches").next())
+        .and_then(|n| n.parse().ok())
+        .expect("trained N batches");
+    assert_eq!(trained, (10 + readable) / 2, "{stdout}");
 
     let out = pipeline()
         .arg("run")
         .arg(&config)
-        .args(["--set", "data.on_error=fail"])
+        .args(quick)
+        .args(["--set", "train.batch_size=2", "--set", "data.on_error=fail", "--set"])
+        .arg(format!("run.dir={}", run_dir.display()))
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("d-000001.tar:k14:") || err.contains("d-000002.tar"),
+        err.contains("d-000001.tar:train-") || err.contains("d-000002.tar"),
         "{err}"
     );
 }

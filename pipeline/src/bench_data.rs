@@ -69,14 +69,20 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let figure = |name: &str, n: usize, f: &(dyn Fn(usize) + Sync)| {
         if want(name) {
-            let (images, secs) = measure(n, args.threads, args.seconds, f);
+            let (images, secs, cpu) = measure(n, args.threads, args.seconds, f);
             let rate = images as f64 / secs;
+            let per_cpu = if cpu > 0.0 {
+                (images as f64 / cpu).round()
+            } else {
+                f64::NAN
+            };
             println!(
                 "{}",
                 serde_json::json!({
                     "figure": name, "threads": args.threads, "images": images,
                     "seconds": (secs * 1000.0).round() / 1000.0,
                     "images_per_s": rate.round(), "per_thread": (rate / args.threads as f64).round(),
+                    "cpu_seconds": (cpu * 100.0).round() / 100.0, "images_per_cpu_s": per_cpu,
                     "size": size, "samples": n,
                 })
             );
@@ -151,14 +157,18 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
 }
 
 /// Run `f(i)` on `threads` threads, thread t taking i = t, t + T, ... (mod n),
-/// until `seconds` pass. Returns (calls, elapsed seconds).
-fn measure(n: usize, threads: usize, seconds: f64, f: &(dyn Fn(usize) + Sync)) -> (u64, f64) {
+/// until `seconds` pass. Returns (calls, elapsed seconds, CPU seconds of the
+/// threads). On a machine shared with other work, calls per CPU second is
+/// the per-core speed; calls per elapsed second is what this machine gave.
+fn measure(n: usize, threads: usize, seconds: f64, f: &(dyn Fn(usize) + Sync)) -> (u64, f64, f64) {
     let count = AtomicU64::new(0);
+    let cpu_ticks = AtomicU64::new(0);
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
-            let count = &count;
+            let (count, cpu_ticks) = (&count, &cpu_ticks);
             s.spawn(move || {
+                let ticks0 = thread_cpu_ticks();
                 let mut i = t;
                 let mut done = 0u64;
                 while start.elapsed().as_secs_f64() < seconds {
@@ -167,8 +177,24 @@ fn measure(n: usize, threads: usize, seconds: f64, f: &(dyn Fn(usize) + Sync)) -
                     done += 1;
                 }
                 count.fetch_add(done, Ordering::Relaxed);
+                cpu_ticks.fetch_add(thread_cpu_ticks().saturating_sub(ticks0), Ordering::Relaxed);
             });
         }
     });
-    (count.load(Ordering::Relaxed), start.elapsed().as_secs_f64())
+    // Linux reports thread times in USER_HZ ticks, 100 per second on x86-64.
+    let cpu = cpu_ticks.load(Ordering::Relaxed) as f64 / 100.0;
+    (count.load(Ordering::Relaxed), start.elapsed().as_secs_f64(), cpu)
+}
+
+/// User + system CPU ticks of the calling thread (`/proc/thread-self/stat`
+/// fields 14 and 15), 0 where that file is missing.
+fn thread_cpu_ticks() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
+        return 0;
+    };
+    // The command name may hold spaces: fields start after its closing ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
 }

@@ -30,6 +30,38 @@ pub struct RunConfig {
     /// The trainer.
     #[serde(default)]
     pub train: stages::train::TrainConfig,
+    /// Where the run writes, and the flow control.
+    #[serde(default)]
+    pub run: RunSection,
+    /// The role of each process (`data`, `train`, `all`).
+    #[serde(default)]
+    pub cluster: crate::placement::ClusterConfig,
+    /// The role whose workers run each stage.
+    #[serde(default)]
+    pub placement: crate::placement::PlacementConfig,
+}
+
+/// The `run:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// The run directory (checkpoints, metrics.jsonl); relative to the working
+    /// directory, as outputs usually are. Default: `runs/<config file stem>`.
+    pub dir: Option<PathBuf>,
+    /// Batches allowed between the lanes and the trainer (flow control).
+    pub window: u64,
+    /// Per-stage rates go to metrics.jsonl every this many batches.
+    pub log_every: u64,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            dir: None,
+            window: 4,
+            log_every: 20,
+        }
+    }
 }
 
 /// The `data:` section.
@@ -139,6 +171,25 @@ impl RunConfig {
         if self.data.lanes == 0 {
             bail!("data.lanes: must be at least 1");
         }
+        if self.run.window == 0 || self.run.log_every == 0 {
+            bail!("run.window and run.log_every must be at least 1");
+        }
+        self.stages.validate().map_err(|e| anyhow::anyhow!("stages: {e}"))?;
+        self.model.validate().map_err(|e| anyhow::anyhow!("model: {e}"))?;
+        self.train.validate().map_err(|e| anyhow::anyhow!("train: {e}"))?;
+        let backbone = &self.model.backbone;
+        if backbone.in_chans != 3 {
+            bail!("model.backbone.in_chans is {}, but the data stages give RGB (grey images as three equal channels): set it to 3", backbone.in_chans);
+        }
+        if backbone.img_size != self.stages.augment.size || backbone.patch_size != self.stages.patch {
+            bail!(
+                "model.backbone takes {} px images in {} px patches, but stages.augment.size is {} and stages.patch {}",
+                backbone.img_size,
+                backbone.patch_size,
+                self.stages.augment.size,
+                self.stages.patch
+            );
+        }
         Ok(())
     }
 
@@ -146,18 +197,13 @@ impl RunConfig {
     pub fn train_shards(&self) -> anyhow::Result<Vec<PathBuf>> {
         shards::expand(&self.data.train).context("data.train")
     }
-
-    /// Test shards, expanded.
-    pub fn test_shards(&self) -> anyhow::Result<Vec<PathBuf>> {
-        shards::expand(&self.data.test).context("data.test")
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "seed: 3\ndata:\n  train: ['s-{0..1}.tar']\n";
+    const MINIMAL: &str = "seed: 3\ndata:\n  train: ['s-{0..1}.tar']\nstages: {patch: 4, augment: {size: 28}}\nmodel: {backbone: {in_chans: 3}, target_dim: 108}\n";
 
     #[test]
     fn minimal_config_gets_defaults_and_resolved_paths() {

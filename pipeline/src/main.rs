@@ -5,9 +5,16 @@
 
 mod bench_data;
 mod config;
+mod graph;
+mod metrics;
+mod placement;
+mod plan;
+mod record;
 mod run;
 mod shards_cmd;
+mod sink;
 mod stages_dump;
+mod trainer;
 
 use std::process::ExitCode;
 
@@ -23,7 +30,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a config: stream the data path over the training shards (the trainer comes later).
+    /// Pre-train: shards -> data stages -> trainer, as a timely dataflow.
     Run(run::RunArgs),
     /// Make and check WebDataset shards.
     Shards {

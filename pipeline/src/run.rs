@@ -1,103 +1,308 @@
-//! `pipeline run CONFIG`: for now, stream one epoch of the data path.
+//! `pipeline run CONFIG`: pre-train through the dataflow.
 //!
-//! Until the trainer and the timely graph exist (later issues), `run` reads
-//! every lane of epoch 0 through its shuffle buffer, one thread per lane, and
-//! prints a summary: samples, bytes, classes, skipped input, samples/s.
+//! Sets up what the graph needs (the plan, the placement, the run directory,
+//! the trainer thread), starts timely (one process, or a cluster with
+//! `--processes N --process I --hostfile FILE`), and reports.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
-use shards::{plan_epoch, LaneReader, Skips};
+use shards::Skips;
 
-use crate::config;
+use crate::config::{self, RunConfig};
+use crate::graph::{run_worker, GraphContext};
+use crate::metrics::Counters;
+use crate::placement::Placement;
+use crate::plan::{count_samples, RunPlan};
+use crate::sink::SinkShape;
+use crate::trainer::{checkpoint_dir, make_trainer, train_loop, TrainerSetup};
 
 /// Arguments of `pipeline run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The run config (YAML), e.g. configs/pretrain.yaml.
     pub config: PathBuf,
-    /// Override config values: `--set data.lanes=8`.
+    /// Override config values: `--set train.epochs=5`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Worker threads per process.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    pub workers: usize,
+    /// Processes in the cluster.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub processes: usize,
+    /// This process's index (0-based).
+    #[arg(long, short = 'p', default_value_t = 0)]
+    pub process: usize,
+    /// One `host:port` per line, a line per process.
+    #[arg(long, short = 'H')]
+    pub hostfile: Option<PathBuf>,
+    /// Stop cleanly after this many epochs (checkpoint written), as if the run
+    /// had been cut there; `--resume` continues it.
+    #[arg(long, value_name = "EPOCHS")]
+    pub stop_after_epochs: Option<usize>,
 }
 
-/// What one lane read.
-#[derive(Debug, Default)]
-struct LaneTally {
-    samples: u64,
-    bytes: u64,
-    per_class: Vec<u64>,
+fn run_dir(cfg: &RunConfig, args: &RunArgs) -> PathBuf {
+    if let Some(dir) = &args.resume {
+        return dir.clone();
+    }
+    cfg.run.dir.clone().unwrap_or_else(|| {
+        let stem = args
+            .config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+        PathBuf::from("runs").join(stem)
+    })
+}
+
+fn timely_config(args: &RunArgs) -> anyhow::Result<timely::Config> {
+    if args.workers == 0 || args.processes == 0 || args.process >= args.processes {
+        bail!("--workers and --processes must be positive and --process below --processes");
+    }
+    if args.processes == 1 {
+        return Ok(timely::Config::process(args.workers));
+    }
+    let hostfile = args
+        .hostfile
+        .as_ref()
+        .context("--processes > 1 needs --hostfile (one host:port per process)")?;
+    let text = std::fs::read_to_string(hostfile).with_context(|| format!("reading {}", hostfile.display()))?;
+    let addresses: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if addresses.len() != args.processes {
+        bail!(
+            "{}: {} addresses for {} processes",
+            hostfile.display(),
+            addresses.len(),
+            args.processes
+        );
+    }
+    Ok(timely::Config {
+        communication: timely::CommunicationConfig::Cluster {
+            threads: args.workers,
+            process: args.process,
+            addresses,
+            report: false,
+            zerocopy: false,
+        },
+        worker: timely::WorkerConfig::default(),
+    })
+}
+
+/// When a process of the cluster dies, timely's network threads panic
+/// ("timely communication error: ... socket closed") and the panic cascades
+/// through the workers. Turn the first such panic into one clear message and
+/// a non-zero exit, at once, rather than a page of backtraces or a hang.
+fn exit_on_lost_peer(process: usize) {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("timely communication error") || message.contains("MergeQueue poisoned") {
+            eprintln!(
+                "error: process {process} lost its connection to the cluster ({message}): another process stopped or died.\n\
+                 Rerun every process with --resume RUN_DIR to continue from the last checkpoint."
+            );
+            std::process::exit(2);
+        }
+        default_hook(info);
+    }));
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let cfg = config::load(&args.config, &args.set)?;
-    eprintln!("resolved config:\n{}", serde_norway::to_string(&cfg)?);
-    let shard_paths = cfg.train_shards()?;
-    let plan = plan_epoch(&shard_paths, cfg.seed, 0, cfg.data.lanes);
+    if args.processes > 1 {
+        exit_on_lost_peer(args.process);
+    }
+    let placement = Placement::resolve(&cfg.cluster, &cfg.placement, args.processes, args.workers)?;
+    let trains = placement.trains(args.process, args.workers);
+    let timely_config = timely_config(args)?;
+
     let skips = Skips::default();
-    let progress = indicatif::ProgressBar::new_spinner().with_message("reading lanes");
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    let counter = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let tallies: Vec<LaneTally> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..cfg.data.lanes)
-            .map(|lane| {
-                let (plan, skips, counter, progress) = (&plan, &skips, counter.clone(), progress.clone());
-                let (seed, buffer, policy) = (cfg.seed, cfg.data.shuffle_buffer, cfg.data.on_error);
-                scope.spawn(move || -> anyhow::Result<LaneTally> {
-                    let mut tally = LaneTally::default();
-                    for record in LaneReader::new(plan, lane, seed, 0, buffer, policy, skips) {
-                        let record = record.with_context(|| format!("lane {lane}"))?;
-                        tally.samples += 1;
-                        tally.bytes += record.sample.bytes() as u64;
-                        if let Some(class) = record.sample.class_index().and_then(|c| usize::try_from(c).ok()) {
-                            if tally.per_class.len() <= class {
-                                tally.per_class.resize(class + 1, 0);
-                            }
-                            tally.per_class[class] += 1;
-                        }
-                        let total = counter.fetch_add(1, Ordering::Relaxed) + 1;
-                        if total % 256 == 0 {
-                            progress.set_message(format!("{total} samples"));
-                        }
-                    }
-                    Ok(tally)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a lane thread panicked"))?)
-            .collect::<anyhow::Result<Vec<_>>>()
-    })?;
-    progress.finish_and_clear();
-    let seconds = start.elapsed().as_secs_f64();
-    let samples: u64 = tallies.iter().map(|t| t.samples).sum();
-    let bytes: u64 = tallies.iter().map(|t| t.bytes).sum();
-    let mut per_class = Vec::<u64>::new();
-    for tally in &tallies {
-        per_class.resize(per_class.len().max(tally.per_class.len()), 0);
-        for (class, count) in tally.per_class.iter().enumerate() {
-            per_class[class] += count;
+    let shard_paths = cfg.train_shards()?;
+    // Bad input found while counting is reported when the lanes read it.
+    let counts = count_samples(&shard_paths, cfg.data.on_error, &Skips::quiet())?;
+    let micro_batch = cfg.train.batch_size / cfg.train.accum_iter;
+    let plan = RunPlan::new(
+        shard_paths,
+        &counts,
+        cfg.seed,
+        cfg.train.epochs,
+        cfg.data.lanes,
+        micro_batch,
+    )?;
+    tracing::info!(
+        "{} shards, {} samples; {} epochs of {:?} batches of {micro_batch} ({} lanes x {}); lr {:.3e}",
+        counts.len(),
+        counts.iter().sum::<u64>(),
+        cfg.train.epochs,
+        plan.batches,
+        plan.lanes,
+        plan.per_lane,
+        cfg.train.peak_lr()
+    );
+
+    let counters = Arc::new(Counters::default());
+    let run_dir = run_dir(&cfg, args);
+    let (sender, trainer_thread) = if trains {
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        std::fs::write(run_dir.join("config.yaml"), serde_norway::to_string(&cfg)?)
+            .with_context(|| format!("writing {}", run_dir.display()))?;
+        let setup = TrainerSetup {
+            model: cfg.model.clone(),
+            train: cfg.train.clone(),
+            seed: cfg.seed,
+            plan: plan.clone(),
+            run_dir: run_dir.clone(),
+            resume: args.resume.as_ref().map(|d| checkpoint_dir(d)),
+            log_every: cfg.run.log_every,
+            counters: counters.clone(),
+            workers: args.workers,
+        };
+        let (trainer, start) = make_trainer(&setup)?;
+        // One batch waits in the channel while the trainer works on the next.
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("trainer".into())
+            .spawn(move || train_loop(setup, trainer, start, rx))
+            .context("starting the trainer thread")?;
+        (Some(tx), Some((thread, start)))
+    } else {
+        (None, None)
+    };
+    let start_batch = match (&trainer_thread, &args.resume) {
+        (Some((_, start)), _) => *start,
+        (None, Some(dir)) => resume_position(dir)?,
+        (None, None) => 0,
+    };
+    let stop_batch = match args.stop_after_epochs {
+        Some(e) => plan.offsets[e.min(plan.batches.len())],
+        None => plan.total_batches(),
+    };
+    if start_batch >= stop_batch {
+        tracing::warn!(
+            "the run is already complete ({start_batch} of {} batches)",
+            plan.total_batches()
+        );
+    }
+
+    let ctx = Arc::new(GraphContext {
+        stages: cfg.stages.clone(),
+        seed: cfg.seed,
+        policy: cfg.data.on_error,
+        shuffle_buffer: cfg.data.shuffle_buffer,
+        plan: plan.clone(),
+        placement: placement.clone(),
+        window: cfg.run.window,
+        start_batch,
+        stop_batch,
+        sink_shape: SinkShape {
+            size: cfg.stages.augment.size,
+            num_patches: (cfg.stages.augment.size / cfg.stages.patch).pow(2),
+        },
+        skips: skips.clone(),
+        counters: counters.clone(),
+        failure: Default::default(),
+    });
+    let started = Instant::now();
+    let sink_worker = placement.sink_worker;
+    let worker_sender = sender.clone();
+    let guards = timely::execute(timely_config, move |worker| {
+        let to_trainer = if worker.index() == sink_worker {
+            worker_sender.clone()
+        } else {
+            None
+        };
+        run_worker(worker, ctx.clone(), to_trainer)
+    })
+    .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?;
+    let worker_results: Vec<_> = guards.join();
+    drop(sender);
+    let trained = match trainer_thread {
+        Some((thread, _)) => Some(
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the trainer thread panicked"))?,
+        ),
+        None => None,
+    };
+    // The trainer's own error explains a worker's "the trainer stopped".
+    let summary = match trained {
+        Some(result) => Some(result?),
+        None => None,
+    };
+    for (i, result) in worker_results.into_iter().enumerate() {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.context(format!("worker {i} of process {}", args.process))),
+            Err(e) => bail!(
+                "worker {i} of process {} stopped: {e}{}",
+                args.process,
+                if args.processes > 1 {
+                    "\n(a process of the cluster is gone: rerun every process with --resume RUN_DIR)"
+                } else {
+                    ""
+                }
+            ),
         }
     }
-    println!(
-        "epoch 0: {samples} samples, {bytes} bytes from {} shards in {} lanes",
-        shard_paths.len(),
-        cfg.data.lanes
-    );
-    println!("per lane: {:?}", tallies.iter().map(|t| t.samples).collect::<Vec<_>>());
-    println!("per class: {per_class:?}");
+    let seconds = started.elapsed().as_secs_f64();
+    let workers = args.workers;
+    for r in crate::metrics::rates(&Default::default(), &counters.snapshot(), seconds, workers) {
+        tracing::info!(
+            "stage {:8} {:8.0} records/s, busy {:5.1}% of {workers} worker(s)",
+            r.stage,
+            r.records_per_s,
+            r.busy * 100.0
+        );
+    }
     println!(
         "skipped: {} samples, {} shards {:?}",
         skips.total(),
         skips.shards(),
         skips.by_reason()
     );
-    println!("{:.0} samples/s ({seconds:.2} s)", samples as f64 / seconds.max(1e-9));
+    if let Some(summary) = summary {
+        println!(
+            "trained {} batches ({} samples) in {seconds:.1} s: {:.0} samples/s, loss {:.4} -> {:.4}, data wait {:.0}%",
+            summary.batches,
+            summary.samples,
+            summary.samples as f64 / seconds.max(1e-9),
+            summary.first_loss.unwrap_or(f64::NAN),
+            summary.last_loss.unwrap_or(f64::NAN),
+            summary.data_wait * 100.0
+        );
+        println!("run directory: {}", run_dir.display());
+        std::fs::write(run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    } else {
+        println!("data process {} done in {seconds:.1} s", args.process);
+    }
     Ok(())
+}
+
+/// A data process resuming reads where the trainer will continue from the checkpoint's state.
+fn resume_position(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let path = checkpoint_dir(dir).join(stages::train::checkpoint::STATE_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let state: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    state["data_position"]
+        .as_u64()
+        .with_context(|| format!("{}: no data_position", path.display()))
 }

@@ -131,6 +131,61 @@ fn write_example(dir: &Path, ex: &stages::sample::Example) -> anyhow::Result<()>
 mod tests {
     use super::*;
 
+    /// Dump two photos and check each file against the chain run directly
+    /// (shapes, values, view record), reading the .npy back with our reader.
+    #[test]
+    fn dump_writes_what_the_chain_computes() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = stages::npy::shared_dir().join("data/photos-000000.tar");
+        let config = dir.path().join("run.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "seed: 3\ndata:\n  train: ['{}']\nstages:\n  augment: {{size: 64}}\n  smooth: {{sigma: 2.0}}\n  targets: {{kinds: [pixel, hog]}}\nmodel:\n  backbone: {{img_size: 64, patch_size: 16, in_chans: 3}}\n",
+                shard.display()
+            ),
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        let args = DumpArgs {
+            config: config.clone(),
+            set: vec!["stages.mask.ratio=0.5".into()],
+            shards: vec![],
+            limit: 2,
+            epoch: 1,
+            out: out.clone(),
+        };
+        run(&args).unwrap();
+        let cfg = crate::config::load(&config, &args.set).unwrap();
+        let skips = shards::Skips::default();
+        let raws: Vec<_> = shards::ShardReader::open(&shard, shards::OnError::Fail, &skips)
+            .unwrap()
+            .take(3)
+            .map(|r| r.unwrap())
+            .collect();
+        for raw in &raws[..2] {
+            let ex = stages::chain::process(&cfg.stages, raw, 3, 1).unwrap();
+            let stem = out.join(file_stem(&raw.key));
+            let read = |ext: &str| npy::read(&stem.with_extension(ext)).unwrap();
+            let image = read("image.npy");
+            assert_eq!(image.shape, vec![3, 64, 64]);
+            assert_eq!(image.to_f32(), ex.image);
+            let mask = read("mask.npy");
+            assert_eq!(mask.shape, vec![16]);
+            assert_eq!(mask.data.iter().filter(|&&m| m == 0.0).count(), 8);
+            assert_eq!(read("smooth.npy").to_f32(), ex.smooth);
+            assert_eq!(read("target.pixel.npy").shape, vec![16, 768]);
+            assert_eq!(read("target.hog.npy").shape, vec![16, 108]);
+            let view: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(stem.with_extension("view.json")).unwrap()).unwrap();
+            assert_eq!(view["flip"], ex.view.flip);
+            assert_eq!(view["crop"]["width"], ex.view.crop.width);
+            assert_eq!(view["source_width"], ex.view.source_width);
+        }
+        // --limit 2: the third sample is not there.
+        assert!(!out.join(format!("{}.image.npy", file_stem(&raws[2].key))).exists());
+    }
+
     #[test]
     fn keys_become_safe_file_names() {
         assert_eq!(file_stem("n01/img 3"), "n01_img_3");

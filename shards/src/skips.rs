@@ -40,6 +40,8 @@ const KEEP_RECORDS: usize = 1000;
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Counting only: a pre-pass (sample counts) must not log every bad sample twice.
+    quiet: bool,
     samples: u64,
     shards: u64,
     by_reason: BTreeMap<String, u64>,
@@ -56,12 +58,22 @@ impl Skips {
         f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// A counter that counts without logging, for passes that read the data twice.
+    pub fn quiet() -> Skips {
+        Skips(Arc::new(Mutex::new(Inner {
+            quiet: true,
+            ..Default::default()
+        })))
+    }
+
     /// Count and log one skipped sample. `reason` starts with a short kind
     /// (`truncated tar`, `zero-length member`, ...), used for the per-reason
     /// counts: everything before the first `:`.
     pub fn record(&self, shard: &str, key: &str, reason: &str) {
-        tracing::warn!("{shard}:{key}: {reason} (skipped)");
         self.with(|inner| {
+            if !inner.quiet {
+                tracing::warn!("{shard}:{key}: {reason} (skipped)");
+            }
             inner.samples += 1;
             *inner.by_reason.entry(reason_kind(reason)).or_default() += 1;
             if inner.records.len() < KEEP_RECORDS {
@@ -76,8 +88,10 @@ impl Skips {
 
     /// Count and log a whole shard that could not be read at all.
     pub fn record_shard(&self, shard: &str, reason: &str) {
-        tracing::warn!("{shard}: {reason} (shard skipped)");
         self.with(|inner| {
+            if !inner.quiet {
+                tracing::warn!("{shard}: {reason} (shard skipped)");
+            }
             inner.shards += 1;
             *inner.by_reason.entry(reason_kind(reason)).or_default() += 1;
             if inner.records.len() < KEEP_RECORDS {

@@ -470,6 +470,23 @@ mod tests {
         !crc
     }
 
+    /// A CMYK JPEG (Adobe APP14, inverted, as Pillow and Photoshop write it;
+    /// made by `stages/tests/data/make_fixtures.py`): solid quadrants whose
+    /// RGB is the same under every CMYK convention.
+    #[test]
+    fn cmyk_jpeg_converts_to_rgb() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/cmyk.jpg");
+        let bytes = std::fs::read(path).unwrap();
+        let img = decode(&Config::default(), &bytes).unwrap();
+        assert_eq!((img.width, img.height), (32, 32));
+        for ((x, y), want) in [((4, 4), [255, 255, 255]), ((20, 4), [255, 0, 0]), ((4, 20), [0, 0, 255]), ((20, 20), [0, 0, 0])] {
+            for c in 0..3 {
+                let got = img.at(x, y, c) as i32;
+                assert!((got - want[c]).abs() <= 8, "({x},{y}) channel {c}: {got} vs {}", want[c]);
+            }
+        }
+    }
+
     #[test]
     fn sample_without_image_is_an_error() {
         let s = shards::Sample::new("k").with("cls", b"3".to_vec());

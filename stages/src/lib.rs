@@ -14,6 +14,7 @@ pub mod mask;
 pub mod model;
 pub mod npy;
 pub mod sample;
+mod simd;
 pub mod smooth;
 pub mod targets;
 pub mod train;

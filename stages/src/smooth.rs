@@ -24,6 +24,7 @@
 //! so this stage may equally be run on pixels before normalizing.
 
 use crate::sample::StageError;
+use crate::simd::multiversion;
 use serde::{Deserialize, Serialize};
 
 /// `stages.smooth` config.
@@ -156,9 +157,17 @@ pub fn blur_fast(
     let radius = (3.0 * sigma).ceil() as usize;
     let plane = height * width;
     let mut out = vec![0f32; image.len()];
-    let mut t = vec![0f32; plane];
-    let mut u = vec![0f32; plane];
-    let mut scratch = Vec::new();
+    // Temporaries live in per-thread buffers: allocating ~1 MB afresh per
+    // image made the allocator hand pages back to the kernel and fault them
+    // in again (a fifth of the chain's time in `pipeline bench data`).
+    // They carry no state between calls: every element is written before read.
+    thread_local! {
+        static BUFFERS: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = Default::default();
+    }
+    let mut bufs = BUFFERS.with(|b| b.take());
+    let (t, u, scratch) = (&mut bufs.0, &mut bufs.1, &mut bufs.2);
+    t.resize(plane, 0.0);
+    u.resize(plane, 0.0);
     let iir = if radius > FIR_MAX_RADIUS {
         Some(Deriche::new(sigma))
     } else {
@@ -173,36 +182,99 @@ pub fn blur_fast(
         let dst = &mut out[c * plane..(c + 1) * plane];
         // Along y on the plane, transpose, along y again (= along x), transpose back.
         match &iir {
-            Some(d) => d.columns(src, &mut u, height, width, &mut scratch),
-            None => fir_columns(src, &mut u, height, width, &kernel),
+            Some(d) => d.columns(src, u, height, width, scratch),
+            None => fir_columns(src, u, height, width, &kernel),
         }
-        transpose(&u, &mut t, height, width);
+        transpose(u, t, height, width);
         match &iir {
-            Some(d) => d.columns(&t, &mut u, width, height, &mut scratch),
-            None => fir_columns(&t, &mut u, width, height, &kernel),
+            Some(d) => d.columns(t, u, width, height, scratch),
+            None => fir_columns(t, u, width, height, &kernel),
         }
-        transpose(&u, dst, width, height);
+        transpose(u, dst, width, height);
     }
+    BUFFERS.with(|b| b.replace(bufs));
     out
 }
 
-/// `dst (w x h) = src (h x w)` transposed, in cache-friendly blocks.
+/// `dst (w x h) = src (h x w)` transposed: 8 x 8 blocks in AVX registers
+/// where the CPU has AVX, the scalar loop elsewhere and for the edges.
 fn transpose(src: &[f32], dst: &mut [f32], h: usize, w: usize) {
-    const B: usize = 16;
-    for y0 in (0..h).step_by(B) {
-        for x0 in (0..w).step_by(B) {
-            for y in y0..(y0 + B).min(h) {
-                for x in x0..(x0 + B).min(w) {
-                    dst[x * h + y] = src[y * w + x];
+    let (src, dst) = (&src[..h * w], &mut dst[..h * w]);
+    let (h8, w8) = (h / 8 * 8, w / 8 * 8);
+    #[cfg(target_arch = "x86_64")]
+    let done = if std::is_x86_feature_detected!("avx") {
+        // SAFETY: AVX is present (checked above); every block read and write
+        // is inside the slices, whose lengths are h * w (see transpose8x8_avx).
+        unsafe { transpose_blocks_avx(src, dst, h, w) };
+        true
+    } else {
+        false
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    let (bh, bw) = if done { (h8, w8) } else { (0, 0) };
+    // Whatever the blocks did not cover: columns >= bw of all rows, and rows
+    // >= bh of the first bw columns.
+    for y in 0..h {
+        let x0 = if y < bh { bw } else { 0 };
+        for x in x0..w {
+            dst[x * h + y] = src[y * w + x];
+        }
+    }
+}
+
+/// All full 8 x 8 blocks of an h x w transpose.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_blocks_avx(src: &[f32], dst: &mut [f32], h: usize, w: usize) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= h * w && dst.len() >= h * w);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for y0 in (0..h / 8 * 8).step_by(8) {
+        for x0 in (0..w / 8 * 8).step_by(8) {
+            // SAFETY: rows y0..y0+8 and columns x0..x0+8 are inside h x w,
+            // and the transposed block inside w x h (asserted lengths).
+            unsafe {
+                let r = |i: usize| _mm256_loadu_ps(sp.add((y0 + i) * w + x0));
+                let (r0, r1, r2, r3, r4, r5, r6, r7) = (r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7));
+                let t0 = _mm256_unpacklo_ps(r0, r1);
+                let t1 = _mm256_unpackhi_ps(r0, r1);
+                let t2 = _mm256_unpacklo_ps(r2, r3);
+                let t3 = _mm256_unpackhi_ps(r2, r3);
+                let t4 = _mm256_unpacklo_ps(r4, r5);
+                let t5 = _mm256_unpackhi_ps(r4, r5);
+                let t6 = _mm256_unpacklo_ps(r6, r7);
+                let t7 = _mm256_unpackhi_ps(r6, r7);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let out = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (i, v) in out.into_iter().enumerate() {
+                    _mm256_storeu_ps(dp.add((x0 + i) * h + y0), v);
                 }
             }
         }
     }
 }
 
+multiversion! {
 /// FIR along y: each output row is a weighted sum of whole input rows
 /// (contiguous inner loops), folded around the center tap.
-fn fir_columns(src: &[f32], dst: &mut [f32], h: usize, w: usize, kernel: &[f32]) {
+fn fir_columns / fir_columns_scalar(src: &[f32], dst: &mut [f32], h: usize, w: usize, kernel: &[f32]) {
     let r = kernel.len() / 2;
     for y in 0..h {
         let out = &mut dst[y * w..(y + 1) * w];
@@ -220,6 +292,7 @@ fn fir_columns(src: &[f32], dst: &mut [f32], h: usize, w: usize, kernel: &[f32])
             }
         }
     }
+}
 }
 
 /// Deriche's 4th-order recursive approximation of the Gaussian (Deriche 1993,
@@ -321,97 +394,105 @@ impl Deriche {
                 anti[4].0 / gain,
             ],
             den: [den[1].0, den[2].0, den[3].0, den[4].0],
-            // The slowest pole decays as e^{-1.723 n / sigma}; after 6 sigma
-            // a start-up transient is down to 3e-5 of its size.
-            pad: (6.0 * sigma).ceil() as usize,
+            // The slowest pole decays as e^{-1.723 n / sigma}; after 4 sigma
+            // a start-up transient is down to 1e-3 of its size (and it starts
+            // small: the steady state of the nearest row).
+            pad: (4.0 * sigma).ceil() as usize,
         }
     }
 
-    /// Filter along y: `src` and `dst` are h x w; rows are processed as
-    /// vectors so the recursion runs across w columns at once.
+    /// Filter along y: `src` and `dst` are h x w (see [`deriche_columns`]).
     fn columns(&self, src: &[f32], dst: &mut [f32], h: usize, w: usize, scratch: &mut Vec<f32>) {
-        let pad = self.pad;
-        let len = h + 2 * pad;
-        let row = |n: usize| -> &[f32] {
-            let y = reflect(n as i64 - pad as i64, h);
-            &src[y * w..(y + 1) * w]
-        };
-        let [n0, n1, n2, n3] = self.causal.map(|v| v as f32);
-        let [m1, m2, m3, m4] = self.anti.map(|v| v as f32);
-        let [d1, d2, d3, d4] = self.den.map(|v| v as f32);
-        // State rows: y[n-1..n-4] and x[n-1..n-3] (causal); in the buffer
-        // `scratch` as 7 rows of w, started at steady state for a constant
-        // signal equal to the first extended row (transient then decays).
-        scratch.clear();
-        scratch.resize(8 * w, 0.0);
-        let (ys, xs) = scratch.split_at_mut(4 * w);
-        let dsum = 1.0 + d1 + d2 + d3 + d4;
-        let first = row(0);
-        let gc = (n0 + n1 + n2 + n3) / dsum;
-        for i in 0..4 {
-            for (s, &x) in ys[i * w..(i + 1) * w].iter_mut().zip(first) {
-                *s = gc * x;
-            }
-        }
-        for i in 0..3 {
-            xs[i * w..(i + 1) * w].copy_from_slice(first);
-        }
-        // ys rows are a ring indexed by n % 4, xs by n % 3 (oldest first).
-        for n in 0..len {
-            let x0 = row(n);
-            let (i1, i2, i3, i4) = ((n + 3) % 4, (n + 2) % 4, (n + 1) % 4, n % 4);
-            let (j1, j2, j3) = ((n + 2) % 3, (n + 1) % 3, n % 3);
-            for c in 0..w {
-                let y =
-                    n0 * x0[c] + n1 * xs[j1 * w + c] + n2 * xs[j2 * w + c] + n3 * xs[j3 * w + c]
-                        - d1 * ys[i1 * w + c]
-                        - d2 * ys[i2 * w + c]
-                        - d3 * ys[i3 * w + c]
-                        - d4 * ys[i4 * w + c];
-                // Slot i4 held y[n-4]; it now holds y[n] (oldest out).
-                ys[i4 * w + c] = y;
-            }
-            // x[n] replaces x[n-3].
-            xs[j3 * w..(j3 + 1) * w].copy_from_slice(x0);
-            if n >= pad && n < pad + h {
-                dst[(n - pad) * w..(n - pad + 1) * w].copy_from_slice(&ys[i4 * w..(i4 + 1) * w]);
-            }
-        }
-        // Anticausal: y[n] = m1 x[n+1] + .. + m4 x[n+4] - d1 y[n+1] - ...
-        let last = row(len - 1);
-        let ga = (m1 + m2 + m3 + m4) / dsum;
-        for i in 0..4 {
-            for (s, &x) in ys[i * w..(i + 1) * w].iter_mut().zip(last) {
-                *s = ga * x;
-            }
-        }
-        let mut xa = vec![0f32; 4 * w];
-        for i in 0..4 {
-            xa[i * w..(i + 1) * w].copy_from_slice(last);
-        }
-        for (t, n) in (0..len).rev().enumerate() {
-            let (i1, i2, i3, i4) = ((t + 3) % 4, (t + 2) % 4, (t + 1) % 4, t % 4);
-            for c in 0..w {
-                let y = m1 * xa[i1 * w + c]
-                    + m2 * xa[i2 * w + c]
-                    + m3 * xa[i3 * w + c]
-                    + m4 * xa[i4 * w + c]
-                    - d1 * ys[i1 * w + c]
-                    - d2 * ys[i2 * w + c]
-                    - d3 * ys[i3 * w + c]
-                    - d4 * ys[i4 * w + c];
-                ys[i4 * w + c] = y;
-            }
-            if n >= pad && n < pad + h {
-                let o = &mut dst[(n - pad) * w..(n - pad + 1) * w];
-                for (d, &y) in o.iter_mut().zip(&ys[i4 * w..(i4 + 1) * w]) {
-                    *d += y;
-                }
-            }
-            // x[n] becomes the newest "x[n+1]" for the next (smaller) n.
-            xa[i4 * w..(i4 + 1) * w].copy_from_slice(row(n));
+        deriche_columns(self, src, dst, h, w, scratch)
+    }
+}
+
+multiversion! {
+/// Deriche along y, vectorized across the w columns: the causal and
+/// anticausal recursions run over the signal extended by `pad` reflected rows
+/// on each side, each started at the steady state of a constant signal equal
+/// to its first row (the start-up transient then decays within the pad).
+/// `scratch` holds the two recursions' rows, `(len + 4)` rows of w each.
+fn deriche_columns / deriche_columns_scalar(
+    d: &Deriche,
+    src: &[f32],
+    dst: &mut [f32],
+    h: usize,
+    w: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let pad = d.pad;
+    let len = h + 2 * pad;
+    // Row n of the extended signal (n may run past both ends: clamp to the
+    // constant extension used by the steady-state start).
+    let row = |n: isize| -> &[f32] {
+        let n = n.clamp(0, len as isize - 1);
+        let y = reflect(n as i64 - pad as i64, h);
+        &src[y * w..(y + 1) * w]
+    };
+    let [n0, n1, n2, n3] = d.causal.map(|v| v as f32);
+    let [m1, m2, m3, m4] = d.anti.map(|v| v as f32);
+    let [d1, d2, d3, d4] = d.den.map(|v| v as f32);
+    let dsum = 1.0 + d1 + d2 + d3 + d4;
+    // No clearing: every row of both recursions is written before it is read.
+    scratch.resize(2 * (len + 4) * w, 0.0);
+    let (yc, ya) = scratch.split_at_mut((len + 4) * w);
+    // Causal: yc row k + 4 is y[k]; rows 0..4 are the steady state.
+    let gc = (n0 + n1 + n2 + n3) / dsum;
+    for k in 0..4 {
+        for (o, &x) in yc[k * w..(k + 1) * w].iter_mut().zip(row(0)) {
+            *o = gc * x;
         }
     }
+    for k in 0..len {
+        let k1 = k as isize;
+        // Every slice cut to exactly w: no bounds checks in the loop.
+        let (x0, x1, x2, x3) = (&row(k1)[..w], &row(k1 - 1)[..w], &row(k1 - 2)[..w], &row(k1 - 3)[..w]);
+        let (prev, cur) = yc.split_at_mut((k + 4) * w);
+        let out = &mut cur[..w];
+        let y4 = &prev[k * w..][..w];
+        let y3 = &prev[(k + 1) * w..][..w];
+        let y2 = &prev[(k + 2) * w..][..w];
+        let y1 = &prev[(k + 3) * w..][..w];
+        for i in 0..w {
+            out[i] = n0 * x0[i] + n1 * x1[i] + n2 * x2[i] + n3 * x3[i]
+                - d1 * y1[i]
+                - d2 * y2[i]
+                - d3 * y3[i]
+                - d4 * y4[i];
+        }
+    }
+    // Anticausal: ya row k is y[k]; rows len..len + 4 are the steady state.
+    let ga = (m1 + m2 + m3 + m4) / dsum;
+    for k in len..len + 4 {
+        for (o, &x) in ya[k * w..(k + 1) * w].iter_mut().zip(row(len as isize - 1)) {
+            *o = ga * x;
+        }
+    }
+    for k in (0..len).rev() {
+        let k1 = k as isize;
+        let (x1, x2, x3, x4) = (&row(k1 + 1)[..w], &row(k1 + 2)[..w], &row(k1 + 3)[..w], &row(k1 + 4)[..w]);
+        let (cur, next) = ya.split_at_mut((k + 1) * w);
+        let out = &mut cur[k * w..][..w];
+        let y1 = &next[..w];
+        let y2 = &next[w..][..w];
+        let y3 = &next[2 * w..][..w];
+        let y4 = &next[3 * w..][..w];
+        for i in 0..w {
+            out[i] = m1 * x1[i] + m2 * x2[i] + m3 * x3[i] + m4 * x4[i]
+                - d1 * y1[i]
+                - d2 * y2[i]
+                - d3 * y3[i]
+                - d4 * y4[i];
+        }
+    }
+    for y in 0..h {
+        let (c, a) = (&yc[(pad + y + 4) * w..(pad + y + 5) * w], &ya[(pad + y) * w..(pad + y + 1) * w]);
+        for ((o, &p), &q) in dst[y * w..(y + 1) * w].iter_mut().zip(c).zip(a) {
+            *o = p + q;
+        }
+    }
+}
 }
 
 #[cfg(test)]
@@ -476,6 +557,17 @@ mod tests {
                 worst = worst.max(max_abs(&got, &want.data[i * plane..(i + 1) * plane]));
             }
             println!("fast blur sigma {sigma}: max abs error {worst:.5} vs reference");
+            // The baseline build of the same loops gives the same bits.
+            let d = Deriche::new(sigma);
+            let img = &x[..224 * 224];
+            let (mut a, mut b) = (vec![0f32; 224 * 224], vec![0f32; 224 * 224]);
+            deriche_columns(&d, img, &mut a, 224, 224, &mut Vec::new());
+            deriche_columns_scalar(&d, img, &mut b, 224, 224, &mut Vec::new());
+            assert_eq!(a, b);
+            let k: Vec<f32> = gaussian_kernel(sigma).iter().map(|&v| v as f32).collect();
+            fir_columns(img, &mut a, 224, 224, &k);
+            fir_columns_scalar(img, &mut b, 224, 224, &k);
+            assert_eq!(a, b);
             assert!(worst < bound, "{name}: max abs error {worst}");
         }
     }
@@ -516,6 +608,22 @@ mod tests {
                 .map(|(x, y)| (x - y).abs())
                 .fold(0.0, f32::max);
             assert!(err < 0.03, "sigma {sigma}: {err}");
+        }
+    }
+
+    /// The AVX block transpose and its scalar edges against the definition,
+    /// on sizes with and without full 8 x 8 blocks.
+    #[test]
+    fn transpose_is_a_transpose() {
+        for (h, w) in [(224, 224), (13, 37), (8, 8), (7, 3), (16, 9)] {
+            let src: Vec<f32> = (0..h * w).map(|i| i as f32).collect();
+            let mut dst = vec![-1f32; h * w];
+            transpose(&src, &mut dst, h, w);
+            for y in 0..h {
+                for x in 0..w {
+                    assert_eq!(dst[x * h + y], src[y * w + x], "{h}x{w} at {y},{x}");
+                }
+            }
         }
     }
 

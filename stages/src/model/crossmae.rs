@@ -1,8 +1,8 @@
 //! CrossMAE: draw the masked patches, then predict targets from the drawing.
 //!
 //! Reads like MAE's `models_mae.py` (facebookresearch/mae): a constructor, one
-//! init function, and short `forward_draw` / `forward_backbone` /
-//! `forward_pred` / `forward_loss` methods. The steps follow DESIGN.md "The
+//! init function, short `forward_draw` / `forward_backbone` / `forward_pred`
+//! methods, the two losses `loss_draw` / `loss_pred`, and `forward` chaining them. The steps follow DESIGN.md "The
 //! CrossMAE model":
 //!
 //! 1. `x_p = patchify(x)`: (B, N, P*P*C); mask (B, N), **1 = removed**.
@@ -20,11 +20,11 @@
 //! its own `mask_token` in the removed positions, and `L = L_pred`.
 
 use super::draw_head::DrawHead;
-use super::patch::{mae_to_conv_order, patchify};
-use super::vit::{linear, patch_tokens, Vit, ZERO};
+use super::patch::{mae_to_conv_order, patchify, unpatchify};
+use super::vit::{linear, patch_tokens, Linear, Vit, ZERO};
 use super::{DrawMode, ModelConfig, PredOn, PredictorMode};
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use candle_nn::{Module, VarBuilder, VarMap};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -77,24 +77,14 @@ impl CrossMae {
         let backbone = Vit::new(&cfg.backbone, vb.pp("backbone"))?;
         let d = cfg.backbone.embed_dim;
         let (draw, mask_token) = match cfg.draw.mode {
-            DrawMode::None => (
-                None,
-                Some(vb.get_with_hints((1, 1, d), "mask_token", ZERO)?),
-            ),
+            DrawMode::None => (None, Some(vb.get_with_hints((1, 1, d), "mask_token", ZERO)?)),
             _ => (
-                Some(DrawHead::new(
-                    &cfg.draw,
-                    &cfg.backbone,
-                    cfg.noise,
-                    vb.pp("draw"),
-                )?),
+                Some(DrawHead::new(&cfg.draw, &cfg.backbone, cfg.noise, vb.pp("draw"))?),
                 None,
             ),
         };
         let predictor = match cfg.predictor {
-            PredictorMode::Linear => {
-                Some(linear(d, cfg.effective_target_dim(), vb.pp("predictor"))?)
-            }
+            PredictorMode::Linear => Some(linear(d, cfg.effective_target_dim(), vb.pp("predictor"))?),
             PredictorMode::None => None,
         };
         Ok(Self {
@@ -125,6 +115,16 @@ impl CrossMae {
         };
         let (p, c) = (self.cfg.backbone.patch_size, self.cfg.backbone.in_chans);
         head.forward(&mae_to_conv_order(x_p, p, c)?, mask, z)
+    }
+
+    /// The drawing as an image, for viewing (the paper's Figure 3): images
+    /// (B, C, H, W), mask (B, N) f32 1 = removed, z (B, D_h) -> x_draw (B, C, H, W).
+    pub fn draw_image(&self, images: &Tensor, mask: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
+        let (p, c) = (self.cfg.backbone.patch_size, self.cfg.backbone.in_chans);
+        let x_p = patchify(images, p)?;
+        let mask = mask.unsqueeze(2)?;
+        let drawn = self.forward_draw(&x_p, &mask, z)?;
+        unpatchify(&Self::compose(&x_p, &drawn, &mask)?, p, c)
     }
 
     /// x_draw = drawn masked patches + original visible patches, (B, N, P*P*C).
@@ -202,11 +202,7 @@ impl CrossMae {
             _ => x_p.clone(),
         };
         let loss_draw = Self::loss_draw(&drawn, &draw_target, &mask)?;
-        let drawn = if self.cfg.draw.detach {
-            drawn.detach()
-        } else {
-            drawn
-        };
+        let drawn = if self.cfg.draw.detach { drawn.detach() } else { drawn };
         let x_draw = Self::compose(&x_p, &drawn, &mask)?;
         let pred = self.forward_pred(&self.forward_backbone(&x_draw, None)?)?;
         let loss_pred = Self::loss_pred(&pred, &inp.targets, &pred_weight)?;

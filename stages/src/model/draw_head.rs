@@ -17,10 +17,10 @@
 
 use super::ops;
 use super::patch::pos_embed_2d;
-use super::vit::{linear, Block, LayerNorm, PatchEmbed, VitConfig, ZERO};
+use super::vit::{linear, Block, LayerNorm, Linear, PatchEmbed, VitConfig, ZERO};
 use super::NoiseMode;
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// What the drawing head draws towards (paper Table 8).
@@ -95,12 +95,7 @@ pub struct DrawHead {
 }
 
 impl DrawHead {
-    pub fn new(
-        cfg: &DrawConfig,
-        backbone: &VitConfig,
-        noise: NoiseMode,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(cfg: &DrawConfig, backbone: &VitConfig, noise: NoiseMode, vb: VarBuilder) -> Result<Self> {
         let v = cfg.vit(backbone);
         let d = v.embed_dim;
         let patch_embed = PatchEmbed::new(v.in_chans, v.patch_size, d, vb.pp("patch_embed"))?;

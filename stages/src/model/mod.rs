@@ -137,11 +137,32 @@ impl ModelConfig {
             ));
         }
         if !self.lambda.is_finite() || self.lambda < 0.0 {
-            return Err(format!(
-                "model.lambda {} must be finite and >= 0",
-                self.lambda
-            ));
+            return Err(format!("model.lambda {} must be finite and >= 0", self.lambda));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_sections_parse_partially_and_reject_unknown_keys() {
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"backbone": {"img_size": 224, "patch_size": 16, "in_chans": 3}, "draw": {"mode": "none"}, "noise": "concat"}"#,
+        )
+        .expect("valid section");
+        assert_eq!(cfg.backbone.embed_dim, 192, "unset keys keep the tiny preset");
+        assert_eq!(
+            (cfg.draw.mode, cfg.noise, cfg.lambda),
+            (DrawMode::None, NoiseMode::Concat, 0.1)
+        );
+        assert_eq!(cfg.validate(), Ok(()));
+        let err = serde_json::from_str::<ModelConfig>(r#"{"draw": {"modes": "none"}}"#)
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("unknown field `modes`")));
+        assert!(VitConfig::preset("vit_small_patch16_224").is_some_and(|v| v.embed_dim == 384));
     }
 }

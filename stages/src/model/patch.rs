@@ -84,8 +84,7 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a.to_dtype(DType::F32).expect("a") - b.to_dtype(DType::F32).expect("b"))
-            .expect("shapes");
+        let d = (a.to_dtype(DType::F32).expect("a") - b.to_dtype(DType::F32).expect("b")).expect("shapes");
         d.abs()
             .and_then(|d| d.flatten_all())
             .and_then(|d| d.max(0))
@@ -95,16 +94,9 @@ mod tests {
 
     #[test]
     fn pos_embed_matches_mae_reference() -> Result<()> {
-        for (name, dim, grid) in [
-            ("pos_embed_d16_g4_cls", 16, 4),
-            ("pos_embed_d192_g14_cls", 192, 14),
-        ] {
+        for (name, dim, grid) in [("pos_embed_d16_g4_cls", 16, 4), ("pos_embed_d192_g14_cls", 192, 14)] {
             let want = read(name)?;
-            let got = Tensor::from_vec(
-                pos_embed_2d(dim, grid, true),
-                (grid * grid + 1, dim),
-                &Device::Cpu,
-            )?;
+            let got = Tensor::from_vec(pos_embed_2d(dim, grid, true), (grid * grid + 1, dim), &Device::Cpu)?;
             assert_eq!(want.dims(), got.dims(), "{name}");
             let err = max_abs_diff(&want, &got);
             assert!(err < 1e-6, "{name}: max abs error {err}");
@@ -120,11 +112,7 @@ mod tests {
             let got = patchify(&x, p)?;
             assert_eq!(want.dims(), got.dims(), "{name}");
             assert_eq!(max_abs_diff(&want, &got), 0.0, "{name}");
-            assert_eq!(
-                max_abs_diff(&unpatchify(&got, p, 3)?, &x),
-                0.0,
-                "unpatchify {name}"
-            );
+            assert_eq!(max_abs_diff(&unpatchify(&got, p, 3)?, &x), 0.0, "unpatchify {name}");
         }
         Ok(())
     }

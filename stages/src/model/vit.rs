@@ -21,7 +21,7 @@
 use super::ops;
 use super::patch::{patchify_conv, pos_embed_2d};
 use candle_core::{Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// Every parameter is created as zeros; [`super::crossmae::init_weights`] fills
@@ -129,18 +129,14 @@ impl VitConfig {
     pub fn validate(&self, key: &str) -> std::result::Result<(), String> {
         let (s, p) = (self.img_size, self.patch_size);
         if p == 0 || s == 0 || s % p != 0 {
-            return Err(format!(
-                "{key}.img_size {s} is not divisible by {key}.patch_size {p}"
-            ));
+            return Err(format!("{key}.img_size {s} is not divisible by {key}.patch_size {p}"));
         }
         if self.in_chans == 0 || self.depth == 0 {
             return Err(format!("{key}.in_chans and {key}.depth must be positive"));
         }
         let (d, h) = (self.embed_dim, self.num_heads);
         if h == 0 || d == 0 || d % h != 0 {
-            return Err(format!(
-                "{key}.num_heads {h} does not divide {key}.embed_dim {d}"
-            ));
+            return Err(format!("{key}.num_heads {h} does not divide {key}.embed_dim {d}"));
         }
         // The sin-cos embedding splits D into 4 equal parts (row/column x sin/cos).
         if d % 4 != 0 {
@@ -149,20 +145,39 @@ impl VitConfig {
             ));
         }
         if self.mlp_hidden() == 0 {
-            return Err(format!(
-                "{key}.mlp_ratio {} gives an empty MLP",
-                self.mlp_ratio
-            ));
+            return Err(format!("{key}.mlp_ratio {} gives an empty MLP", self.mlp_ratio));
         }
         Ok(())
     }
 }
 
-/// A linear layer `weight (out, in)`, `bias (out)`, created as zeros.
+/// A linear layer `weight (out, in)`, `bias (out)`: `x W^T + b` on the last dimension.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+/// A [`Linear`] created as zeros (filled by `init_weights`).
 pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let w = vb.get_with_hints((out_dim, in_dim), "weight", ZERO)?;
-    let b = vb.get_with_hints(out_dim, "bias", ZERO)?;
-    Ok(Linear::new(w, Some(b)))
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", ZERO)?;
+    let bias = vb.get_with_hints(out_dim, "bias", ZERO)?;
+    Ok(Linear { weight, bias })
+}
+
+impl Module for Linear {
+    /// (.., in) -> (.., out), as one 2-D matmul.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let k = dims.last().copied().unwrap_or(0);
+        let rows = x.elem_count() / k.max(1);
+        let y = x.reshape((rows, k))?.matmul(&self.weight.t()?)?;
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        ops::add_bias(&y, &self.bias)?.reshape(out_dims)
+    }
 }
 
 /// LayerNorm with a backward pass (see [`ops::layer_norm`]), eps 1e-6 as in MAE.
@@ -200,11 +215,7 @@ impl PatchEmbed {
         let vb = vb.pp("proj");
         let weight = vb.get_with_hints((dim, in_chans, patch, patch), "weight", ZERO)?;
         let bias = vb.get_with_hints(dim, "bias", ZERO)?;
-        Ok(Self {
-            weight,
-            bias,
-            patch,
-        })
+        Ok(Self { weight, bias, patch })
     }
 
     /// (B, N, C*P*P) patches in conv order (c, row, col) -> (B, N, D) tokens.
@@ -212,11 +223,8 @@ impl PatchEmbed {
         let (b, n, k) = patches.dims3()?;
         let d = self.weight.dim(0)?;
         let w = self.weight.reshape((d, k))?;
-        patches
-            .reshape((b * n, k))?
-            .matmul(&w.t()?)?
-            .broadcast_add(&self.bias)?
-            .reshape((b, n, d))
+        let y = patches.reshape((b * n, k))?.matmul(&w.t()?)?;
+        ops::add_bias(&y, &self.bias)?.reshape((b, n, d))
     }
 
     /// (B, C, H, W) images -> (B, N, D) tokens, as the stride-P conv would.
@@ -284,7 +292,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc1.forward(x)?.gelu_erf()?.apply(&self.fc2)
+        ops::gelu(&self.fc1.forward(x)?)?.apply(&self.fc2)
     }
 }
 
@@ -336,11 +344,7 @@ impl Vit {
         let patch_embed = PatchEmbed::new(cfg.in_chans, cfg.patch_size, d, vb.pp("patch_embed"))?;
         let cls_token = vb.get_with_hints((1, 1, d), "cls_token", ZERO)?;
         let n = cfg.num_patches();
-        let pos_embed = Tensor::from_vec(
-            pos_embed_2d(d, cfg.grid(), true),
-            (1, n + 1, d),
-            vb.device(),
-        )?;
+        let pos_embed = Tensor::from_vec(pos_embed_2d(d, cfg.grid(), true), (1, n + 1, d), vb.device())?;
         let vb_b = vb.pp("blocks");
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(d, cfg.num_heads, cfg.mlp_hidden(), vb_b.pp(i)))

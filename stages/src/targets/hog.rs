@@ -20,6 +20,7 @@
 //! bin for bin (test `fast_binning_equals_atan2_binning`).
 
 use crate::sample::{Rgb8, StageError};
+use crate::simd::multiversion;
 
 /// Orientation bins (unsigned, over pi).
 pub const BINS: usize = 9;
@@ -55,32 +56,30 @@ pub fn bin_atan2(gx: i32, gy: i32) -> usize {
     (t.floor() as i64).rem_euclid(BINS as i64) as usize
 }
 
-/// Border directions (cos, sin) of k pi / 9, k = 1..8, for [`bin_fast`].
-fn borders() -> [(f32, f32); BINS - 1] {
-    let mut b = [(0f32, 0f32); BINS - 1];
-    for (k, v) in b.iter_mut().enumerate() {
+/// Border directions of k pi / 9, k = 1..8, as (cos, sin) arrays for [`bin_fast`].
+fn borders() -> ([f32; BINS - 1], [f32; BINS - 1]) {
+    let (mut cos, mut sin) = ([0f32; BINS - 1], [0f32; BINS - 1]);
+    for k in 0..BINS - 1 {
         let a = (k + 1) as f64 * std::f64::consts::PI / BINS as f64;
-        *v = (a.cos() as f32, a.sin() as f32);
+        cos[k] = a.cos() as f32;
+        sin[k] = a.sin() as f32;
     }
-    b
+    (cos, sin)
 }
 
-/// The same bin without trigonometry: rotate by pi into atan2's [0, pi)
-/// (unsigned orientation), then count the borders at or below the angle:
-/// angle >= a exactly when sin(angle - a) >= 0, i.e. `gx cos a - gy sin a >= 0`
-/// (atan2's first argument is the "y" of the angle, here gx).
-#[inline]
-fn bin_fast(gx: i32, gy: i32, borders: &[(f32, f32); BINS - 1]) -> usize {
-    let (gx, gy) = if gx < 0 || (gx == 0 && gy < 0) {
-        (-gx, -gy)
-    } else {
-        (gx, gy)
-    };
-    let (fx, fy) = (gx as f32, gy as f32);
-    borders
-        .iter()
-        .map(|&(c, s)| usize::from(fx * c - fy * s >= 0.0))
-        .sum()
+/// The same bin as [`bin_atan2`] without trigonometry: rotate by pi into
+/// atan2's [0, pi) (unsigned orientation), then count the borders at or below
+/// the angle: angle >= a exactly when sin(angle - a) >= 0, i.e.
+/// `gx cos a - gy sin a >= 0` (atan2's first argument, gx, is the angle's "y").
+#[inline(always)]
+fn bin_fast(gx: i32, gy: i32, cos: &[f32; BINS - 1], sin: &[f32; BINS - 1]) -> u32 {
+    let flip = gx < 0 || (gx == 0 && gy < 0);
+    let (fx, fy) = if flip { (-gx as f32, -gy as f32) } else { (gx as f32, gy as f32) };
+    let mut bin = 0u32;
+    for k in 0..BINS - 1 {
+        bin += u32::from(fx * cos[k] - fy * sin[k] >= 0.0);
+    }
+    bin
 }
 
 fn check(img: &Rgb8, patch: usize) -> Result<(usize, usize), StageError> {
@@ -150,56 +149,78 @@ pub fn hog_reference(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
     Ok(layout(&mut hist, gw, gh))
 }
 
-/// The chain's HOG: same result, row-wise integer Sobel and trig-free binning.
-pub fn hog(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
+multiversion! {
+/// The chain's HOG: same result as [`hog_reference`], with row-wise integer
+/// Sobel and trig-free binning in loops the compiler vectorizes.
+pub fn hog / hog_scalar(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
     let (gw, gh) = check(img, patch)?;
     let (w, h) = (img.width, img.height);
     let cell = patch / 2;
     let cw = gw * 2;
-    let b = borders();
+    let (cos, sin) = borders();
     let mut hist = vec![0f32; gw * gh * 4 * 3 * BINS];
     // Per row: vertical [1 2 1] sums and top - bottom differences for all
     // channel-pixels (contiguous), then the horizontal parts.
-    let row_len = w * 3;
-    let mut vs = vec![0i32; row_len]; // top + 2 mid + bottom
-    let mut vd = vec![0i32; row_len]; // top - bottom
-    let mut gxs = vec![0i32; row_len];
-    let mut gys = vec![0i32; row_len];
+    let n = w * 3;
+    let mut vs = vec![0i32; n]; // top + 2 mid + bottom
+    let mut vd = vec![0i32; n]; // top - bottom
+    let mut gxs = vec![0i32; n];
+    let mut gys = vec![0i32; n];
+    let mut mags = vec![0f32; n];
+    let mut bins = vec![0u32; n];
     for y in 0..h {
         let ym = if y == 0 { 1 } else { y - 1 };
         let yp = if y + 1 == h { y - 1 } else { y + 1 };
-        let (top, mid, bot) = (
-            &img.data[ym * row_len..(ym + 1) * row_len],
-            &img.data[y * row_len..(y + 1) * row_len],
-            &img.data[yp * row_len..(yp + 1) * row_len],
-        );
-        for i in 0..row_len {
+        // Every slice re-cut to exactly n so the loops carry no bounds checks.
+        let top = &img.data[ym * n..][..n];
+        let mid = &img.data[y * n..][..n];
+        let bot = &img.data[yp * n..][..n];
+        let (vs, vd) = (&mut vs[..n], &mut vd[..n]);
+        for i in 0..n {
             let (t, m, bo) = (top[i] as i32, mid[i] as i32, bot[i] as i32);
             vs[i] = t + 2 * m + bo;
             vd[i] = t - bo;
         }
-        for x in 0..w {
-            let xm = if x == 0 { 1 } else { x - 1 };
-            let xp = if x + 1 == w { x - 1 } else { x + 1 };
-            for c in 0..3 {
-                gxs[x * 3 + c] = vs[xm * 3 + c] - vs[xp * 3 + c];
-                gys[x * 3 + c] = vd[xm * 3 + c] + 2 * vd[x * 3 + c] + vd[xp * 3 + c];
+        // Interior columns (x - 1 and x + 1 are 3 values away), then the
+        // reflected borders (x - 1 = x + 1 there).
+        {
+            let m = n - 6;
+            let (gx, gy) = (&mut gxs[3..][..m], &mut gys[3..][..m]);
+            let (sl, sr) = (&vs[..m], &vs[6..][..m]);
+            let (dl, dc, dr) = (&vd[..m], &vd[3..][..m], &vd[6..][..m]);
+            for i in 0..m {
+                gx[i] = sl[i] - sr[i];
+                gy[i] = dl[i] + 2 * dc[i] + dr[i];
             }
         }
+        for c in 0..3 {
+            gxs[c] = 0;
+            gys[c] = 2 * vd[3 + c] + 2 * vd[c];
+            let l = n - 3 + c;
+            gxs[l] = 0;
+            gys[l] = 2 * vd[l - 3] + 2 * vd[l];
+        }
+        {
+            let (gx, gy, mg, bn) = (&gxs[..n], &gys[..n], &mut mags[..n], &mut bins[..n]);
+            for i in 0..n {
+                mg[i] = ((gx[i] * gx[i] + gy[i] * gy[i]) as f32).sqrt();
+                bn[i] = bin_fast(gx[i], gy[i], &cos, &sin);
+            }
+        }
+        // Scatter into the cells of this row: a run of `cell` pixels per cell.
         let hrow = (y / cell) * cw;
-        for x in 0..w {
-            let base = (hrow + x / cell) * 3 * BINS;
-            for c in 0..3 {
-                let (gx, gy) = (gxs[x * 3 + c], gys[x * 3 + c]);
-                if gx == 0 && gy == 0 {
-                    continue;
-                }
-                let mag = ((gx * gx + gy * gy) as f32).sqrt();
-                hist[base + c * BINS + bin_fast(gx, gy, &b)] += mag;
+        for cx in 0..cw {
+            let hist = &mut hist[(hrow + cx) * 3 * BINS..][..3 * BINS];
+            let lo = cx * cell * 3;
+            for (m, b) in mags[lo..lo + cell * 3].chunks_exact(3).zip(bins[lo..lo + cell * 3].chunks_exact(3)) {
+                hist[b[0] as usize] += m[0];
+                hist[BINS + b[1] as usize] += m[1];
+                hist[2 * BINS + b[2] as usize] += m[2];
             }
         }
     }
     Ok(layout(&mut hist, gw, gh))
+}
 }
 
 #[cfg(test)]
@@ -248,14 +269,14 @@ mod tests {
 
     #[test]
     fn fast_binning_equals_atan2_binning() {
-        let b = borders();
+        let (c, s) = borders();
         for gx in (-1020..=1020).step_by(3) {
             for gy in (-1020..=1020).step_by(7) {
-                assert_eq!(bin_fast(gx, gy, &b), bin_atan2(gx, gy), "gx {gx} gy {gy}");
+                assert_eq!(bin_fast(gx, gy, &c, &s) as usize, bin_atan2(gx, gy), "gx {gx} gy {gy}");
             }
         }
         for (gx, gy) in [(0, 5), (0, -5), (5, 0), (-5, 0), (1, 1), (-1, -1), (1, -1)] {
-            assert_eq!(bin_fast(gx, gy, &b), bin_atan2(gx, gy), "gx {gx} gy {gy}");
+            assert_eq!(bin_fast(gx, gy, &c, &s) as usize, bin_atan2(gx, gy), "gx {gx} gy {gy}");
         }
     }
 

@@ -18,7 +18,18 @@ pub struct BenchResult {
     pub median_ms: f64,
     pub min_ms: f64,
     pub images_per_s: f64,
+    /// Process CPU time per step (all threads; Linux only), a load-independent figure.
+    pub cpu_ms: Option<f64>,
     pub threads: usize,
+}
+
+/// User + system CPU time of this process in ms, from `/proc/self/stat` (Linux).
+pub fn process_cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the ")" that closes the command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks * 10.0) // USER_HZ is 100 on Linux
 }
 
 /// A batch of `b` random images, 75% masked, random targets and smoothed images.
@@ -62,12 +73,17 @@ pub fn bench_train(
         trainer.step(&batch)?;
     }
     let mut ms = Vec::with_capacity(steps);
+    let cpu0 = process_cpu_ms();
     for _ in 0..steps.max(1) {
         let t0 = Instant::now();
         trainer.step(&batch)?;
         device.synchronize()?;
         ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
+    let cpu_ms = match (cpu0, process_cpu_ms()) {
+        (Some(a), Some(b)) => Some((b - a) / ms.len() as f64),
+        _ => None,
+    };
     ms.sort_by(f64::total_cmp);
     let median_ms = ms[ms.len() / 2];
     Ok(BenchResult {
@@ -76,6 +92,7 @@ pub fn bench_train(
         median_ms,
         min_ms: ms[0],
         images_per_s: b as f64 / (median_ms / 1e3),
+        cpu_ms,
         threads: candle_core::utils::get_num_threads(),
     })
 }

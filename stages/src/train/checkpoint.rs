@@ -74,9 +74,7 @@ fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(
         path: path.to_path_buf(),
         msg: e.to_string(),
     })?;
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(path))
+    fs::File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
 }
 
 /// Writes a checkpoint to `dir` atomically (see the module doc).
@@ -170,4 +168,43 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, TrainError> {
         optim: read(OPTIM_FILE)?,
         state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: u64) -> TrainState {
+        TrainState {
+            version: 1,
+            step,
+            epoch: 0,
+            data_position: step,
+            run_seed: 1,
+            config_hash: "h".into(),
+            last_loss: None,
+        }
+    }
+
+    #[test]
+    fn save_replaces_and_an_interrupted_save_falls_back_to_old() -> Result<(), TrainError> {
+        let tmp = tempfile::tempdir().map_err(io_err(Path::new("tempdir")))?;
+        let dir = tmp.path().join("ckpt");
+        let dev = Device::Cpu;
+        let mut model = HashMap::new();
+        model.insert("w".to_string(), Tensor::new(&[1f32, 2.0], &dev)?);
+        save(&dir, &model, &HashMap::new(), &state(1))?;
+        save(&dir, &model, &HashMap::new(), &state(2))?;
+        assert_eq!(load(&dir, &dev)?.state.step, 2);
+        assert_eq!(load(&dir, &dev)?.model["w"].to_vec1::<f32>()?, vec![1.0, 2.0]);
+        // A crash between the two renames: only `.ckpt.old` is complete.
+        fs::rename(&dir, sibling(&dir, "old")?).map_err(io_err(&dir))?;
+        assert_eq!(resolve(&dir)?, sibling(&dir, "old")?);
+        assert_eq!(load(&dir, &dev)?.state.step, 2);
+        // Nothing at all is an error that names the path.
+        let missing = tmp.path().join("nothing");
+        let err = load(&missing, &dev).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("nothing") && err.contains("not a checkpoint"), "{err}");
+        Ok(())
+    }
 }

@@ -1,0 +1,349 @@
+//! The dataflow, top to bottom:
+//!
+//!     lanes source -> decode -> augment -> mask -> smooth -> targets -> sink -> trainer thread
+//!
+//! Every worker of every process builds this same graph (timely's model). The
+//! timestamp is the global batch index. Each stage runs on the workers of its
+//! role (`placement` in the config); a record moves to the next stage by an
+//! exchange that routes it to one of that stage's workers, or keeps it on the
+//! current worker when both stages share a worker set (fused: moved, not
+//! copied). The sink, on one `train` worker, releases batch t when its input
+//! frontier passes t: timely's progress tracking is the batch barrier.
+//!
+//! The driver loop beside the graph opens batch t only while fewer than
+//! `run.window` batches are between the lanes and the trainer: timely's
+//! queues are unbounded, so this probe is what keeps memory flat.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::bail;
+use crossbeam::channel::Sender;
+use shards::{LaneReader, OnError, Skips};
+use stages::sample::StageError;
+use stages::StagesConfig;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::{Input, Operator, Probe};
+use timely::dataflow::{InputHandleVec as InputHandle, ProbeHandle, Stream};
+use timely::worker::Worker;
+
+use crate::metrics::Counters;
+use crate::placement::Placement;
+use crate::plan::RunPlan;
+use crate::record::{self, Record};
+use crate::sink::{assemble_batch, ReadyBatch, SinkShape};
+
+/// What every worker needs to build and drive the graph.
+pub struct GraphContext {
+    pub stages: StagesConfig,
+    pub seed: u64,
+    pub policy: OnError,
+    pub shuffle_buffer: usize,
+    pub plan: RunPlan,
+    pub placement: Placement,
+    /// Batches allowed between the lanes and the trainer.
+    pub window: u64,
+    /// The first batch to produce (after `--resume`).
+    pub start_batch: u64,
+    /// One past the last batch to produce (the plan's end, or `--stop-after-epochs`).
+    pub stop_batch: u64,
+    pub sink_shape: SinkShape,
+    pub skips: Skips,
+    pub counters: Arc<Counters>,
+    /// The first failure of any worker of this process: every worker's driver
+    /// loop checks it and stops, so one failing worker never leaves the others
+    /// waiting for its progress.
+    pub failure: Failure,
+}
+
+type Records<'s> = Stream<'s, u64, Vec<Record>>;
+
+/// A routing function: which worker a record goes to for the next stage.
+fn route(from: &[usize], to: &[usize], me: usize) -> impl FnMut(&Record) -> u64 + 'static {
+    let fused = from == to;
+    let to = to.to_vec();
+    move |r: &Record| {
+        if fused {
+            me as u64
+        } else {
+            // Spread by (lane, position): deterministic, and even over the set.
+            let h =
+                (r.lane as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ r.position.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+            to[(h % to.len() as u64) as usize] as u64
+        }
+    }
+}
+
+/// A failure (bad input under `on_error: fail`, a stopped trainer), shared by the workers of a process.
+pub type Failure = Arc<Mutex<Option<String>>>;
+
+/// Record the first failure.
+fn fail(failure: &Failure, message: String) {
+    let mut slot = failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    slot.get_or_insert(message);
+}
+
+/// One stage as an operator: applies `f` to each record; bad input is a
+/// counted skip or, under `fail`, stops the run with shard, key and reason.
+#[allow(clippy::too_many_arguments)]
+fn stage<'s, F>(
+    input: Records<'s>,
+    name: &'static str,
+    index: usize,
+    pact: impl FnMut(&Record) -> u64 + 'static,
+    ctx: &GraphContext,
+    failure: &Failure,
+    f: F,
+) -> Records<'s>
+where
+    F: Fn(Record) -> Result<Record, StageError> + 'static,
+{
+    let (policy, skips, counters, failure) = (ctx.policy, ctx.skips.clone(), ctx.counters.clone(), failure.clone());
+    input.unary(Exchange::new(pact), name, move |_capability, _info| {
+        move |input, output| {
+            input.for_each(|time, data| {
+                let mut session = output.session(&time);
+                for r in data.drain(..) {
+                    let (shard, key) = (r.shard.clone(), r.key.clone());
+                    let start = Instant::now();
+                    let result = f(r);
+                    counters.record(index, start.elapsed(), result.is_ok());
+                    match result {
+                        Ok(r) => session.give(r),
+                        Err(e) => {
+                            let reason = format!("{name}: {e}");
+                            match policy {
+                                OnError::Skip => skips.record(&shard, &key, &reason),
+                                OnError::Fail => {
+                                    fail(&failure, format!("{shard}:{key}: {reason}"));
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// The sink: gathers each batch, and once the frontier has passed its index,
+/// orders it by (lane, position), assembles it and hands it to the trainer.
+/// It holds the batch's capability until then, so the probe after it shows
+/// exactly which batches have reached the trainer.
+fn sink<'s>(
+    input: Records<'s>,
+    ctx: &GraphContext,
+    to_trainer: Option<Sender<ReadyBatch>>,
+    failure: &Failure,
+) -> Stream<'s, u64, Vec<u64>> {
+    let sink_worker = ctx.placement.sink_worker;
+    let shape = ctx.sink_shape.clone();
+    let plan = ctx.plan.clone();
+    let counters = ctx.counters.clone();
+    let failure = failure.clone();
+    input.unary_frontier(
+        Exchange::new(move |_: &Record| sink_worker as u64),
+        "sink",
+        move |_capability, _info| {
+            let mut pending: BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<Record>)> =
+                BTreeMap::new();
+            move |(input, frontier), output| {
+                input.for_each(|time, data| {
+                    // Timestamps are totally ordered: a stamp is one batch index.
+                    if let (Some(&t), Some(capability)) = (time.least(), time.retain_least(0)) {
+                        pending
+                            .entry(t)
+                            .or_insert_with(|| (capability, Vec::new()))
+                            .1
+                            .append(data);
+                    }
+                });
+                while let Some((&t, _)) = pending.first_key_value() {
+                    if frontier.less_equal(&t) {
+                        break;
+                    }
+                    let (capability, mut records) = pending.pop_first().expect("first key exists").1;
+                    records.sort_by_key(|r| (r.lane, r.position));
+                    let start = Instant::now();
+                    let (epoch, _) = plan.locate(t);
+                    let n = records.len() as u64;
+                    let ready = assemble_batch(t, epoch, records, &shape);
+                    counters.record_many(5, n, start.elapsed());
+                    match (ready, &to_trainer) {
+                        (Ok(ready), Some(tx)) => {
+                            // Blocks while the trainer is behind: this is where a
+                            // slow trainer holds the data side back.
+                            if tx.send(ready).is_err() {
+                                fail(&failure, "the trainer stopped".into());
+                            }
+                        }
+                        (Ok(_), None) => {}
+                        (Err(e), _) => {
+                            fail(&failure, format!("batch {t}: {e}"));
+                        }
+                    }
+                    output.session(&capability).give(t);
+                }
+            }
+        },
+    )
+}
+
+/// Build the graph on this worker; returns its input (the lanes) and the probe after the sink.
+fn build(
+    worker: &mut Worker,
+    ctx: &Arc<GraphContext>,
+    to_trainer: Option<Sender<ReadyBatch>>,
+    failure: &Failure,
+) -> (InputHandle<u64, Record>, ProbeHandle<u64>) {
+    let me = worker.index();
+    let sets = &ctx.placement.sets;
+    let mut input = InputHandle::new();
+    let probe = ProbeHandle::new();
+    worker.dataflow::<u64, _, _>(|scope| {
+        let c = ctx.clone();
+        let seed = ctx.seed;
+        let lanes = scope.input_from(&mut input);
+        let (cd, ca, cm, cs, ct) = (c.clone(), c.clone(), c.clone(), c.clone(), c.clone());
+        let decoded = stage(
+            lanes,
+            "decode",
+            0,
+            route(&sets.source, &sets.decode, me),
+            ctx,
+            failure,
+            move |r| record::decode(&cd.stages, r),
+        );
+        let viewed = stage(
+            decoded,
+            "augment",
+            1,
+            route(&sets.decode, &sets.augment, me),
+            ctx,
+            failure,
+            move |r| record::augment(&ca.stages, seed, r),
+        );
+        let masked = stage(
+            viewed,
+            "mask",
+            2,
+            route(&sets.augment, &sets.mask, me),
+            ctx,
+            failure,
+            move |r| record::mask(&cm.stages, seed, r),
+        );
+        let smoothed = stage(
+            masked,
+            "smooth",
+            3,
+            route(&sets.mask, &sets.smooth, me),
+            ctx,
+            failure,
+            move |r| record::smooth(&cs.stages, r),
+        );
+        let with_targets = stage(
+            smoothed,
+            "targets",
+            4,
+            route(&sets.smooth, &sets.targets, me),
+            ctx,
+            failure,
+            move |r| record::targets(&ct.stages, r),
+        );
+        sink(with_targets, ctx, to_trainer, failure).probe_with(&probe);
+    });
+    (input, probe)
+}
+
+/// Build the graph and drive it to the end of the plan on this worker. An
+/// error here is also posted to the process's shared failure, so the other
+/// workers stop too instead of waiting for this one.
+pub fn run_worker(
+    worker: &mut Worker,
+    ctx: Arc<GraphContext>,
+    to_trainer: Option<Sender<ReadyBatch>>,
+) -> anyhow::Result<()> {
+    let result = drive(worker, &ctx, to_trainer);
+    if let Err(e) = &result {
+        fail(&ctx.failure, format!("{e:#}"));
+    }
+    result
+}
+
+fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender<ReadyBatch>>) -> anyhow::Result<()> {
+    let failure = ctx.failure.clone();
+    let (mut input, probe) = build(worker, ctx, to_trainer, &failure);
+    let me = worker.index();
+    let my_lanes = ctx.placement.lanes_of(me, ctx.plan.lanes);
+    let per_lane = ctx.plan.per_lane as u64;
+    let mut readers: HashMap<usize, LaneReader> = HashMap::new();
+    let mut reader_epoch = u64::MAX;
+    let check = |failure: &Failure| -> anyhow::Result<()> {
+        match failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            Some(msg) => bail!("{msg}"),
+            None => Ok(()),
+        }
+    };
+    input.advance_to(ctx.start_batch);
+    for t in ctx.start_batch..ctx.stop_batch {
+        // Flow control: batch t opens once the sink has handed batch t - window to the trainer.
+        while t >= ctx.start_batch + ctx.window && probe.less_equal(&(t - ctx.window)) {
+            worker.step();
+            check(&failure)?;
+        }
+        let (epoch, b) = ctx.plan.locate(t);
+        if !my_lanes.is_empty() && epoch != reader_epoch {
+            let plan = ctx.plan.epoch_plan(ctx.seed, epoch);
+            readers = my_lanes
+                .iter()
+                .map(|&lane| {
+                    let reader =
+                        LaneReader::new(&plan, lane, ctx.seed, epoch, ctx.shuffle_buffer, ctx.policy, &ctx.skips);
+                    (lane, reader)
+                })
+                .collect();
+            reader_epoch = epoch;
+            // After --resume: the batches of this epoch before `b` were trained already.
+            for reader in readers.values_mut() {
+                for _ in 0..b * per_lane {
+                    if let Some(r) = reader.next() {
+                        r?;
+                    }
+                }
+            }
+        }
+        for &lane in &my_lanes {
+            let reader = readers.get_mut(&lane).expect("a reader per owned lane");
+            for _ in 0..per_lane {
+                let Some(item) = reader.next() else { break };
+                let lr = item?;
+                ctx.counters.sourced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                input.send(Record {
+                    batch: t,
+                    epoch,
+                    lane: lr.lane as u32,
+                    position: lr.position,
+                    shard: lr.shard.display().to_string(),
+                    class: lr.sample.class_index(),
+                    key: lr.sample.key,
+                    raw: lr.sample.files,
+                    ..Default::default()
+                });
+            }
+        }
+        input.advance_to(t + 1);
+        worker.step();
+        check(&failure)?;
+    }
+    input.close();
+    while !probe.done() {
+        worker.step();
+        check(&failure)?;
+    }
+    check(&failure)
+}

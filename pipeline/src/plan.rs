@@ -1,0 +1,142 @@
+//! The run plan: which global batch index belongs to which epoch, and how
+//! many samples each lane gives each batch. Every process computes the same
+//! plan from the config and the shards, so nothing needs to be agreed at run time.
+//!
+//! Batch membership (DESIGN.md): batch b of an epoch takes positions
+//! `[b * per_lane, (b + 1) * per_lane)` of every lane. An epoch has as many
+//! batches as its shortest lane fills; the rest of the longer lanes is left
+//! for that epoch (counted in the summary). Lane lengths come from counting
+//! the samples of each shard once at start.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use shards::{plan_epoch, EpochPlan, OnError, ShardReader, Skips};
+
+/// Samples in each shard, by reading it once (bad samples not counted).
+pub fn count_samples(shards: &[PathBuf], policy: OnError, skips: &Skips) -> anyhow::Result<Vec<u64>> {
+    shards
+        .iter()
+        .map(|path| {
+            let mut n = 0;
+            for sample in ShardReader::open(path, policy, skips)? {
+                sample?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .collect::<anyhow::Result<Vec<u64>>>()
+        .context("counting the samples of the training shards")
+}
+
+/// The whole run's batch layout.
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    /// Shards, in config order.
+    pub shards: Vec<PathBuf>,
+    /// Lanes per epoch.
+    pub lanes: usize,
+    /// Samples each lane gives each batch.
+    pub per_lane: usize,
+    /// Batches of each epoch.
+    pub batches: Vec<u64>,
+    /// Global index of each epoch's first batch (and the total at the end).
+    pub offsets: Vec<u64>,
+    /// Samples left unread per epoch because a lane is longer than the shortest.
+    pub left_over: Vec<u64>,
+}
+
+impl RunPlan {
+    /// Plan `epochs` epochs over `shards` with `counts[i]` samples in shard `i`.
+    pub fn new(
+        shards: Vec<PathBuf>,
+        counts: &[u64],
+        seed: u64,
+        epochs: usize,
+        lanes: usize,
+        batch: usize,
+    ) -> anyhow::Result<RunPlan> {
+        if batch % lanes != 0 {
+            bail!("the batch of {batch} samples is not divisible by data.lanes {lanes}: every lane gives each batch the same count");
+        }
+        let per_lane = batch / lanes;
+        let mut plan = RunPlan {
+            shards,
+            lanes,
+            per_lane,
+            batches: vec![],
+            offsets: vec![0],
+            left_over: vec![],
+        };
+        for epoch in 0..epochs as u64 {
+            let lane_lengths = plan.lane_lengths(counts, seed, epoch);
+            let shortest = lane_lengths.iter().copied().min().unwrap_or(0);
+            let batches = shortest / per_lane as u64;
+            if batches == 0 {
+                bail!(
+                    "epoch {epoch}: the shortest lane has {shortest} samples, less than one batch ({per_lane} per lane); \
+                     use fewer data.lanes, a smaller batch, or more shards (lane lengths {lane_lengths:?})"
+                );
+            }
+            plan.left_over
+                .push(lane_lengths.iter().map(|l| l - batches * per_lane as u64).sum());
+            plan.batches.push(batches);
+            plan.offsets.push(plan.offsets[epoch as usize] + batches);
+        }
+        Ok(plan)
+    }
+
+    fn lane_lengths(&self, counts: &[u64], seed: u64, epoch: u64) -> Vec<u64> {
+        let index: std::collections::HashMap<&PathBuf, u64> = self.shards.iter().zip(counts.iter().copied()).collect();
+        self.epoch_plan(seed, epoch)
+            .lanes
+            .iter()
+            .map(|lane| lane.iter().map(|s| index[s]).sum())
+            .collect()
+    }
+
+    /// The shard-to-lane plan of one epoch.
+    pub fn epoch_plan(&self, seed: u64, epoch: u64) -> EpochPlan {
+        plan_epoch(&self.shards, seed, epoch, self.lanes)
+    }
+
+    /// Total batches.
+    pub fn total_batches(&self) -> u64 {
+        *self.offsets.last().unwrap_or(&0)
+    }
+
+    /// (epoch, batch within the epoch) of global batch `t`.
+    pub fn locate(&self, t: u64) -> (u64, u64) {
+        let epoch = self.offsets.partition_point(|&o| o <= t).saturating_sub(1);
+        (epoch as u64, t - self.offsets[epoch])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_and_locate_agree() {
+        let shards: Vec<PathBuf> = (0..6).map(|i| PathBuf::from(format!("s{i}"))).collect();
+        let counts = [10, 10, 10, 10, 10, 7];
+        let plan = RunPlan::new(shards, &counts, 1, 3, 2, 4).unwrap();
+        for e in 0..3 {
+            // Lanes of 3 shards: 30 or 27 samples; the shortest decides: 27 / 2 = 13 batches.
+            assert_eq!(plan.batches[e], 13);
+            assert_eq!(plan.left_over[e], (30 - 26) + (27 - 26));
+        }
+        assert_eq!(plan.total_batches(), 39);
+        assert_eq!(plan.locate(0), (0, 0));
+        assert_eq!(plan.locate(12), (0, 12));
+        assert_eq!(plan.locate(13), (1, 0));
+        assert_eq!(plan.locate(38), (2, 12));
+    }
+
+    #[test]
+    fn batch_must_split_over_lanes() {
+        let shards: Vec<PathBuf> = (0..2).map(|i| PathBuf::from(format!("s{i}"))).collect();
+        assert!(RunPlan::new(shards.clone(), &[10, 10], 1, 1, 2, 5).is_err());
+        assert!(RunPlan::new(shards, &[1, 1], 1, 1, 2, 4).is_err());
+    }
+}

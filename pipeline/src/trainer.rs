@@ -1,0 +1,164 @@
+//! The trainer thread: owns the model and the device, takes complete batches
+//! from the sink over a bounded channel, steps, logs `metrics.jsonl`, and
+//! writes checkpoints at epoch ends.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use crossbeam::channel::Receiver;
+use serde_json::json;
+use stages::model::ModelConfig;
+use stages::train::{TrainConfig, Trainer};
+
+use crate::metrics::{rates, Counters};
+use crate::plan::RunPlan;
+use crate::sink::ReadyBatch;
+
+/// Everything the trainer thread needs.
+pub struct TrainerSetup {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub seed: u64,
+    pub plan: RunPlan,
+    pub run_dir: PathBuf,
+    /// Checkpoint to continue from.
+    pub resume: Option<PathBuf>,
+    /// Write per-stage rates every this many batches.
+    pub log_every: u64,
+    pub counters: Arc<Counters>,
+    /// Workers of this process (for busy fractions).
+    pub workers: usize,
+}
+
+/// What the run did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TrainSummary {
+    pub batches: u64,
+    pub samples: u64,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub seconds: f64,
+    /// Fraction of the time the trainer waited for data.
+    pub data_wait: f64,
+}
+
+/// The checkpoint directory inside a run directory.
+pub fn checkpoint_dir(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.join("ckpt")
+}
+
+/// Build the trainer (resuming if asked): returns it and the first batch to train on.
+pub fn make_trainer(setup: &TrainerSetup) -> anyhow::Result<(Trainer, u64)> {
+    let steps_per_epoch = (setup.plan.batches[0] / setup.train.accum_iter as u64).max(1);
+    let mut trainer = Trainer::new(
+        &setup.model,
+        &setup.train,
+        &candle_core::Device::Cpu,
+        setup.seed,
+        steps_per_epoch,
+    )
+    .context("building the model")?;
+    let mut start = 0;
+    if let Some(dir) = &setup.resume {
+        let state = trainer
+            .resume(dir)
+            .with_context(|| format!("resuming from {}", dir.display()))?;
+        start = state.data_position;
+        tracing::info!("resumed from {} at step {}, batch {start}", dir.display(), state.step);
+    }
+    Ok((trainer, start))
+}
+
+/// Train on every batch the sink sends until the channel closes.
+pub fn train_loop(
+    setup: TrainerSetup,
+    mut trainer: Trainer,
+    start: u64,
+    batches: Receiver<ReadyBatch>,
+) -> anyhow::Result<TrainSummary> {
+    let metrics_path = setup.run_dir.join("metrics.jsonl");
+    let file: File = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut metrics = BufWriter::new(file);
+    let total = setup.plan.total_batches();
+    let progress = indicatif::ProgressBar::new(total).with_position(start);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} batches {per_sec} eta {eta} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut summary = TrainSummary::default();
+    let started = Instant::now();
+    let mut waited = 0.0;
+    let mut last_counts = (setup.counters.snapshot(), Instant::now());
+    let mut checkpoint_due = false;
+    let mut wait_start = Instant::now();
+    for ready in batches {
+        let data_wait = wait_start.elapsed().as_secs_f64();
+        waited += data_wait;
+        let step_start = Instant::now();
+        let stats = trainer
+            .step(&ready.batch)
+            .with_context(|| format!("training on batch {}", ready.index))?;
+        let step_s = step_start.elapsed().as_secs_f64();
+        let samples = ready.batch.keys.len() as u64;
+        summary.batches += 1;
+        summary.samples += samples;
+        summary.first_loss.get_or_insert(stats.loss);
+        summary.last_loss = Some(stats.loss);
+        let line = json!({
+            "kind": "step", "batch": ready.index, "epoch": ready.epoch, "step": stats.step,
+            "loss": stats.loss, "loss_draw": stats.loss_draw, "loss_pred": stats.loss_pred,
+            "lr": stats.lr, "grad_norm": stats.grad_norm, "updated": stats.updated,
+            "samples": samples, "batch_digest": ready.digest,
+            "data_wait_s": data_wait, "step_s": step_s,
+        });
+        writeln!(metrics, "{line}")?;
+        if (ready.index + 1) % setup.log_every == 0 {
+            let now = (setup.counters.snapshot(), Instant::now());
+            let seconds = now.1.duration_since(last_counts.1).as_secs_f64();
+            let stage_rates = rates(&last_counts.0, &now.0, seconds, setup.workers);
+            for r in &stage_rates {
+                tracing::debug!(
+                    "{}: {:.0} records/s, busy {:.2}, queue {}",
+                    r.stage,
+                    r.records_per_s,
+                    r.busy,
+                    r.queue
+                );
+            }
+            writeln!(
+                metrics,
+                "{}",
+                json!({"kind": "stages", "batch": ready.index, "stages": stage_rates})
+            )?;
+            metrics.flush()?;
+            last_counts = now;
+        }
+        progress.set_message(format!("epoch {} loss {:.4}", ready.epoch, stats.loss));
+        progress.inc(1);
+        if setup.plan.offsets.get(ready.epoch as usize + 1) == Some(&(ready.index + 1)) {
+            checkpoint_due = true;
+        }
+        // Checkpoints only between optimizer steps (never mid-accumulation).
+        if checkpoint_due && stats.updated {
+            metrics.flush()?;
+            trainer
+                .save(&checkpoint_dir(&setup.run_dir))
+                .context("writing the checkpoint")?;
+            checkpoint_due = false;
+        }
+        wait_start = Instant::now();
+    }
+    metrics.flush()?;
+    progress.finish_and_clear();
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.data_wait = waited / summary.seconds.max(1e-9);
+    Ok(summary)
+}

@@ -1,0 +1,233 @@
+//! The dataflow end to end: the batches depend on the config only, never on
+//! the number of workers or processes (DESIGN.md, determinism). Each run
+//! writes a `batch_digest` per step to metrics.jsonl (a hash of the batch's
+//! keys, views and tensor bytes in batch order); the digests must agree.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn pipeline() -> Command {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("pipeline"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo test --workspace` (it builds the binary)",
+        bin.display()
+    );
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(repo()).env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
+/// A small, fast run over 4 of the embedded shards: 2 epochs, tiny model.
+fn small_run_args(run_dir: &Path) -> Vec<String> {
+    [
+        "run",
+        "configs/pretrain.yaml",
+        "--set",
+        "data.train=['../shards/data/fashion-mnist/train-{000000..000003}.tar.zst']",
+        "--set",
+        "data.lanes=4",
+        "--set",
+        "train.batch_size=200",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "model.backbone.embed_dim=32",
+        "--set",
+        "model.backbone.depth=1",
+        "--set",
+        "model.backbone.num_heads=2",
+        "--set",
+        "model.draw.embed_dim=32",
+        "--set",
+        "model.draw.num_heads=2",
+        "--set",
+        "run.log_every=5",
+        "--set",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("run.dir={}", run_dir.display())])
+    .collect()
+}
+
+fn steps(run_dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl");
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+        .filter(|v| v["kind"] == "step")
+        .collect()
+}
+
+/// (batch index, digest) per step line of a run's metrics.jsonl.
+fn digests(run_dir: &Path) -> Vec<(u64, String)> {
+    steps(run_dir)
+        .iter()
+        .map(|v| {
+            (
+                v["batch"].as_u64().unwrap(),
+                v["batch_digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// (batch index, loss bits) per step: f64 printed by serde_json round-trips exactly.
+fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
+    steps(run_dir)
+        .iter()
+        .map(|v| (v["batch"].as_u64().unwrap(), v["loss"].as_f64().unwrap().to_bits()))
+        .collect()
+}
+
+fn wait_with_timeout(mut child: Child, limit: Duration) -> std::process::Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "timed out after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run_single(run_dir: &Path, workers: usize, extra: &[&str]) -> Vec<(u64, String)> {
+    let child = pipeline()
+        .args(small_run_args(run_dir))
+        .args(["--workers", &workers.to_string()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pipeline");
+    let out = wait_with_timeout(child, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "run failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    digests(run_dir)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn same_batches_for_one_worker_two_workers_and_three_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = run_single(&dir.path().join("one"), 1, &[]);
+    // 4 shards of 1250 in 4 lanes, 50 per lane per batch: 25 batches an epoch.
+    assert_eq!(one.len(), 50);
+    assert_eq!(
+        one.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
+        (0..50).collect::<Vec<_>>()
+    );
+    let distinct: std::collections::HashSet<_> = one.iter().map(|(_, d)| d).collect();
+    assert_eq!(distinct.len(), 50, "every batch differs");
+
+    let two = run_single(&dir.path().join("two"), 2, &[]);
+    assert_eq!(one, two, "1 worker and 2 workers disagree");
+
+    // Cut after epoch 1, then --resume: the same batches and bitwise the same losses.
+    let cut = dir.path().join("cut");
+    let first = run_single(&cut, 1, &["--stop-after-epochs", "1"]);
+    assert_eq!(first[..], one[..25]);
+    let resumed = run_single(&cut, 2, &["--resume", cut.to_str().unwrap()]);
+    assert_eq!(resumed, one, "resumed run saw other batches");
+    assert_eq!(
+        losses(&cut),
+        losses(&dir.path().join("one")),
+        "losses after --resume differ"
+    );
+
+    // Three processes on loopback: process 0 trains, 1 and 2 run the data stages.
+    let hostfile = dir.path().join("hosts.txt");
+    let hosts: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    std::fs::write(&hostfile, hosts.join("\n")).unwrap();
+    let three_dir: PathBuf = dir.path().join("three");
+    let children: Vec<Child> = (0..3)
+        .map(|p| {
+            pipeline()
+                .args(small_run_args(&three_dir))
+                .args(["--set", "cluster.roles=[train, data, data]"])
+                .args(["--processes", "3", "--process", &p.to_string(), "--hostfile"])
+                .arg(&hostfile)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn pipeline")
+        })
+        .collect();
+    for (p, child) in children.into_iter().enumerate() {
+        let out = wait_with_timeout(child, Duration::from_secs(300));
+        assert!(
+            out.status.success(),
+            "process {p} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(one, digests(&three_dir), "1 process and 3 processes disagree");
+}
+
+#[test]
+fn a_dead_process_stops_the_others_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostfile = dir.path().join("hosts.txt");
+    let hosts: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    std::fs::write(&hostfile, hosts.join("\n")).unwrap();
+    let run_dir = dir.path().join("run");
+    let mut children: Vec<Child> = (0..3)
+        .map(|p| {
+            pipeline()
+                .args(small_run_args(&run_dir))
+                .args(["--set", "cluster.roles=[train, data, data]", "--set", "train.epochs=20"])
+                .args(["--processes", "3", "--process", &p.to_string(), "--hostfile"])
+                .arg(&hostfile)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn pipeline")
+        })
+        .collect();
+    // Wait until training is under way, then kill a data process.
+    let start = Instant::now();
+    while !run_dir.join("metrics.jsonl").exists() || steps(&run_dir).len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the cluster never started training"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    children[2].kill().unwrap();
+    let _ = children.pop().unwrap().wait();
+    let killed_at = Instant::now();
+    for (p, child) in children.into_iter().enumerate() {
+        let out = wait_with_timeout(child, Duration::from_secs(30));
+        assert!(killed_at.elapsed() < Duration::from_secs(30));
+        assert!(!out.status.success(), "process {p} exited 0 after a peer died");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("error:") && err.contains("--resume"),
+            "process {p}: unclear message:\n{err}"
+        );
+    }
+}
