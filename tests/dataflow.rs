@@ -29,17 +29,17 @@ fn pipeline() -> Command {
     cmd
 }
 
-/// A small, fast run over 4 of the embedded shards: 2 epochs, tiny model.
+/// A small, fast run over 2 of the embedded shards: 2 epochs, tiny model.
 fn small_run_args(run_dir: &Path) -> Vec<String> {
     [
         "run",
         "configs/pretrain.yaml",
         "--set",
-        "data.train=['../shards/data/fashion-mnist/train-{000000..000003}.tar.zst']",
+        "data.train=['../shards/data/fashion-mnist/train-{000000..000001}.tar.zst']",
         "--set",
-        "data.lanes=4",
+        "data.lanes=2",
         "--set",
-        "train.batch_size=200",
+        "train.batch_size=100",
         "--set",
         "train.epochs=2",
         "--set",
@@ -135,7 +135,7 @@ fn free_port() -> u16 {
 fn same_batches_for_one_worker_two_workers_and_three_processes() {
     let dir = tempfile::tempdir().unwrap();
     let one = run_single(&dir.path().join("one"), 1, &[]);
-    // 4 shards of 1250 in 4 lanes, 50 per lane per batch: 25 batches an epoch.
+    // 2 shards of 1250 in 2 lanes, 50 per lane per batch: 25 batches an epoch.
     assert_eq!(one.len(), 50);
     assert_eq!(
         one.iter().map(|(b, _)| *b).collect::<Vec<_>>(),

@@ -9,6 +9,7 @@ mod graph;
 mod metrics;
 mod placement;
 mod plan;
+mod plot;
 mod record;
 mod run;
 mod shards_cmd;

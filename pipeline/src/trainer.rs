@@ -158,6 +158,9 @@ pub fn train_loop(
     }
     metrics.flush()?;
     progress.finish_and_clear();
+    if let Err(e) = crate::plot::loss_png(&setup.run_dir) {
+        tracing::warn!("no loss plot: {e:#}");
+    }
     summary.seconds = started.elapsed().as_secs_f64();
     summary.data_wait = waited / summary.seconds.max(1e-9);
     Ok(summary)

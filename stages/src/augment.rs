@@ -178,9 +178,7 @@ fn coeffs(in0: f64, in1: f64, in_size: usize, out_size: usize) -> Coeffs {
         let ss = 1.0 / filterscale;
         // `(int)` in C truncates toward zero; both values are >= -0.5 + ...
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64)
-            .min(in_size as i64)
-            .max(xmin as i64) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
         let n = (xmax - xmin).min(ksize);
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(n) {
@@ -191,11 +189,7 @@ fn coeffs(in0: f64, in1: f64, in_size: usize, out_size: usize) -> Coeffs {
         for x in 0..n {
             let w = if ww != 0.0 { k[x] / ww } else { k[x] };
             let f = w * (1u32 << PRECISION_BITS) as f64;
-            c.weights[xx * ksize + x] = if f < 0.0 {
-                (f - 0.5) as i32
-            } else {
-                (f + 0.5) as i32
-            };
+            c.weights[xx * ksize + x] = if f < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
         }
         c.start.push(xmin);
         c.len.push(n);
@@ -352,25 +346,19 @@ mod tests {
     fn testvector_photos() -> Vec<shards::Sample> {
         let path = crate::npy::shared_dir().join("data/photos-000002.tar");
         let skips = shards::Skips::default();
-        let all: Vec<shards::Sample> =
-            shards::ShardReader::open(&path, shards::OnError::Fail, &skips)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-                .map(|s| s.unwrap())
-                .collect();
-        [
-            "photo0000514",
-            "photo0000525",
-            "photo0000526",
-            "photo0000529",
-        ]
-        .iter()
-        .map(|k| {
-            all.iter()
-                .find(|s| s.key == *k)
-                .unwrap_or_else(|| panic!("{k} not in {}", path.display()))
-                .clone()
-        })
-        .collect()
+        let all: Vec<shards::Sample> = shards::ShardReader::open(&path, shards::OnError::Fail, &skips)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .map(|s| s.unwrap())
+            .collect();
+        ["photo0000514", "photo0000525", "photo0000526", "photo0000529"]
+            .iter()
+            .map(|k| {
+                all.iter()
+                    .find(|s| s.key == *k)
+                    .unwrap_or_else(|| panic!("{k} not in {}", path.display()))
+                    .clone()
+            })
+            .collect()
     }
 
     /// Decode + PIL-bicubic resize of the whole image to 224 reproduces the u8
@@ -573,14 +561,8 @@ mod tests {
         assert!(fracs.iter().all(|&f| (0.19..=1.0).contains(&f)));
         let lm = mean(&logr);
         let var = logr.iter().map(|x| (x - lm).powi(2)).sum::<f64>() / n as f64;
-        assert!(
-            (lm - want_l).abs() < 0.01,
-            "log ratio mean {lm} vs {want_l}"
-        );
-        assert!(
-            (var / want_var - 1.0).abs() < 0.1,
-            "log ratio var {var} vs {want_var}"
-        );
+        assert!((lm - want_l).abs() < 0.01, "log ratio mean {lm} vs {want_l}");
+        assert!((var / want_var - 1.0).abs() < 0.1, "log ratio var {var} vs {want_var}");
         assert!(logr.iter().all(|&r| r.abs() <= (4.0f64 / 3.0).ln() + 0.02));
     }
 
@@ -666,24 +648,13 @@ mod tests {
             size: 32,
             ..Config::default()
         };
-        let run = |img: &Rgb8, epoch| {
-            apply(
-                &cfg,
-                img,
-                &mut shards::rng::stage_rng(7, epoch, "key", "augment"),
-            )
-            .unwrap()
-        };
+        let run =
+            |img: &Rgb8, epoch| apply(&cfg, img, &mut shards::rng::stage_rng(7, epoch, "key", "augment")).unwrap();
         let here = run(&img, 0);
         let img2 = img.clone();
         let cfg2 = cfg.clone();
         let there = std::thread::spawn(move || {
-            apply(
-                &cfg2,
-                &img2,
-                &mut shards::rng::stage_rng(7, 0, "key", "augment"),
-            )
-            .unwrap()
+            apply(&cfg2, &img2, &mut shards::rng::stage_rng(7, 0, "key", "augment")).unwrap()
         })
         .join()
         .unwrap();

@@ -52,9 +52,7 @@ impl StagesConfig {
             )));
         }
         if self.targets.kinds.contains(&targets::Kind::Hog) && p % 2 != 0 {
-            return Err(StageError::Config(format!(
-                "hog needs an even stages.patch, got {p}"
-            )));
+            return Err(StageError::Config(format!("hog needs an even stages.patch, got {p}")));
         }
         Ok(())
     }
@@ -78,12 +76,7 @@ pub struct ChainError {
 }
 
 /// Run every stage on one raw sample.
-pub fn process(
-    cfg: &StagesConfig,
-    raw: &shards::Sample,
-    run_seed: u64,
-    epoch: u64,
-) -> Result<Example, ChainError> {
+pub fn process(cfg: &StagesConfig, raw: &shards::Sample, run_seed: u64, epoch: u64) -> Result<Example, ChainError> {
     let key = &raw.key;
     let err = |stage: &'static str| {
         move |error| ChainError {
@@ -95,18 +88,12 @@ pub fn process(
     cfg.validate().map_err(err("config"))?;
     let decoded = decode::apply(&cfg.decode, raw).map_err(err("decode"))?;
     let mut rng = stage_rng(run_seed, epoch, key, AUGMENT);
-    let (pixels, view) =
-        augment::apply(&cfg.augment, &decoded, &mut rng).map_err(err("augment"))?;
+    let (pixels, view) = augment::apply(&cfg.augment, &decoded, &mut rng).map_err(err("augment"))?;
     drop(decoded);
     let a = &cfg.augment;
     let image = augment::normalize(&pixels, a.mean, a.std);
     let grid = a.size / cfg.patch;
-    let mask = mask::apply(
-        &cfg.mask,
-        grid * grid,
-        &mut stage_rng(run_seed, epoch, key, MASK),
-    )
-    .map_err(err("mask"))?;
+    let mask = mask::apply(&cfg.mask, grid * grid, &mut stage_rng(run_seed, epoch, key, MASK)).map_err(err("mask"))?;
     let smooth = smooth::apply(&cfg.smooth, &image, 3, a.size, a.size).map_err(err("smooth"))?;
     let targets = cfg
         .targets
@@ -157,27 +144,19 @@ mod tests {
     fn jpeg_sample(key: &str) -> shards::Sample {
         use image::codecs::jpeg::JpegEncoder;
         let (w, h) = (120u32, 90u32);
-        let rgb: Vec<u8> = (0..w * h * 3)
-            .map(|i| ((i / 3) % w * 2 + (i % 3) * 40) as u8)
-            .collect();
+        let rgb: Vec<u8> = (0..w * h * 3).map(|i| ((i / 3) % w * 2 + (i % 3) * 40) as u8).collect();
         let mut bytes = Vec::new();
         JpegEncoder::new_with_quality(&mut bytes, 90)
             .encode(&rgb, w, h, image::ExtendedColorType::Rgb8)
             .unwrap();
-        shards::Sample::new(key)
-            .with("jpg", bytes)
-            .with("cls", b"7".to_vec())
+        shards::Sample::new(key).with("jpg", bytes).with("cls", b"7".to_vec())
     }
 
     fn small_cfg() -> StagesConfig {
         let mut cfg = StagesConfig::default();
         cfg.augment.size = 64;
         cfg.smooth.sigma = 3.0;
-        cfg.targets.kinds = vec![
-            targets::Kind::Pixel,
-            targets::Kind::Hog,
-            targets::Kind::Canny,
-        ];
+        cfg.targets.kinds = vec![targets::Kind::Pixel, targets::Kind::Hog, targets::Kind::Canny];
         cfg
     }
 
@@ -236,31 +215,21 @@ mod tests {
         let cfg = small_cfg();
         let skips = shards::Skips::default();
         let bad = shards::Sample::new("bad").with("jpg", b"\xFF\xD8\xFF\xE0garbage".to_vec());
-        let got =
-            process_or_skip(&cfg, &bad, 0, 0, shards::OnError::Skip, &skips, "s.tar").unwrap();
+        let got = process_or_skip(&cfg, &bad, 0, 0, shards::OnError::Skip, &skips, "s.tar").unwrap();
         assert!(got.is_none());
         assert_eq!(skips.total(), 1);
-        let e =
-            process_or_skip(&cfg, &bad, 0, 0, shards::OnError::Fail, &skips, "s.tar").unwrap_err();
+        let e = process_or_skip(&cfg, &bad, 0, 0, shards::OnError::Fail, &skips, "s.tar").unwrap_err();
         assert_eq!((e.key.as_str(), e.stage), ("bad", "decode"));
-        assert!(
-            e.to_string().starts_with("bad: decode: corrupt image"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("bad: decode: corrupt image"), "{e}");
         let mut wrong = cfg.clone();
         wrong.patch = 24;
-        assert_eq!(
-            process(&wrong, &jpeg_sample("a"), 0, 0).unwrap_err().stage,
-            "config"
-        );
+        assert_eq!(process(&wrong, &jpeg_sample("a"), 0, 0).unwrap_err().stage, "config");
     }
 
     #[test]
     fn config_reads_from_yaml_like_json_and_rejects_unknown_keys() {
-        let cfg: StagesConfig = serde_json::from_str(
-            r#"{"mask": {"ratio": 0.5}, "smooth": {"sigma": 2.0, "method": "exact"}}"#,
-        )
-        .unwrap();
+        let cfg: StagesConfig =
+            serde_json::from_str(r#"{"mask": {"ratio": 0.5}, "smooth": {"sigma": 2.0, "method": "exact"}}"#).unwrap();
         assert_eq!(cfg.mask.ratio, 0.5);
         assert_eq!(cfg.smooth.method, smooth::Method::Exact);
         assert_eq!(cfg.augment, augment::Config::default());

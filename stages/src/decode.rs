@@ -18,21 +18,29 @@
 //!
 //! Decoder choice, measured on this 2-core machine (AMD EPYC, one thread,
 //! `pipeline bench data` over `shared/data/photos-*.tar`, 1024 JPEGs of about
-//! 270 to 630 px): see [`DECODER_CHOICE`].
+//! 270 to 630 px): zune-jpeg, see [`DECODER_CHOICE`] for the figures.
 
 use crate::sample::{Rgb8, StageError};
 use serde::{Deserialize, Serialize};
 
-/// Why zune-jpeg decodes our JPEGs (figures from `pipeline bench data --decoders`).
+/// Why zune-jpeg decodes our JPEGs. Measured 2026-11-26 on this 2-core
+/// machine (AMD EPYC, AVX2) over the 1024 JPEGs of `shared/data/photos-*.tar`,
+/// one thread, while other jobs kept the load average at 5 to 7 (so absolute
+/// rates are about 2.5x below an idle core; compare the ratios):
 ///
-/// - zune-jpeg 0.5 called directly, RGB out, strict: the fastest pure-Rust
-///   decoder we measured, and it reads the header before allocating.
-/// - `image` 0.25's JPEG path wraps the same zune-jpeg decoder and adds a
-///   `DynamicImage` conversion and copy, so it can only be slower.
-/// - libjpeg-turbo (the `turbojpeg` crate) needs the system `libturbojpeg`
-///   (Debian `libturbojpeg0-dev`) or a cmake + nasm build; its DCT-domain
-///   downscaling would rarely apply here (crops are 20-100% of images smaller
-///   than 2 x 224 px), so it stays out unless it clearly wins.
+/// - zune-jpeg 0.5 called directly (RGB out, strict): `pipeline bench data`
+///   `decode` 917 to 1236 images per CPU-second;
+/// - `image` 0.25 (`load_from_memory` + `into_rgb8`): 918 per CPU-second in
+///   the same run as zune's 1004. It wraps the same zune-jpeg decoder, plus a
+///   `DynamicImage` conversion, so it cannot be faster;
+/// - libjpeg-turbo 2.1.5 (Debian `libturbojpeg0-dev`) through the `turbojpeg`
+///   0.5 crate, alternating 2 s rounds with zune-jpeg in one scratch program:
+///   turbojpeg 833 / 904 / 779 images/s against zune 938 / 731 / 656, a ratio
+///   of 0.89 to 1.24: no clear win. (turbojpeg 1.x needs libturbojpeg >= 3.0,
+///   which Debian 12 does not ship.) Its DCT-domain downscaling would rarely
+///   apply: crops are 20-100% of images under 2 x 224 px.
+///
+/// So the decoder stays pure Rust: no system library for CI to install.
 pub const DECODER_CHOICE: &str = "zune-jpeg (direct)";
 
 /// `stages.decode` config.
@@ -54,9 +62,7 @@ impl Default for Config {
 
 /// Decode the image of a sample (`jpg`, `jpeg` or `png` member, sniffed by magic bytes).
 pub fn apply(cfg: &Config, raw: &shards::Sample) -> Result<Rgb8, StageError> {
-    let (_, bytes) = raw
-        .first(&["jpg", "jpeg", "png"])
-        .ok_or(StageError::NoImage)?;
+    let (_, bytes) = raw.first(&["jpg", "jpeg", "png"]).ok_or(StageError::NoImage)?;
     decode(cfg, bytes)
 }
 
@@ -67,9 +73,7 @@ pub fn decode(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
     } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         decode_png(cfg, bytes)
     } else {
-        Err(StageError::Corrupt(
-            "neither a JPEG nor a PNG signature".into(),
-        ))
+        Err(StageError::Corrupt("neither a JPEG nor a PNG signature".into()))
     }
 }
 
@@ -125,11 +129,7 @@ pub fn decode_jpeg(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
     let mut data = vec![0u8; len];
     dec.decode_into(&mut data)
         .map_err(|e| StageError::Corrupt(format!("jpeg: {e}")))?;
-    Ok(Rgb8 {
-        width,
-        height,
-        data,
-    })
+    Ok(Rgb8 { width, height, data })
 }
 
 /// True when an EOI marker (FF D9) follows the first SOS marker (FF DA).
@@ -157,9 +157,7 @@ pub fn decode_png(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
     let (width, height) = (header.width as usize, header.height as usize);
     check_size(cfg, width, height)?;
     dec.set_transformations(Transformations::EXPAND | Transformations::STRIP_16);
-    let mut reader = dec
-        .read_info()
-        .map_err(|e| StageError::Corrupt(format!("png: {e}")))?;
+    let mut reader = dec.read_info().map_err(|e| StageError::Corrupt(format!("png: {e}")))?;
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| StageError::Corrupt("png size overflows".into()))?;
@@ -172,17 +170,10 @@ pub fn decode_png(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
         ColorType::GrayscaleAlpha => 2,
         ColorType::Rgb => 3,
         ColorType::Rgba => 4,
-        ColorType::Indexed => {
-            return Err(StageError::Unsupported(
-                "png palette was not expanded".into(),
-            ))
-        }
+        ColorType::Indexed => return Err(StageError::Unsupported("png palette was not expanded".into())),
     };
     if info.bit_depth != png::BitDepth::Eight {
-        return Err(StageError::Unsupported(format!(
-            "png bit depth {:?}",
-            info.bit_depth
-        )));
+        return Err(StageError::Unsupported(format!("png bit depth {:?}", info.bit_depth)));
     }
     let (w, h) = (info.width as usize, info.height as usize);
     let stride = info.line_size;
@@ -191,9 +182,7 @@ pub fn decode_png(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
         let row = &row[..w * channels];
         match channels {
             3 => data.extend_from_slice(row),
-            4 => row
-                .chunks_exact(4)
-                .for_each(|p| data.extend_from_slice(&p[..3])),
+            4 => row.chunks_exact(4).for_each(|p| data.extend_from_slice(&p[..3])),
             // Gray (with or without alpha): replicate the gray value.
             _ => row
                 .chunks_exact(channels)
@@ -201,9 +190,7 @@ pub fn decode_png(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
         }
     }
     if data.len() != w * h * 3 {
-        return Err(StageError::Corrupt(
-            "png frame shorter than its header".into(),
-        ));
+        return Err(StageError::Corrupt("png frame shorter than its header".into()));
     }
     Ok(Rgb8 {
         width: w,
@@ -230,13 +217,7 @@ pub fn decode_with_image_crate(bytes: &[u8]) -> Result<Rgb8, StageError> {
 mod tests {
     use super::*;
 
-    fn png_bytes(
-        width: u32,
-        height: u32,
-        color: png::ColorType,
-        depth: png::BitDepth,
-        data: &[u8],
-    ) -> Vec<u8> {
+    fn png_bytes(width: u32, height: u32, color: png::ColorType, depth: png::BitDepth, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         {
             let mut enc = png::Encoder::new(&mut out, width, height);
@@ -260,11 +241,7 @@ mod tests {
         .unwrap();
         assert_eq!(img.data, vec![10, 10, 10, 200, 200, 200]);
         // RGBA: alpha dropped, color kept.
-        let img = decode(
-            &cfg,
-            &png_bytes(1, 1, ColorType::Rgba, BitDepth::Eight, &[1, 2, 3, 0]),
-        )
-        .unwrap();
+        let img = decode(&cfg, &png_bytes(1, 1, ColorType::Rgba, BitDepth::Eight, &[1, 2, 3, 0])).unwrap();
         assert_eq!(img.data, vec![1, 2, 3]);
         // Gray + alpha.
         let img = decode(
@@ -343,19 +320,14 @@ mod tests {
                 gray[i]
             );
         }
-        let rgb: Vec<u8> = (0..w * h * 3)
-            .map(|i| if i % 3 == 0 { 200 } else { 40 })
-            .collect();
+        let rgb: Vec<u8> = (0..w * h * 3).map(|i| if i % 3 == 0 { 200 } else { 40 }).collect();
         let mut bytes = Vec::new();
         JpegEncoder::new_with_quality(&mut bytes, 100)
             .encode(&rgb, w, h, image::ExtendedColorType::Rgb8)
             .unwrap();
         let img = decode(&Config::default(), &bytes).unwrap();
         for p in img.data.chunks_exact(3) {
-            assert!(
-                (p[0] as i32 - 200).abs() <= 3 && (p[1] as i32 - 40).abs() <= 3,
-                "{p:?}"
-            );
+            assert!((p[0] as i32 - 200).abs() <= 3 && (p[1] as i32 - 40).abs() <= 3, "{p:?}");
         }
     }
 
@@ -389,19 +361,10 @@ mod tests {
         }
         assert!(decode(&cfg, &bad).is_err());
         assert!(decode(&cfg, b"\xFF\xD8\xFF").is_err());
-        assert!(matches!(
-            decode(&cfg, b"GIF89a"),
-            Err(StageError::Corrupt(_))
-        ));
+        assert!(matches!(decode(&cfg, b"GIF89a"), Err(StageError::Corrupt(_))));
         assert!(decode(&cfg, &[]).is_err());
         // Truncated PNG.
-        let png = png_bytes(
-            16,
-            16,
-            png::ColorType::Rgb,
-            png::BitDepth::Eight,
-            &[9; 16 * 16 * 3],
-        );
+        let png = png_bytes(16, 16, png::ColorType::Rgb, png::BitDepth::Eight, &[9; 16 * 16 * 3]);
         assert!(decode(&cfg, &png).is_ok());
         for cut in [8, 20, 33, png.len() / 2, png.len() - 13] {
             assert!(decode(&cfg, &png[..cut]).is_err(), "png prefix {cut}");
@@ -425,10 +388,7 @@ mod tests {
         }
         // The same for a JPEG whose SOF0 claims 65000 x 65000.
         let mut jpeg = sample_jpeg();
-        let sof = jpeg
-            .windows(2)
-            .position(|w| w == [0xFF, 0xC0])
-            .expect("baseline SOF0");
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).expect("baseline SOF0");
         jpeg[sof + 5..sof + 7].copy_from_slice(&65_000u16.to_be_bytes());
         jpeg[sof + 7..sof + 9].copy_from_slice(&65_000u16.to_be_bytes());
         match decode(&cfg, &jpeg) {
@@ -479,10 +439,19 @@ mod tests {
         let bytes = std::fs::read(path).unwrap();
         let img = decode(&Config::default(), &bytes).unwrap();
         assert_eq!((img.width, img.height), (32, 32));
-        for ((x, y), want) in [((4, 4), [255, 255, 255]), ((20, 4), [255, 0, 0]), ((4, 20), [0, 0, 255]), ((20, 20), [0, 0, 0])] {
+        for ((x, y), want) in [
+            ((4, 4), [255, 255, 255]),
+            ((20, 4), [255, 0, 0]),
+            ((4, 20), [0, 0, 255]),
+            ((20, 20), [0, 0, 0]),
+        ] {
             for c in 0..3 {
                 let got = img.at(x, y, c) as i32;
-                assert!((got - want[c]).abs() <= 8, "({x},{y}) channel {c}: {got} vs {}", want[c]);
+                assert!(
+                    (got - want[c]).abs() <= 8,
+                    "({x},{y}) channel {c}: {got} vs {}",
+                    want[c]
+                );
             }
         }
     }

@@ -34,10 +34,7 @@ pub fn len_keep(num_patches: usize, ratio: f64) -> usize {
 /// Draw uniform noise for `num_patches` patches and mask by it.
 pub fn apply(cfg: &Config, num_patches: usize, rng: &mut impl Rng) -> Result<Mask, StageError> {
     if !(0.0..1.0).contains(&cfg.ratio) {
-        return Err(StageError::Config(format!(
-            "mask.ratio {} is not in [0, 1)",
-            cfg.ratio
-        )));
+        return Err(StageError::Config(format!("mask.ratio {} is not in [0, 1)", cfg.ratio)));
     }
     let noise: Vec<f32> = (0..num_patches).map(|_| rng.random::<f32>()).collect();
     Ok(random_masking(&noise, cfg.ratio))
@@ -54,10 +51,7 @@ pub fn random_masking(noise: &[f32], ratio: f64) -> Mask {
     for (pos, &id) in ids_shuffle.iter().enumerate() {
         ids_restore[id as usize] = pos as u32;
     }
-    let mask = ids_restore
-        .iter()
-        .map(|&pos| u8::from(pos as usize >= keep))
-        .collect();
+    let mask = ids_restore.iter().map(|&pos| u8::from(pos as usize >= keep)).collect();
     Mask {
         mask,
         ids_keep: ids_shuffle[..keep].to_vec(),
@@ -111,14 +105,7 @@ mod tests {
     #[test]
     fn deterministic_per_key_and_different_per_epoch() {
         let cfg = Config::default();
-        let draw = |epoch| {
-            apply(
-                &cfg,
-                196,
-                &mut shards::rng::stage_rng(3, epoch, "img1", "mask"),
-            )
-            .unwrap()
-        };
+        let draw = |epoch| apply(&cfg, 196, &mut shards::rng::stage_rng(3, epoch, "img1", "mask")).unwrap();
         let a = draw(0);
         let b = std::thread::spawn(move || {
             apply(

@@ -124,12 +124,8 @@ pub fn parse(bytes: &[u8]) -> Result<Npy, NpyError> {
         "<u8" => chunks
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64)
             .collect(),
-        "<i2" => chunks
-            .map(|c| i16::from_le_bytes([c[0], c[1]]) as f64)
-            .collect(),
-        "<u2" => chunks
-            .map(|c| u16::from_le_bytes([c[0], c[1]]) as f64)
-            .collect(),
+        "<i2" => chunks.map(|c| i16::from_le_bytes([c[0], c[1]]) as f64).collect(),
+        "<u2" => chunks.map(|c| u16::from_le_bytes([c[0], c[1]]) as f64).collect(),
         "|i1" => chunks.map(|c| c[0] as i8 as f64).collect(),
         _ => chunks.map(|c| c[0] as f64).collect(),
     };
@@ -183,11 +179,7 @@ pub fn encode<T: NpyElement>(shape: &[usize], data: &[T]) -> Vec<u8> {
         1 => format!("({},)", shape[0]),
         _ => format!(
             "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
         ),
     };
     let mut header = format!(
@@ -211,11 +203,7 @@ pub fn encode<T: NpyElement>(shape: &[usize], data: &[T]) -> Vec<u8> {
 }
 
 /// Write `data` with `shape` as a `.npy` file.
-pub fn write<T: NpyElement>(
-    path: &std::path::Path,
-    shape: &[usize],
-    data: &[T],
-) -> Result<(), NpyError> {
+pub fn write<T: NpyElement>(path: &std::path::Path, shape: &[usize], data: &[T]) -> Result<(), NpyError> {
     let mut f = std::fs::File::create(path)?;
     f.write_all(&encode(shape, data))?;
     Ok(())

@@ -110,13 +110,7 @@ pub fn reflect(i: i64, n: usize) -> usize {
 }
 
 /// The exact separable Gaussian (rows then columns), f64 accumulation.
-pub fn blur_exact(
-    image: &[f32],
-    channels: usize,
-    height: usize,
-    width: usize,
-    sigma: f64,
-) -> Vec<f32> {
+pub fn blur_exact(image: &[f32], channels: usize, height: usize, width: usize, sigma: f64) -> Vec<f32> {
     let k = gaussian_kernel(sigma);
     let r = (k.len() / 2) as i64;
     let plane = height * width;
@@ -147,13 +141,7 @@ pub fn blur_exact(
 }
 
 /// The fast path (see the module doc for the method and its error).
-pub fn blur_fast(
-    image: &[f32],
-    channels: usize,
-    height: usize,
-    width: usize,
-    sigma: f64,
-) -> Vec<f32> {
+pub fn blur_fast(image: &[f32], channels: usize, height: usize, width: usize, sigma: f64) -> Vec<f32> {
     let radius = (3.0 * sigma).ceil() as usize;
     let plane = height * width;
     let mut out = vec![0f32; image.len()];
@@ -173,10 +161,7 @@ pub fn blur_fast(
     } else {
         None
     };
-    let kernel: Vec<f32> = gaussian_kernel(sigma)
-        .into_iter()
-        .map(|v| v as f32)
-        .collect();
+    let kernel: Vec<f32> = gaussian_kernel(sigma).into_iter().map(|v| v as f32).collect();
     for c in 0..channels {
         let src = &image[c * plane..(c + 1) * plane];
         let dst = &mut out[c * plane..(c + 1) * plane];
@@ -341,8 +326,7 @@ fn poly_mul(a: &[C], b: &[C]) -> Vec<C> {
 impl Deriche {
     /// Coefficients for `sigma` (pixels).
     pub fn new(sigma: f64) -> Deriche {
-        let (a0, a1, b0, b1, w0, w1, c0, c1) =
-            (1.680, 3.735, 1.783, 1.723, 0.6318, 1.997, -0.6803, -0.2598);
+        let (a0, a1, b0, b1, w0, w1, c0, c1) = (1.680, 3.735, 1.783, 1.723, 0.6318, 1.997, -0.6803, -0.2598);
         let pole = |b: f64, w: f64| {
             let m = (-b / sigma).exp();
             C(m * (w / sigma).cos(), m * (w / sigma).sin())
@@ -387,12 +371,7 @@ impl Deriche {
                 causal[2].0 / gain,
                 causal[3].0 / gain,
             ],
-            anti: [
-                anti[1].0 / gain,
-                anti[2].0 / gain,
-                anti[3].0 / gain,
-                anti[4].0 / gain,
-            ],
+            anti: [anti[1].0 / gain, anti[2].0 / gain, anti[3].0 / gain, anti[4].0 / gain],
             den: [den[1].0, den[2].0, den[3].0, den[4].0],
             // The slowest pole decays as e^{-1.723 n / sigma}; after 4 sigma
             // a start-up transient is down to 1e-3 of its size (and it starts
@@ -501,10 +480,7 @@ mod tests {
     use crate::npy::testvector;
 
     fn max_abs(a: &[f32], b: &[f64]) -> f64 {
-        a.iter()
-            .zip(b)
-            .map(|(&x, &y)| (x as f64 - y).abs())
-            .fold(0.0, f64::max)
+        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
     }
 
     #[test]
@@ -590,10 +566,7 @@ mod tests {
             for (i, &o) in out.iter().enumerate() {
                 let k = i as f64 - 200.0;
                 let g = (-k * k / (2.0 * sigma * sigma)).exp() / norm;
-                assert!(
-                    (o as f64 - g).abs() < 2e-3 * peak,
-                    "sigma {sigma} at {k}: {o} vs {g}"
-                );
+                assert!((o as f64 - g).abs() < 2e-3 * peak, "sigma {sigma} at {k}: {o} vs {g}");
             }
         }
         let img: Vec<f32> = (0..3 * 37 * 53)
@@ -602,11 +575,7 @@ mod tests {
         for sigma in [0.8, 2.0, 4.0] {
             let a = blur_exact(&img, 3, 37, 53, sigma);
             let b = blur_fast(&img, 3, 37, 53, sigma);
-            let err = b
-                .iter()
-                .zip(&a)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f32::max);
+            let err = b.iter().zip(&a).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
             assert!(err < 0.03, "sigma {sigma}: {err}");
         }
     }

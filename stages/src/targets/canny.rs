@@ -48,14 +48,7 @@ fn sym(i: i64, n: usize) -> usize {
 }
 
 /// Canny edges of a [0, 1] gray image (H x W): 1 = edge.
-pub fn canny(
-    gray: &[f32],
-    height: usize,
-    width: usize,
-    sigma: f64,
-    low: f64,
-    high: f64,
-) -> Vec<u8> {
+pub fn canny(gray: &[f32], height: usize, width: usize, sigma: f64, low: f64, high: f64) -> Vec<u8> {
     let (h, w) = (height, width);
     // 1. Gaussian with zero padding, normalized by the blurred mask.
     let k = kernel(sigma);
@@ -199,13 +192,7 @@ pub fn canny(
 
 /// Per-patch layout of an edge map: `(N, P * P)` bits (row-major inside the
 /// patch), or `(N, 1)` edge fractions.
-pub fn per_patch(
-    edges: &[u8],
-    height: usize,
-    width: usize,
-    p: usize,
-    fraction: bool,
-) -> Result<Vec<f32>, StageError> {
+pub fn per_patch(edges: &[u8], height: usize, width: usize, p: usize, fraction: bool) -> Result<Vec<f32>, StageError> {
     if p == 0 || height % p != 0 || width % p != 0 || edges.len() != height * width {
         return Err(StageError::Config(format!(
             "canny: {height}x{width} does not split into {p} px patches"

@@ -33,17 +33,9 @@ pub const DIMS: usize = 3 * BINS * 4;
 fn sobel_at(img: &Rgb8, x: usize, y: usize, c: usize) -> (i32, i32) {
     let (w, h) = (img.width, img.height);
     let xm = if x == 0 { 1.min(w - 1) } else { x - 1 };
-    let xp = if x + 1 == w {
-        x.saturating_sub(1)
-    } else {
-        x + 1
-    };
+    let xp = if x + 1 == w { x.saturating_sub(1) } else { x + 1 };
     let ym = if y == 0 { 1.min(h - 1) } else { y - 1 };
-    let yp = if y + 1 == h {
-        y.saturating_sub(1)
-    } else {
-        y + 1
-    };
+    let yp = if y + 1 == h { y.saturating_sub(1) } else { y + 1 };
     let p = |x: usize, y: usize| img.at(x, y, c) as i32;
     let gx = (p(xm, ym) + 2 * p(xm, y) + p(xm, yp)) - (p(xp, ym) + 2 * p(xp, y) + p(xp, yp));
     let gy = (p(xm, ym) + 2 * p(x, ym) + p(xp, ym)) - (p(xm, yp) + 2 * p(x, yp) + p(xp, yp));
@@ -74,7 +66,11 @@ fn borders() -> ([f32; BINS - 1], [f32; BINS - 1]) {
 #[inline(always)]
 fn bin_fast(gx: i32, gy: i32, cos: &[f32; BINS - 1], sin: &[f32; BINS - 1]) -> u32 {
     let flip = gx < 0 || (gx == 0 && gy < 0);
-    let (fx, fy) = if flip { (-gx as f32, -gy as f32) } else { (gx as f32, gy as f32) };
+    let (fx, fy) = if flip {
+        (-gx as f32, -gy as f32)
+    } else {
+        (gx as f32, gy as f32)
+    };
     let mut bin = 0u32;
     for k in 0..BINS - 1 {
         bin += u32::from(fx * cos[k] - fy * sin[k] >= 0.0);
@@ -141,8 +137,7 @@ pub fn hog_reference(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
             for c in 0..3 {
                 let (gx, gy) = sobel_at(img, x, y, c);
                 let mag = ((gx * gx + gy * gy) as f64).sqrt();
-                hist[((y / cell) * cw + x / cell) * 3 * BINS + c * BINS + bin_atan2(gx, gy)] +=
-                    mag as f32;
+                hist[((y / cell) * cw + x / cell) * 3 * BINS + c * BINS + bin_atan2(gx, gy)] += mag as f32;
             }
         }
     }
@@ -261,10 +256,7 @@ mod tests {
         all.sort_by(f64::total_cmp);
         let mean = all.iter().sum::<f64>() / all.len() as f64;
         let p1 = all[all.len() / 100];
-        assert!(
-            mean >= 0.995 && p1 >= 0.98,
-            "cosine mean {mean}, 1st percentile {p1}"
-        );
+        assert!(mean >= 0.995 && p1 >= 0.98, "cosine mean {mean}, 1st percentile {p1}");
     }
 
     #[test]
@@ -285,11 +277,7 @@ mod tests {
         let img = photo_pixels(1);
         let a = hog(&img, 16).unwrap();
         let r = hog_reference(&img, 16).unwrap();
-        let worst = a
-            .iter()
-            .zip(&r)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let worst = a.iter().zip(&r).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
         assert!(worst < 1e-5, "{worst}");
         // A flat image has no gradient: exact zeros, not unit vectors of noise.
         let flat = Rgb8 {

@@ -77,13 +77,7 @@ impl Default for Config {
 }
 
 /// Compute one target from the view's u8 pixels and its normalized C x H x W floats.
-pub fn compute(
-    kind: Kind,
-    cfg: &Config,
-    pixels: &Rgb8,
-    image: &[f32],
-    patch: usize,
-) -> Result<Target, StageError> {
+pub fn compute(kind: Kind, cfg: &Config, pixels: &Rgb8, image: &[f32], patch: usize) -> Result<Target, StageError> {
     let (h, w) = (pixels.height, pixels.width);
     let values = match kind {
         Kind::Pixel => pixel::pixel_target(image, 3, h, w, patch)?,

@@ -9,13 +9,7 @@
 use crate::sample::StageError;
 
 /// `(C, H, W)` to `(N, P * P * C)`: MAE's `patchify`.
-pub fn patchify(
-    image: &[f32],
-    channels: usize,
-    height: usize,
-    width: usize,
-    p: usize,
-) -> Result<Vec<f32>, StageError> {
+pub fn patchify(image: &[f32], channels: usize, height: usize, width: usize, p: usize) -> Result<Vec<f32>, StageError> {
     if p == 0 || height % p != 0 || width % p != 0 || image.len() != channels * height * width {
         return Err(StageError::Config(format!(
             "patchify: {channels}x{height}x{width} ({} values) does not split into {p} px patches",
