@@ -152,7 +152,17 @@ fn main_job_trains_on_the_embedded_default() {
     // The loss comes down over the epoch (mean of the last five below the first five).
     let mean = |s: &[serde_json::Value]| s.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / s.len() as f64;
     assert!(mean(&steps[20..]) < mean(&steps[..5]), "loss did not fall: {metrics}");
-    assert!(metrics.contains("\"kind\":\"stages\""), "no per-stage metrics");
+    // Flow control: never more than `run.window` (4) batches of 100 between the lanes and the trainer.
+    let stage_lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "stages")
+        .collect();
+    assert!(!stage_lines.is_empty(), "no per-stage metrics");
+    for line in &stage_lines {
+        let queued: u64 = line["stages"].as_array().unwrap().iter().map(|s| s["queue"].as_u64().unwrap()).sum();
+        assert!(queued <= 4 * 100, "{queued} records in flight: {line}");
+    }
     assert!(
         run_dir.join("ckpt/state.json").exists(),
         "no checkpoint at the epoch end"
