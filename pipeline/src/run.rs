@@ -135,18 +135,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let timely_config = timely_config(args)?;
 
     let skips = Skips::default();
-    let shard_paths = cfg.train_shards()?;
-    // Bad input found while counting is reported when the lanes read it.
-    let counts = count_samples(&shard_paths, cfg.data.on_error, &Skips::quiet())?;
-    let micro_batch = cfg.train.batch_size / cfg.train.accum_iter;
-    let plan = RunPlan::new(
-        shard_paths,
-        &counts,
-        cfg.seed,
-        cfg.train.epochs,
-        cfg.data.lanes,
-        micro_batch,
-    )?;
+    let (plan, counts) = plan_run(&cfg)?;
+    let micro_batch = plan.lanes * plan.per_lane;
     tracing::info!(
         "{} shards, {} samples; {} epochs of {:?} batches of {micro_batch} ({} lanes x {}); lr {:.3e}",
         counts.len(),
@@ -294,6 +284,60 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         println!("data process {} done in {seconds:.1} s", args.process);
     }
     Ok(())
+}
+
+/// The batch layout of a run: counts the samples of the training shards.
+fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, Vec<u64>)> {
+    let shard_paths = cfg.train_shards()?;
+    // Bad input found while counting is reported when the lanes read it.
+    let counts = count_samples(&shard_paths, cfg.data.on_error, &Skips::quiet())?;
+    let micro_batch = cfg.train.batch_size / cfg.train.accum_iter;
+    let plan = RunPlan::new(shard_paths, &counts, cfg.seed, cfg.train.epochs, cfg.data.lanes, micro_batch)?;
+    Ok((plan, counts))
+}
+
+/// Samples through the whole graph, sink included, with no trainer: what the
+/// data side delivers to a trainer that never waits (`pipeline bench data`).
+/// Returns the per-stage rates, samples delivered and seconds.
+pub fn data_throughput(
+    cfg: &RunConfig,
+    workers: usize,
+    epochs: usize,
+) -> anyhow::Result<(Vec<crate::metrics::StageRate>, u64, f64)> {
+    let mut cfg = cfg.clone();
+    cfg.train.epochs = epochs.max(1);
+    let (plan, _) = plan_run(&cfg)?;
+    let placement = Placement::resolve(&cfg.cluster, &cfg.placement, 1, workers)?;
+    let counters = Arc::new(Counters::default());
+    let ctx = Arc::new(GraphContext {
+        stages: cfg.stages.clone(),
+        seed: cfg.seed,
+        policy: cfg.data.on_error,
+        shuffle_buffer: cfg.data.shuffle_buffer,
+        placement,
+        window: cfg.run.window,
+        start_batch: 0,
+        stop_batch: plan.total_batches(),
+        plan,
+        sink_shape: SinkShape {
+            size: cfg.stages.augment.size,
+            num_patches: (cfg.stages.augment.size / cfg.stages.patch).pow(2),
+        },
+        skips: Skips::default(),
+        counters: counters.clone(),
+        failure: Default::default(),
+    });
+    let started = Instant::now();
+    let results = timely::execute(timely::Config::process(workers), move |worker| run_worker(worker, ctx.clone(), None))
+        .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?
+        .join();
+    for result in results {
+        result.map_err(|e| anyhow::anyhow!("a worker stopped: {e}"))??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let snapshot = counters.snapshot();
+    let delivered = snapshot.stages[crate::metrics::STAGES.len() - 1][1];
+    Ok((crate::metrics::rates(&Default::default(), &snapshot, seconds, workers), delivered, seconds))
 }
 
 /// A data process resuming reads where the trainer will continue from the checkpoint's state.

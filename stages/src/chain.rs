@@ -51,6 +51,19 @@ impl StagesConfig {
                 "stages.augment.size {size} is not a multiple of stages.patch {p}"
             )));
         }
+        // A sigma beyond the image would only cost memory (the kernels and
+        // the recursive filter's border extension grow with it).
+        let limit = size as f64;
+        for (name, sigma) in [
+            ("smooth.sigma", self.smooth.sigma),
+            ("targets.canny.sigma", self.targets.canny.sigma),
+        ] {
+            if !(sigma > 0.0 && sigma <= limit) {
+                return Err(StageError::Config(format!(
+                    "stages.{name} {sigma} must be in (0, augment.size = {size}]"
+                )));
+            }
+        }
         if self.targets.kinds.contains(&targets::Kind::Hog) && p % 2 != 0 {
             return Err(StageError::Config(format!("hog needs an even stages.patch, got {p}")));
         }
@@ -223,6 +236,9 @@ mod tests {
         assert!(e.to_string().starts_with("bad: decode: corrupt image"), "{e}");
         let mut wrong = cfg.clone();
         wrong.patch = 24;
+        assert_eq!(process(&wrong, &jpeg_sample("a"), 0, 0).unwrap_err().stage, "config");
+        let mut wrong = cfg.clone();
+        wrong.smooth.sigma = 1e9;
         assert_eq!(process(&wrong, &jpeg_sample("a"), 0, 0).unwrap_err().stage, "config");
     }
 

@@ -92,7 +92,10 @@ pub fn parse(bytes: &[u8]) -> Result<Npy, NpyError> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| bad("bad shape")))
         .collect::<Result<Vec<_>, _>>()?;
-    let count: usize = shape.iter().product();
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows"))?;
     let body = &bytes[start + header_len..];
     let width = match dtype.as_str() {
         "<f4" | "<i4" | "<u4" => 4,
@@ -101,7 +104,7 @@ pub fn parse(bytes: &[u8]) -> Result<Npy, NpyError> {
         "<u2" | "<i2" => 2,
         _ => return Err(NpyError::Dtype(dtype)),
     };
-    if body.len() < count * width {
+    if count.checked_mul(width).is_none_or(|n| body.len() < n) {
         return Err(bad("data shorter than shape"));
     }
     let chunks = body[..count * width].chunks_exact(width);

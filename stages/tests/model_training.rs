@@ -9,27 +9,31 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use stages::model::{
-    DrawMode, ModelConfig, NoiseMode, PredOn, PredictorMode, TargetSource, Vit, VitConfig,
+    DrawConfig, DrawMode, ModelConfig, NoiseMode, PredOn, PredictorMode, TargetSource, Vit, VitConfig,
 };
 use stages::train::{clip, global_norm, Batch, TrainConfig, TrainError, Trainer};
 use std::collections::HashMap;
 
 /// 16 x 16 grey images, patch 4 (N = 16), D 16, 2 blocks; drawing head D_h 16.
 fn tiny_model() -> ModelConfig {
-    let mut m = ModelConfig::default();
-    m.backbone = VitConfig {
-        img_size: 16,
-        patch_size: 4,
-        in_chans: 1,
-        embed_dim: 16,
-        depth: 2,
-        num_heads: 2,
-        mlp_ratio: 2.0,
-    };
-    m.draw.embed_dim = 16;
-    m.draw.num_heads = 2;
-    m.target_dim = 8;
-    m
+    ModelConfig {
+        backbone: VitConfig {
+            img_size: 16,
+            patch_size: 4,
+            in_chans: 1,
+            embed_dim: 16,
+            depth: 2,
+            num_heads: 2,
+            mlp_ratio: 2.0,
+        },
+        draw: DrawConfig {
+            embed_dim: 16,
+            num_heads: 2,
+            ..DrawConfig::default()
+        },
+        target_dim: 8,
+        ..ModelConfig::default()
+    }
 }
 
 fn train_cfg(batch_size: usize) -> TrainConfig {
@@ -76,12 +80,7 @@ fn batch(cfg: &ModelConfig, b: usize, seed: u64, epoch: u64) -> Batch {
 fn snapshot(t: &Trainer) -> HashMap<String, Vec<f32>> {
     t.parameters()
         .into_iter()
-        .map(|(n, x)| {
-            (
-                n,
-                x.flatten_all().and_then(|x| x.to_vec1()).expect("to_vec"),
-            )
-        })
+        .map(|(n, x)| (n, x.flatten_all().and_then(|x| x.to_vec1()).expect("to_vec")))
         .collect()
 }
 
@@ -92,13 +91,7 @@ fn every_parameter_changes_after_one_step_in_every_mode() -> Result<(), TrainErr
     let mut modes = vec![];
     for draw in [DrawMode::Coarse, DrawMode::Original, DrawMode::None] {
         for noise in [NoiseMode::Mapping, NoiseMode::Concat, NoiseMode::None] {
-            modes.push((
-                draw,
-                noise,
-                PredictorMode::Linear,
-                TargetSource::Batch,
-                PredOn::All,
-            ));
+            modes.push((draw, noise, PredictorMode::Linear, TargetSource::Batch, PredOn::All));
         }
     }
     modes.push((
@@ -137,10 +130,7 @@ fn every_parameter_changes_after_one_step_in_every_mode() -> Result<(), TrainErr
         let after = snapshot(&t);
         assert_eq!(before.len(), after.len());
         let frozen: Vec<&String> = before.keys().filter(|k| before[*k] == after[*k]).collect();
-        assert!(
-            frozen.is_empty(),
-            "{label}: parameters that did not move: {frozen:?}"
-        );
+        assert!(frozen.is_empty(), "{label}: parameters that did not move: {frozen:?}");
         let has = |p: &str| before.keys().any(|k| k.starts_with(p));
         assert_eq!(has("draw."), draw != DrawMode::None, "{label}");
         assert_eq!(
@@ -148,11 +138,7 @@ fn every_parameter_changes_after_one_step_in_every_mode() -> Result<(), TrainErr
             draw != DrawMode::None && noise == NoiseMode::Mapping,
             "{label}"
         );
-        assert_eq!(
-            has("predictor."),
-            predictor == PredictorMode::Linear,
-            "{label}"
-        );
+        assert_eq!(has("predictor."), predictor == PredictorMode::Linear, "{label}");
         assert_eq!(has("mask_token"), draw == DrawMode::None, "{label}");
     }
     Ok(())
@@ -165,10 +151,7 @@ fn every_parameter_changes_after_one_step_in_every_mode() -> Result<(), TrainErr
 fn vit_small_names_and_shapes_match_timm() -> candle_core::Result<()> {
     let cfg = VitConfig::vit_small_patch16_224();
     let varmap = VarMap::new();
-    let vit = Vit::new(
-        &cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )?;
+    let vit = Vit::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
     let mut got: Vec<(String, Vec<usize>)> = varmap
         .data()
         .lock()
@@ -217,8 +200,7 @@ fn vit_small_names_and_shapes_match_timm() -> candle_core::Result<()> {
 fn vit_base_preset_size() {
     let c = VitConfig::vit_base_patch16_224();
     let (d, n, k) = (c.embed_dim, c.num_patches(), c.patch_dim());
-    let block =
-        2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d);
+    let block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d);
     let total = (d * k + d) + d + (n + 1) * d + c.depth * block + 2 * d;
     assert_eq!(total, 86_567_656 - 769_000);
 }
@@ -314,16 +296,11 @@ fn resume_refuses_another_config() -> Result<(), TrainError> {
     };
     let err = Trainer::new(&cfg, &other, &Device::Cpu, 1, 3)?
         .resume(&ckpt)
-        .err()
-        .expect("must refuse");
-    assert!(
-        err.to_string().contains("another model/train config"),
-        "{err}"
-    );
+        .expect_err("must refuse");
+    assert!(err.to_string().contains("another model/train config"), "{err}");
     let err = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 2, 3)?
         .resume(&ckpt)
-        .err()
-        .expect("must refuse");
+        .expect_err("must refuse");
     assert!(err.to_string().contains("run seed 1"), "{err}");
     Ok(())
 }
@@ -344,10 +321,7 @@ fn gradient_accumulation_equals_full_batch() -> Result<(), TrainError> {
             images: full.images[r.start * px..r.end * px].to_vec(),
             shape: [r.len(), 1, 16, 16],
             mask: full.mask[r.start * n..r.end * n].to_vec(),
-            smoothed: full
-                .smoothed
-                .as_ref()
-                .map(|s| s[r.start * px..r.end * px].to_vec()),
+            smoothed: full.smoothed.as_ref().map(|s| s[r.start * px..r.end * px].to_vec()),
             targets: full
                 .targets
                 .as_ref()
@@ -360,16 +334,7 @@ fn gradient_accumulation_equals_full_batch() -> Result<(), TrainError> {
     };
     let mut one = Trainer::new(&cfg, &base, &Device::Cpu, 9, 10)?;
     let s1 = one.step(&full)?;
-    let mut acc = Trainer::new(
-        &cfg,
-        &TrainConfig {
-            accum_iter: 2,
-            ..base
-        },
-        &Device::Cpu,
-        9,
-        10,
-    )?;
+    let mut acc = Trainer::new(&cfg, &TrainConfig { accum_iter: 2, ..base }, &Device::Cpu, 9, 10)?;
     let a = acc.step(&half(0..2))?;
     assert!(!a.updated);
     let b = acc.step(&half(2..4))?;
@@ -389,11 +354,7 @@ fn gradient_accumulation_equals_full_batch() -> Result<(), TrainError> {
     );
     let (p1, p2) = (snapshot(&one), snapshot(&acc));
     for (name, v) in &p1 {
-        let worst = v
-            .iter()
-            .zip(&p2[name])
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let worst = v.iter().zip(&p2[name]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-7, "{name}: differs by {worst}");
     }
     Ok(())
@@ -405,10 +366,7 @@ fn gradient_accumulation_equals_full_batch() -> Result<(), TrainError> {
 fn clipping_scales_to_the_max_norm() -> Result<(), TrainError> {
     let dev = Device::Cpu;
     let mut g = HashMap::new();
-    g.insert(
-        "a".to_string(),
-        candle_core::Tensor::new(&[3f32, 0.0], &dev)?,
-    );
+    g.insert("a".to_string(), candle_core::Tensor::new(&[3f32, 0.0], &dev)?);
     g.insert("b".to_string(), candle_core::Tensor::new(&[[4f32]], &dev)?);
     let norm = global_norm(&g, ["a", "b"].into_iter())?;
     assert!((norm - 5.0).abs() < 1e-12);
@@ -454,11 +412,8 @@ fn non_finite_loss_stops_and_keeps_the_checkpoint() -> Result<(), TrainError> {
     let mut bad = batch(&cfg, 4, 2, 0);
     bad.images[17] = f32::NAN;
     let before = snapshot(&t);
-    let err = t.step(&bad).err().expect("NaN must stop the run");
-    assert!(
-        matches!(err, TrainError::NonFinite { step: 1, .. }),
-        "{err:?}"
-    );
+    let err = t.step(&bad).expect_err("NaN must stop the run");
+    assert!(matches!(err, TrainError::NonFinite { step: 1, .. }), "{err:?}");
     assert!(err.to_string().contains("at step 1"), "{err}");
     assert_eq!(before, snapshot(&t), "no update after a NaN");
     let state = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 1, 10)?.resume(&ckpt)?;
@@ -475,13 +430,10 @@ fn impossible_shapes_are_rejected_with_the_key() {
     };
     let mut c = tiny_model();
     c.backbone.img_size = 30;
-    assert!(msg(c)
-        .contains("model.backbone.img_size 30 is not divisible by model.backbone.patch_size 4"));
+    assert!(msg(c).contains("model.backbone.img_size 30 is not divisible by model.backbone.patch_size 4"));
     let mut c = tiny_model();
     c.backbone.num_heads = 3;
-    assert!(
-        msg(c).contains("model.backbone.num_heads 3 does not divide model.backbone.embed_dim 16")
-    );
+    assert!(msg(c).contains("model.backbone.num_heads 3 does not divide model.backbone.embed_dim 16"));
     let mut c = tiny_model();
     c.draw.num_heads = 5;
     assert!(msg(c).contains("model.draw.num_heads 5"));
@@ -508,11 +460,8 @@ fn impossible_shapes_are_rejected_with_the_key() {
     let mut t = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 1, 10).expect("valid");
     let mut b = batch(&cfg, 4, 1, 0);
     b.mask.pop();
-    let err = t.step(&b).err().expect("short mask");
-    assert!(
-        err.to_string().contains("mask has 63 values, expected 64"),
-        "{err}"
-    );
+    let err = t.step(&b).expect_err("short mask");
+    assert!(err.to_string().contains("mask has 63 values, expected 64"), "{err}");
 }
 
 /// z depends on (run seed, epoch, key) only, not on the batch around it.
@@ -521,21 +470,10 @@ fn noise_is_per_sample_and_reproducible() -> Result<(), TrainError> {
     let cfg = tiny_model();
     let t = Trainer::new(&cfg, &train_cfg(4), &Device::Cpu, 1, 10)?;
     let keys = |ks: &[&str]| ks.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let z2 = t
-        .noise(&keys(&["x", "y"]), 3)?
-        .expect("noise")
-        .to_vec2::<f32>()?;
-    let z1 = t
-        .noise(&keys(&["y"]), 3)?
-        .expect("noise")
-        .to_vec2::<f32>()?;
+    let z2 = t.noise(&keys(&["x", "y"]), 3)?.expect("noise").to_vec2::<f32>()?;
+    let z1 = t.noise(&keys(&["y"]), 3)?.expect("noise").to_vec2::<f32>()?;
     assert_eq!(z2[1], z1[0]);
     assert_eq!(z2[0].len(), 16);
-    assert_ne!(
-        t.noise(&keys(&["y"]), 4)?
-            .expect("noise")
-            .to_vec2::<f32>()?[0],
-        z1[0]
-    );
+    assert_ne!(t.noise(&keys(&["y"]), 4)?.expect("noise").to_vec2::<f32>()?[0], z1[0]);
     Ok(())
 }

@@ -48,8 +48,7 @@ impl Ema {
     /// `ema = m * ema + (1 - m) * online`.
     pub fn update(&self, momentum: f64) -> Result<()> {
         for (_, ema, online) in &self.pairs {
-            let next = ((ema.as_tensor() * momentum)?
-                + (online.as_tensor().detach() * (1.0 - momentum))?)?;
+            let next = ((ema.as_tensor() * momentum)? + (online.as_tensor().detach() * (1.0 - momentum))?)?;
             ema.set(&next)?;
         }
         Ok(())
@@ -105,10 +104,7 @@ mod tests {
             mlp_ratio: 2.0,
         };
         let online = VarMap::new();
-        let _vit = Vit::new(
-            &cfg,
-            VarBuilder::from_varmap(&online, DType::F32, &dev).pp("backbone"),
-        )?;
+        let _vit = Vit::new(&cfg, VarBuilder::from_varmap(&online, DType::F32, &dev).pp("backbone"))?;
         let qkv = online.data().lock().expect("lock")["backbone.blocks.0.attn.qkv.weight"].clone();
         qkv.set(&qkv.ones_like()?)?;
         let ema = Ema::new(&cfg, &online, "backbone.", &dev)?;

@@ -118,15 +118,12 @@ impl TrainConfig {
             return Err(format!("train.betas {:?} must lie in [0, 1)", self.betas));
         }
         if !(0.0..=1.0).contains(&self.ema_momentum) {
-            return Err(format!(
-                "train.ema_momentum {} must lie in [0, 1]",
-                self.ema_momentum
-            ));
+            return Err(format!("train.ema_momentum {} must lie in [0, 1]", self.ema_momentum));
         }
-        if self.clip_grad.is_some_and(|c| !(c > 0.0)) {
+        if self.clip_grad.is_some_and(|c| c.is_nan() || c <= 0.0) {
             return Err("train.clip_grad must be positive".into());
         }
-        if !(self.warmup_epochs >= 0.0) {
+        if self.warmup_epochs.is_nan() || self.warmup_epochs < 0.0 {
             return Err("train.warmup_epochs must be >= 0".into());
         }
         Ok(())
@@ -150,10 +147,7 @@ pub enum TrainError {
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -206,10 +200,7 @@ impl Batch {
             check("smoothed", s.len(), b * c * h * w)?;
         }
         if cfg.target == TargetSource::Batch {
-            let t = self
-                .targets
-                .as_ref()
-                .ok_or("target: batch needs per-patch targets")?;
+            let t = self.targets.as_ref().ok_or("target: batch needs per-patch targets")?;
             check("targets", t.len(), b * v.num_patches() * cfg.target_dim)?;
         }
         Ok(())
@@ -269,14 +260,8 @@ impl Trainer {
             ));
         }
         let varmap = VarMap::new();
-        let model = CrossMae::new(
-            model_cfg,
-            VarBuilder::from_varmap(&varmap, DType::F32, device),
-        )?;
-        init_weights(
-            &varmap,
-            &mut shards::rng::stage_rng(run_seed, 0, "model", "init"),
-        )?;
+        let model = CrossMae::new(model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        init_weights(&varmap, &mut shards::rng::stage_rng(run_seed, 0, "model", "init"))?;
         let ema = match model_cfg.target {
             TargetSource::Ema => Some(Ema::new(&model_cfg.backbone, &varmap, "backbone.", device)?),
             TargetSource::Batch => None,
@@ -377,12 +362,10 @@ impl Trainer {
 
     /// The batch as model inputs on the device (EMA targets computed here).
     pub fn inputs(&self, batch: &Batch) -> Result<Inputs, TrainError> {
-        batch
-            .validate(&self.model_cfg)
-            .map_err(|msg| TrainError::Batch {
-                position: self.position,
-                msg,
-            })?;
+        batch.validate(&self.model_cfg).map_err(|msg| TrainError::Batch {
+            position: self.position,
+            msg,
+        })?;
         let [b, c, h, w] = batch.shape;
         let n = self.model_cfg.backbone.num_patches();
         let images = Tensor::from_slice(&batch.images, (b, c, h, w), &self.device)?;
@@ -396,9 +379,7 @@ impl Trainer {
         };
         let targets = match (&self.ema, &batch.targets) {
             (Some(ema), _) => ema.targets(&images)?,
-            (None, Some(t)) => {
-                Tensor::from_slice(t, (b, n, self.model_cfg.target_dim), &self.device)?
-            }
+            (None, Some(t)) => Tensor::from_slice(t, (b, n, self.model_cfg.target_dim), &self.device)?,
             (None, None) => {
                 return Err(TrainError::Batch {
                     position: self.position,
@@ -501,16 +482,9 @@ impl Trainer {
             });
         }
         let mut model: HashMap<String, Tensor> = self.parameters().into_iter().collect();
-        model.insert(
-            "backbone.pos_embed".into(),
-            self.model.backbone.pos_embed().clone(),
-        );
+        model.insert("backbone.pos_embed".into(), self.model.backbone.pos_embed().clone());
         if let Some(ema) = &self.ema {
-            model.extend(
-                ema.tensors()
-                    .into_iter()
-                    .map(|(k, v)| (format!("ema.{k}"), v)),
-            );
+            model.extend(ema.tensors().into_iter().map(|(k, v)| (format!("ema.{k}"), v)));
         }
         let state = checkpoint::TrainState {
             version: 1,
@@ -561,8 +535,7 @@ impl Trainer {
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         if let Some(ema) = &self.ema {
-            ema.load(&loaded.model, "ema.")
-                .map_err(|e| err(e.to_string()))?;
+            ema.load(&loaded.model, "ema.").map_err(|e| err(e.to_string()))?;
         }
         self.optim
             .load_state(&loaded.optim, state.step)
@@ -584,11 +557,7 @@ pub fn global_norm<'a>(
     let mut total = 0f64;
     for name in order {
         if let Some(g) = grads.get(name) {
-            total += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
     }
     Ok(total.sqrt())

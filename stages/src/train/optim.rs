@@ -79,11 +79,7 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            slots,
-            params,
-            t: 0,
-        })
+        Ok(Self { slots, params, t: 0 })
     }
 
     /// Updates made so far.
@@ -103,11 +99,7 @@ impl AdamW {
 
     /// Names of the parameters that get weight decay.
     pub fn decayed(&self) -> Vec<&str> {
-        self.slots
-            .iter()
-            .filter(|s| s.decay)
-            .map(|s| s.name.as_str())
-            .collect()
+        self.slots.iter().filter(|s| s.decay).map(|s| s.name.as_str()).collect()
     }
 
     /// One update with learning rate `lr`; `grads[name]` for every parameter
@@ -202,10 +194,7 @@ mod tests {
         let w = Var::from_tensor(&Tensor::new(&[[1f32, -2.0]], &dev)?)?;
         let b = Var::from_tensor(&Tensor::new(&[0.5f32], &dev)?)?;
         let mut opt = AdamW::new(
-            vec![
-                ("lin.weight".into(), w.clone()),
-                ("lin.bias".into(), b.clone()),
-            ],
+            vec![("lin.weight".into(), w.clone()), ("lin.bias".into(), b.clone())],
             AdamWParams::default(),
         )?;
         assert_eq!(opt.decayed(), vec!["lin.weight"]);
@@ -228,11 +217,7 @@ mod tests {
             let got_w = w.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             let got_b = b.as_tensor().to_vec1::<f32>()?;
             for (g, w) in got_w.iter().zip(want_w[i]) {
-                assert!(
-                    (*g as f64 - w).abs() < 2e-7,
-                    "step {}: weight {g} vs {w}",
-                    i + 1
-                );
+                assert!((*g as f64 - w).abs() < 2e-7, "step {}: weight {g} vs {w}", i + 1);
             }
             assert!(
                 (got_b[0] as f64 - want_b[i]).abs() < 2e-7,
@@ -246,10 +231,7 @@ mod tests {
         let state = opt.state_tensors();
         assert_eq!(state.len(), 4);
         let mut again = AdamW::new(
-            vec![
-                ("lin.weight".into(), w.clone()),
-                ("lin.bias".into(), b.clone()),
-            ],
+            vec![("lin.weight".into(), w.clone()), ("lin.bias".into(), b.clone())],
             AdamWParams::default(),
         )?;
         again.load_state(&state, opt.steps())?;

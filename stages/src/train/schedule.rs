@@ -87,11 +87,7 @@ mod tests {
             } else {
                 min_lr + (lr - min_lr) * 0.5 * (1.0 + (PI * (e - warm) / (epochs - warm)).cos())
             };
-            assert!(
-                (s.lr(t) - mae).abs() < 1e-15,
-                "step {t}: {} vs {mae}",
-                s.lr(t)
-            );
+            assert!((s.lr(t) - mae).abs() < 1e-15, "step {t}: {} vs {mae}", s.lr(t));
         }
     }
 
