@@ -40,7 +40,7 @@ pub struct BenchDataArgs {
     pub stage_inputs: usize,
     /// Only these figures (comma separated: decode, decode_image_crate,
     /// augment, normalize, mask, smooth, target_pixel, target_hog,
-    /// target_canny, chain); default all.
+    /// target_canny, chain, graph); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -153,6 +153,38 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     figure("chain", raws.len(), &|i| {
         std::hint::black_box(chain::process(st, &raws[i], seed, 0).ok());
     });
+    if want("graph") {
+        graph_figure(&cfg, patterns, args.threads)?;
+    }
+    Ok(())
+}
+
+/// The same chain through the `pipeline run` dataflow (lanes reading the
+/// shards from disk, the stage operators, the sink assembling batches, no
+/// trainer), one epoch on `threads` timely workers: one line for the whole
+/// graph, one per stage with its records/s and busy fraction.
+fn graph_figure(cfg: &crate::config::RunConfig, patterns: Vec<String>, threads: usize) -> anyhow::Result<()> {
+    let mut cfg = cfg.clone();
+    cfg.data.train = patterns;
+    let (stage_rates, delivered, seconds) = crate::run::data_throughput(&cfg, threads, 1)?;
+    let rate = delivered as f64 / seconds;
+    println!(
+        "{}",
+        serde_json::json!({
+            "figure": "graph", "threads": threads, "images": delivered,
+            "seconds": (seconds * 1000.0).round() / 1000.0,
+            "images_per_s": rate.round(), "per_thread": (rate / threads as f64).round(),
+        })
+    );
+    for r in stage_rates {
+        println!(
+            "{}",
+            serde_json::json!({
+                "figure": format!("graph_{}", r.stage), "threads": threads,
+                "images_per_s": r.records_per_s.round(), "busy": (r.busy * 1000.0).round() / 1000.0,
+            })
+        );
+    }
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 
 pub mod crossmae;
 pub mod draw_head;
+pub mod matmul;
 pub mod ops;
 pub mod patch;
 #[cfg(test)]

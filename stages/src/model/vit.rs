@@ -18,6 +18,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use super::matmul::matmul;
 use super::ops;
 use super::patch::{patchify_conv, pos_embed_2d};
 use candle_core::{Result, Tensor};
@@ -171,7 +172,7 @@ impl Module for Linear {
         let dims = x.dims();
         let k = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / k.max(1);
-        let y = x.reshape((rows, k))?.matmul(&self.weight.t()?)?;
+        let y = matmul(&x.reshape((rows, k))?, &self.weight.t()?)?;
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.weight.dim(0)?;
@@ -223,7 +224,7 @@ impl PatchEmbed {
         let (b, n, k) = patches.dims3()?;
         let d = self.weight.dim(0)?;
         let w = self.weight.reshape((d, k))?;
-        let y = patches.reshape((b * n, k))?.matmul(&w.t()?)?;
+        let y = matmul(&patches.reshape((b * n, k))?, &w.t()?)?;
         ops::add_bias(&y, &self.bias)?.reshape((b, n, d))
     }
 

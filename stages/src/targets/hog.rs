@@ -7,8 +7,8 @@
 //! magnitudes summed per cell of P/2 x P/2 px, each cell's 9 bins
 //! L2-normalized per channel (eps 1e-12), laid out per patch at
 //! `((c * 9 + bin) * 2 + cell_y) * 2 + cell_x` (108 values for P = 16).
-//! Compared per patch by cosine similarity (mean >= 0.995, 1st percentile
-//! >= 0.98, the README's bounds), because hard binning at the 0 / pi
+//! Compared per patch by cosine similarity (mean at least 0.995, 1st
+//! percentile at least 0.98, the README's bounds), because hard binning at the 0 / pi
 //! boundary is sensitive to the sign of a float zero in the reference.
 //!
 //! Working from the u8 pixels with integer gradients keeps flat cells exactly
@@ -256,6 +256,7 @@ mod tests {
         all.sort_by(f64::total_cmp);
         let mean = all.iter().sum::<f64>() / all.len() as f64;
         let p1 = all[all.len() / 100];
+        println!("hog vs testvector: per-patch cosine mean {mean:.6}, 1st percentile {p1:.6}");
         assert!(mean >= 0.995 && p1 >= 0.98, "cosine mean {mean}, 1st percentile {p1}");
     }
 
