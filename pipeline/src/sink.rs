@@ -47,12 +47,16 @@ pub fn assemble_batch(index: u64, epoch: u64, records: Vec<Record>, shape: &Sink
     let mut targets: Vec<f32> = Vec::new();
     let mut hasher = blake3::Hasher::new();
     hasher.update(&index.to_le_bytes());
-    // Floats are hashed as their little-endian bytes, a slice at a time.
-    let mut bytes: Vec<u8> = Vec::new();
-    let mut hash_floats = |hasher: &mut blake3::Hasher, values: &[f32]| {
-        bytes.clear();
-        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        hasher.update(&bytes);
+    // Floats are hashed as their little-endian bytes: on a little-endian
+    // machine that is their memory, hashed in place without a copy.
+    let hash_floats = |hasher: &mut blake3::Hasher, values: &[f32]| {
+        if cfg!(target_endian = "little") {
+            hasher.update(bytemuck::cast_slice(values));
+        } else {
+            for v in values {
+                hasher.update(&v.to_le_bytes());
+            }
+        }
     };
     for r in records {
         if r.image.len() != c * plane || r.smooth.len() != c * plane || r.mask.len() != shape.num_patches {
