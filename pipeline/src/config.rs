@@ -242,6 +242,20 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 4, "only {seen} configs in {}", dir.display());
+    }
+
+    #[test]
     fn bad_sets_are_errors() {
         assert!(parse(MINIMAL, &["seed".to_string()], Path::new("")).is_err());
         assert!(parse(MINIMAL, &["seed.x=1".to_string()], Path::new("")).is_err());

@@ -125,7 +125,27 @@ fn exit_on_lost_peer(process: usize) {
     }));
 }
 
+/// The thread budget of a process: its timely workers run the data stages,
+/// and the trainer's candle / rayon pools get the cores left over (at least
+/// one), so the two never oversubscribe the machine. Variables already set by
+/// the user win. Called before any thread is started.
+fn set_thread_budget(workers: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let trainer = cores.saturating_sub(workers).max(1);
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, trainer.to_string());
+        }
+    }
+    tracing::info!(
+        "{cores} cores: {workers} timely worker(s); trainer threads RAYON_NUM_THREADS={}, CANDLE_NUM_THREADS={}",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+        std::env::var("CANDLE_NUM_THREADS").unwrap_or_default()
+    );
+}
+
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    set_thread_budget(args.workers);
     let cfg = config::load(&args.config, &args.set)?;
     if args.processes > 1 {
         exit_on_lost_peer(args.process);

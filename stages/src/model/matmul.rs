@@ -185,10 +185,20 @@ mod x86 {
                     let panel = bp.as_mut_ptr().add(p * kc * NR);
                     let cols = NR.min(nc - p * NR);
                     let src = bd.add(b.off + pc * b.rs + (j0 + jc + p * NR) * b.cs);
-                    for kk in 0..kc {
-                        let (dst, row) = (panel.add(kk * NR), src.add(kk * b.rs));
+                    // Walk the operand in its memory order (B^T views have rs = 1).
+                    if b.rs < b.cs {
                         for jj in 0..cols {
-                            *dst.add(jj) = *row.add(jj * b.cs);
+                            let col = src.add(jj * b.cs);
+                            for kk in 0..kc {
+                                *panel.add(kk * NR + jj) = *col.add(kk * b.rs);
+                            }
+                        }
+                    } else {
+                        for kk in 0..kc {
+                            let (dst, row) = (panel.add(kk * NR), src.add(kk * b.rs));
+                            for jj in 0..cols {
+                                *dst.add(jj) = *row.add(jj * b.cs);
+                            }
                         }
                     }
                 }
@@ -200,10 +210,20 @@ mod x86 {
                     for p in 0..mp {
                         let panel = ap.as_mut_ptr().add(p * kc * MR);
                         let rows = MR.min(mc - p * MR);
-                        for i in 0..rows {
-                            let src = ad.add(a.off + (ic + p * MR + i) * a.rs + pc * a.cs);
+                        let src = ad.add(a.off + (ic + p * MR) * a.rs + pc * a.cs);
+                        if a.rs < a.cs {
                             for kk in 0..kc {
-                                *panel.add(kk * MR + i) = *src.add(kk * a.cs);
+                                let (dst, col) = (panel.add(kk * MR), src.add(kk * a.cs));
+                                for i in 0..rows {
+                                    *dst.add(i) = *col.add(i * a.rs);
+                                }
+                            }
+                        } else {
+                            for i in 0..rows {
+                                let row = src.add(i * a.rs);
+                                for kk in 0..kc {
+                                    *panel.add(kk * MR + i) = *row.add(kk * a.cs);
+                                }
                             }
                         }
                     }
