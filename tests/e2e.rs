@@ -160,7 +160,12 @@ fn main_job_trains_on_the_embedded_default() {
         .collect();
     assert!(!stage_lines.is_empty(), "no per-stage metrics");
     for line in &stage_lines {
-        let queued: u64 = line["stages"].as_array().unwrap().iter().map(|s| s["queue"].as_u64().unwrap()).sum();
+        let queued: u64 = line["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["queue"].as_u64().unwrap())
+            .sum();
         assert!(queued <= 4 * 100, "{queued} records in flight: {line}");
     }
     assert!(

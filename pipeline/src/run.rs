@@ -312,7 +312,14 @@ fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, Vec<u64>)> {
     // Bad input found while counting is reported when the lanes read it.
     let counts = count_samples(&shard_paths, cfg.data.on_error, &Skips::quiet())?;
     let micro_batch = cfg.train.batch_size / cfg.train.accum_iter;
-    let plan = RunPlan::new(shard_paths, &counts, cfg.seed, cfg.train.epochs, cfg.data.lanes, micro_batch)?;
+    let plan = RunPlan::new(
+        shard_paths,
+        &counts,
+        cfg.seed,
+        cfg.train.epochs,
+        cfg.data.lanes,
+        micro_batch,
+    )?;
     Ok((plan, counts))
 }
 
@@ -348,16 +355,22 @@ pub fn data_throughput(
         failure: Default::default(),
     });
     let started = Instant::now();
-    let results = timely::execute(timely::Config::process(workers), move |worker| run_worker(worker, ctx.clone(), None))
-        .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?
-        .join();
+    let results = timely::execute(timely::Config::process(workers), move |worker| {
+        run_worker(worker, ctx.clone(), None)
+    })
+    .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?
+    .join();
     for result in results {
         result.map_err(|e| anyhow::anyhow!("a worker stopped: {e}"))??;
     }
     let seconds = started.elapsed().as_secs_f64();
     let snapshot = counters.snapshot();
     let delivered = snapshot.stages[crate::metrics::STAGES.len() - 1][1];
-    Ok((crate::metrics::rates(&Default::default(), &snapshot, seconds, workers), delivered, seconds))
+    Ok((
+        crate::metrics::rates(&Default::default(), &snapshot, seconds, workers),
+        delivered,
+        seconds,
+    ))
 }
 
 /// A data process resuming reads where the trainer will continue from the checkpoint's state.
