@@ -8,24 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+mod util;
 
+/// The binary, with the trainer held to one thread (tests run side by side).
 fn pipeline() -> Command {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("pipeline"))
-        .expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo test --workspace` (it builds the binary)",
-        bin.display()
-    );
-    let mut cmd = Command::new(bin);
-    cmd.current_dir(repo()).env("RAYON_NUM_THREADS", "1");
+    let mut cmd = util::pipeline();
+    cmd.env("RAYON_NUM_THREADS", "1");
     cmd
 }
 

@@ -4,35 +4,10 @@
 //! integration tests of its own, which makes cargo build its binary first).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn shared_dir() -> PathBuf {
-    std::env::var_os("CROSSMAE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared"))
-}
-
-/// The `pipeline` binary next to this test's own build directory.
-fn pipeline() -> Command {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("pipeline"))
-        .expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo test --workspace` (it builds the binary)",
-        bin.display()
-    );
-    let mut cmd = Command::new(bin);
-    cmd.current_dir(repo());
-    cmd
-}
+mod util;
+use util::{pipeline, repo, shared_dir};
 
 fn ok(output: Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

@@ -1,0 +1,38 @@
+//! Shared by the end-to-end tests: the repository, the shared data, the binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository root (the root package's directory).
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared data folder (photos, testvectors): $CROSSMAE_SHARED or ../shared.
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("CROSSMAE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared"))
+}
+
+/// The `pipeline` binary next to this test's own build directory, run from the
+/// repository root. `cargo test --workspace` builds it (the `pipeline` package
+/// has integration tests of its own, which makes cargo build its binary first).
+pub fn pipeline() -> Command {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("pipeline"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo test --workspace` (it builds the binary)",
+        bin.display()
+    );
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(repo());
+    cmd
+}
