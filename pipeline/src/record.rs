@@ -31,12 +31,12 @@ impl From<Rgb8> for Image {
     }
 }
 
-impl Image {
-    fn as_rgb8(&self) -> Rgb8 {
+impl From<Image> for Rgb8 {
+    fn from(img: Image) -> Rgb8 {
         Rgb8 {
-            width: self.width,
-            height: self.height,
-            data: self.data.clone(),
+            width: img.width,
+            height: img.height,
+            data: img.data,
         }
     }
 }
@@ -86,7 +86,8 @@ pub fn decode(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
 /// augment: random resized crop + flip, then normalization (where data becomes float).
 pub fn augment(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, StageError> {
     let mut rng = stage_rng(seed, r.epoch, &r.key, AUGMENT);
-    let (pixels, view) = augment::apply(&cfg.augment, &r.pixels.as_rgb8(), &mut rng)?;
+    let decoded: Rgb8 = std::mem::take(&mut r.pixels).into();
+    let (pixels, view) = augment::apply(&cfg.augment, &decoded, &mut rng)?;
     r.image = augment::normalize(&pixels, cfg.augment.mean, cfg.augment.std);
     r.pixels = pixels.into();
     r.view = view;
@@ -110,7 +111,7 @@ pub fn smooth(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
 
 /// targets: per-patch F(x) of the view, in the config's order.
 pub fn targets(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
-    let pixels = r.pixels.as_rgb8();
+    let pixels: Rgb8 = std::mem::take(&mut r.pixels).into();
     r.targets = cfg
         .targets
         .kinds
@@ -120,5 +121,6 @@ pub fn targets(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> 
                 .map(|Target { dims, values, .. }| (dims, values))
         })
         .collect::<Result<_, _>>()?;
+    r.pixels = pixels.into();
     Ok(r)
 }
