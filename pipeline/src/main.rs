@@ -4,6 +4,7 @@
 //! one module per subcommand. Errors are printed once, with their chain.
 
 mod bench_data;
+mod bench_train;
 mod config;
 mod graph;
 mod metrics;
@@ -60,6 +61,8 @@ enum StagesCommand {
 enum BenchCommand {
     /// Images/s through each data stage and the whole chain.
     Data(bench_data::BenchDataArgs),
+    /// Milliseconds per training step on a synthetic batch.
+    Train(bench_train::BenchTrainArgs),
 }
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {
@@ -72,6 +75,9 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             command: BenchCommand::Data(args),
         } => bench_data::run(&args),
+        Command::Bench {
+            command: BenchCommand::Train(args),
+        } => bench_train::run(&args),
     }
 }
 

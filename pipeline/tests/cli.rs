@@ -36,3 +36,26 @@ fn config_errors_name_file_and_key_path() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.yaml") && err.contains("data.shuffle_buffer"), "{err}");
 }
+
+#[test]
+fn bench_train_prints_one_json_line() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/pretrain.yaml");
+    let out = pipeline()
+        .args([
+            "bench", "train", config, "--batch", "4", "--steps", "2", "--warmup", "0",
+        ])
+        .args([
+            "--set",
+            "model.backbone.depth=1",
+            "--set",
+            "model.backbone.embed_dim=24",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(line["figure"], "train_step");
+    assert_eq!(line["result"]["batch"], 4);
+    assert_eq!(line["result"]["steps"], 2);
+    assert!(line["result"]["median_ms"].as_f64().unwrap() > 0.0);
+}
