@@ -28,7 +28,7 @@ use timely::dataflow::operators::{Input, Operator, Probe};
 use timely::dataflow::{InputHandleVec as InputHandle, ProbeHandle, Stream};
 use timely::worker::Worker;
 
-use crate::metrics::Counters;
+use crate::metrics::{Counters, AUGMENT, DECODE, MASK, SINK, SMOOTH, STAGES, TARGETS};
 use crate::placement::Placement;
 use crate::plan::RunPlan;
 use crate::record::{self, Record};
@@ -84,22 +84,18 @@ fn fail(failure: &Failure, message: String) {
     slot.get_or_insert(message);
 }
 
-/// One stage as an operator: applies `f` to each record; bad input is a
-/// counted skip or, under `fail`, stops the run with shard, key and reason.
-#[allow(clippy::too_many_arguments)]
-fn stage<'s, F>(
-    input: Records<'s>,
-    name: &'static str,
-    index: usize,
-    pact: impl FnMut(&Record) -> u64 + 'static,
-    ctx: &GraphContext,
-    failure: &Failure,
-    f: F,
-) -> Records<'s>
+/// Stage `index` (of [`STAGES`]) as an operator on `worker`: records arrive
+/// by an exchange routed into the stage's worker set, and `f` is applied to
+/// each; bad input is a counted skip or, under `fail`, stops the run with
+/// shard, key and reason.
+fn stage<'s, F>(input: Records<'s>, index: usize, worker: usize, ctx: &GraphContext, f: F) -> Records<'s>
 where
     F: Fn(Record) -> Result<Record, StageError> + 'static,
 {
-    let (policy, skips, counters, failure) = (ctx.policy, ctx.skips.clone(), ctx.counters.clone(), failure.clone());
+    let name = STAGES[index];
+    let sets = &ctx.placement.sets;
+    let pact = route(sets.before(index), sets.of(index), worker);
+    let (policy, skips, counters, failure) = (ctx.policy, ctx.skips.clone(), ctx.counters.clone(), ctx.failure.clone());
     input.unary(Exchange::new(pact), name, move |_capability, _info| {
         move |input, output| {
             input.for_each(|time, data| {
@@ -135,13 +131,12 @@ fn sink<'s>(
     input: Records<'s>,
     ctx: &GraphContext,
     to_trainer: Option<Sender<ReadyBatch>>,
-    failure: &Failure,
 ) -> Stream<'s, u64, Vec<u64>> {
     let sink_worker = ctx.placement.sink_worker;
     let shape = ctx.sink_shape.clone();
     let plan = ctx.plan.clone();
     let counters = ctx.counters.clone();
-    let failure = failure.clone();
+    let failure = ctx.failure.clone();
     input.unary_frontier(
         Exchange::new(move |_: &Record| sink_worker as u64),
         "sink",
@@ -169,7 +164,7 @@ fn sink<'s>(
                     let (epoch, _) = plan.locate(t);
                     let n = records.len() as u64;
                     let ready = assemble_batch(t, epoch, records, &shape);
-                    counters.record_many(5, n, start.elapsed());
+                    counters.record_many(SINK, n, start.elapsed());
                     match (ready, &to_trainer) {
                         (Ok(ready), Some(tx)) => {
                             // Blocks while the trainer is behind: this is where a
@@ -195,63 +190,20 @@ fn build(
     worker: &mut Worker,
     ctx: &Arc<GraphContext>,
     to_trainer: Option<Sender<ReadyBatch>>,
-    failure: &Failure,
 ) -> (InputHandle<u64, Record>, ProbeHandle<u64>) {
     let me = worker.index();
-    let sets = &ctx.placement.sets;
     let mut input = InputHandle::new();
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
-        let c = ctx.clone();
-        let seed = ctx.seed;
+        let (seed, c) = (ctx.seed, || ctx.clone());
+        let (cd, ca, cm, cs, ct) = (c(), c(), c(), c(), c());
         let lanes = scope.input_from(&mut input);
-        let (cd, ca, cm, cs, ct) = (c.clone(), c.clone(), c.clone(), c.clone(), c.clone());
-        let decoded = stage(
-            lanes,
-            "decode",
-            0,
-            route(&sets.source, &sets.decode, me),
-            ctx,
-            failure,
-            move |r| record::decode(&cd.stages, r),
-        );
-        let viewed = stage(
-            decoded,
-            "augment",
-            1,
-            route(&sets.decode, &sets.augment, me),
-            ctx,
-            failure,
-            move |r| record::augment(&ca.stages, seed, r),
-        );
-        let masked = stage(
-            viewed,
-            "mask",
-            2,
-            route(&sets.augment, &sets.mask, me),
-            ctx,
-            failure,
-            move |r| record::mask(&cm.stages, seed, r),
-        );
-        let smoothed = stage(
-            masked,
-            "smooth",
-            3,
-            route(&sets.mask, &sets.smooth, me),
-            ctx,
-            failure,
-            move |r| record::smooth(&cs.stages, r),
-        );
-        let with_targets = stage(
-            smoothed,
-            "targets",
-            4,
-            route(&sets.smooth, &sets.targets, me),
-            ctx,
-            failure,
-            move |r| record::targets(&ct.stages, r),
-        );
-        sink(with_targets, ctx, to_trainer, failure).probe_with(&probe);
+        let decoded = stage(lanes, DECODE, me, ctx, move |r| record::decode(&cd.stages, r));
+        let viewed = stage(decoded, AUGMENT, me, ctx, move |r| record::augment(&ca.stages, seed, r));
+        let masked = stage(viewed, MASK, me, ctx, move |r| record::mask(&cm.stages, seed, r));
+        let smoothed = stage(masked, SMOOTH, me, ctx, move |r| record::smooth(&cs.stages, r));
+        let with_targets = stage(smoothed, TARGETS, me, ctx, move |r| record::targets(&ct.stages, r));
+        sink(with_targets, ctx, to_trainer).probe_with(&probe);
     });
     (input, probe)
 }
@@ -273,7 +225,7 @@ pub fn run_worker(
 
 fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender<ReadyBatch>>) -> anyhow::Result<()> {
     let failure = ctx.failure.clone();
-    let (mut input, probe) = build(worker, ctx, to_trainer, &failure);
+    let (mut input, probe) = build(worker, ctx, to_trainer);
     let me = worker.index();
     let my_lanes = ctx.placement.lanes_of(me, ctx.plan.lanes);
     let per_lane = ctx.plan.per_lane as u64;

@@ -6,8 +6,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// The stages of the graph, in order.
+/// The stages of the graph, in order; the constants below index it.
 pub const STAGES: [&str; 6] = ["decode", "augment", "mask", "smooth", "targets", "sink"];
+pub const DECODE: usize = 0;
+pub const AUGMENT: usize = 1;
+pub const MASK: usize = 2;
+pub const SMOOTH: usize = 3;
+pub const TARGETS: usize = 4;
+pub const SINK: usize = 5;
 
 /// Counters of one stage.
 #[derive(Debug, Default)]

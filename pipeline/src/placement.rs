@@ -71,6 +71,22 @@ pub struct StageSets {
     pub targets: Vec<usize>,
 }
 
+impl StageSets {
+    /// The workers of stage `index` of [`crate::metrics::STAGES`] (decode = 0 ... targets = 4).
+    pub fn of(&self, index: usize) -> &[usize] {
+        [&self.decode, &self.augment, &self.mask, &self.smooth, &self.targets][index]
+    }
+
+    /// The workers of the step before stage `index` (the lanes before decode).
+    pub fn before(&self, index: usize) -> &[usize] {
+        if index == 0 {
+            &self.source
+        } else {
+            self.of(index - 1)
+        }
+    }
+}
+
 /// The resolved placement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
