@@ -147,6 +147,19 @@ fn main_job_trains_on_the_embedded_default() {
         run_dir.join("ckpt/state.json").exists(),
         "no checkpoint at the epoch end"
     );
+    let png = std::fs::read(run_dir.join("loss.png")).expect("loss.png");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // A second run into the same directory is refused, not mixed into the first.
+    let again = pipeline()
+        .args(["run", "configs/pretrain.yaml"])
+        .args(QUICK)
+        .arg("--set")
+        .arg(format!("run.dir={}", run_dir.display()))
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a run"));
 }
 
 /// Write a tiny IDX pair: `n` 3x2 images whose pixels encode (index, position), labels `i % classes`.
@@ -341,7 +354,7 @@ fn run_skips_bad_input_with_counts_or_fails_naming_shard_and_key() {
         .arg(&config)
         .args(quick)
         .args(["--set", "train.batch_size=2", "--set", "data.on_error=fail", "--set"])
-        .arg(format!("run.dir={}", run_dir.display()))
+        .arg(format!("run.dir={}", dir.path().join("run-fail").display()))
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -171,6 +171,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let run_dir = run_dir(&cfg, args);
     let (sender, trainer_thread) = if trains {
+        let taken = run_dir.join("metrics.jsonl").exists() || checkpoint_dir(&run_dir).exists();
+        if taken && args.resume.is_none() {
+            bail!(
+                "run directory {} already holds a run: continue it with --resume {0}, \
+                 or start another with --set run.dir=NEW_DIR (or remove it)",
+                run_dir.display()
+            );
+        }
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         std::fs::write(run_dir.join("config.yaml"), serde_norway::to_string(&cfg)?)
             .with_context(|| format!("writing {}", run_dir.display()))?;
