@@ -31,22 +31,12 @@ fn small_run_args(run_dir: &Path) -> Vec<String> {
         "--set",
         "train.epochs=2",
         "--set",
-        "model.backbone.embed_dim=32",
-        "--set",
-        "model.backbone.depth=1",
-        "--set",
-        "model.backbone.num_heads=2",
-        "--set",
-        "model.draw.embed_dim=32",
-        "--set",
-        "model.draw.num_heads=2",
-        "--set",
         "run.log_every=5",
-        "--set",
     ]
     .iter()
+    .chain(util::TINY_MODEL)
     .map(|s| s.to_string())
-    .chain([format!("run.dir={}", run_dir.display())])
+    .chain(["--set".to_string(), format!("run.dir={}", run_dir.display())])
     .collect()
 }
 
@@ -115,6 +105,28 @@ fn run_single(run_dir: &Path, workers: usize, extra: &[&str]) -> Vec<(u64, Strin
     digests(run_dir)
 }
 
+/// Start the three processes of a loopback cluster (process 0 trains, 1 and 2
+/// run the data stages) on the small run, with `extra` arguments.
+fn spawn_cluster(dir: &Path, run_dir: &Path, extra: &[&str]) -> Vec<Child> {
+    let hostfile = dir.join("hosts.txt");
+    let hosts: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    std::fs::write(&hostfile, hosts.join("\n")).expect("write hostfile");
+    (0..3)
+        .map(|p| {
+            pipeline()
+                .args(small_run_args(run_dir))
+                .args(["--set", "cluster.roles=[train, data, data]"])
+                .args(extra)
+                .args(["--processes", "3", "--process", &p.to_string(), "--hostfile"])
+                .arg(&hostfile)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn pipeline")
+        })
+        .collect()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -148,23 +160,8 @@ fn same_batches_for_one_worker_two_workers_and_three_processes() {
     );
 
     // Three processes on loopback: process 0 trains, 1 and 2 run the data stages.
-    let hostfile = dir.path().join("hosts.txt");
-    let hosts: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    std::fs::write(&hostfile, hosts.join("\n")).unwrap();
     let three_dir: PathBuf = dir.path().join("three");
-    let children: Vec<Child> = (0..3)
-        .map(|p| {
-            pipeline()
-                .args(small_run_args(&three_dir))
-                .args(["--set", "cluster.roles=[train, data, data]"])
-                .args(["--processes", "3", "--process", &p.to_string(), "--hostfile"])
-                .arg(&hostfile)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn pipeline")
-        })
-        .collect();
+    let children = spawn_cluster(dir.path(), &three_dir, &[]);
     for (p, child) in children.into_iter().enumerate() {
         let out = wait_with_timeout(child, Duration::from_secs(300));
         assert!(
@@ -179,23 +176,8 @@ fn same_batches_for_one_worker_two_workers_and_three_processes() {
 #[test]
 fn a_dead_process_stops_the_others_with_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let hostfile = dir.path().join("hosts.txt");
-    let hosts: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    std::fs::write(&hostfile, hosts.join("\n")).unwrap();
     let run_dir = dir.path().join("run");
-    let mut children: Vec<Child> = (0..3)
-        .map(|p| {
-            pipeline()
-                .args(small_run_args(&run_dir))
-                .args(["--set", "cluster.roles=[train, data, data]", "--set", "train.epochs=20"])
-                .args(["--processes", "3", "--process", &p.to_string(), "--hostfile"])
-                .arg(&hostfile)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn pipeline")
-        })
-        .collect();
+    let mut children = spawn_cluster(dir.path(), &run_dir, &["--set", "train.epochs=20"]);
     // Wait until training is under way, then kill a data process.
     let start = Instant::now();
     while !run_dir.join("metrics.jsonl").exists() || steps(&run_dir).len() < 3 {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod util;
-use util::{pipeline, repo, shared_dir};
+use util::{pipeline, repo, shared_dir, TINY_MODEL};
 
 fn ok(output: Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -76,8 +76,8 @@ fn embedded_fashion_mnist_is_balanced_and_complete() {
     );
 }
 
-/// Settings that make the default config quick enough for a test: a tiny
-/// model, one epoch over two of the embedded shards.
+/// Settings that make the default config quick enough for a test: one epoch
+/// over two of the embedded shards (plus [`TINY_MODEL`]).
 const QUICK: &[&str] = &[
     "--set",
     "data.train=['../shards/data/fashion-mnist/train-{000000..000001}.tar.zst']",
@@ -87,16 +87,6 @@ const QUICK: &[&str] = &[
     "train.epochs=1",
     "--set",
     "train.batch_size=100",
-    "--set",
-    "model.backbone.embed_dim=32",
-    "--set",
-    "model.backbone.depth=1",
-    "--set",
-    "model.backbone.num_heads=2",
-    "--set",
-    "model.draw.embed_dim=32",
-    "--set",
-    "model.draw.num_heads=2",
 ];
 
 #[test]
@@ -106,6 +96,7 @@ fn main_job_trains_on_the_embedded_default() {
     let out = ok(pipeline()
         .args(["run", "configs/pretrain.yaml"])
         .args(QUICK)
+        .args(TINY_MODEL)
         .arg("--set")
         .arg(format!("run.dir={}", run_dir.display()))
         .env("RAYON_NUM_THREADS", "1")
@@ -154,6 +145,7 @@ fn main_job_trains_on_the_embedded_default() {
     let again = pipeline()
         .args(["run", "configs/pretrain.yaml"])
         .args(QUICK)
+        .args(TINY_MODEL)
         .arg("--set")
         .arg(format!("run.dir={}", run_dir.display()))
         .output()
@@ -320,7 +312,8 @@ fn run_skips_bad_input_with_counts_or_fails_naming_shard_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = damaged_dataset(dir.path());
     let run_dir = dir.path().join("run");
-    let quick = QUICK.iter().skip(4); // keep the damaged data and its single lane
+    // The damaged data and its single lane stay; one epoch of the tiny model.
+    let quick = ["--set", "train.epochs=1"].iter().chain(TINY_MODEL);
     let out = pipeline()
         .arg("run")
         .arg(&config)

@@ -36,3 +36,18 @@ pub fn pipeline() -> Command {
     cmd.current_dir(repo());
     cmd
 }
+
+/// `--set` overrides that shrink the default model to a one-block toy, so a
+/// test trains in seconds.
+pub const TINY_MODEL: &[&str] = &[
+    "--set",
+    "model.backbone.embed_dim=32",
+    "--set",
+    "model.backbone.depth=1",
+    "--set",
+    "model.backbone.num_heads=2",
+    "--set",
+    "model.draw.embed_dim=32",
+    "--set",
+    "model.draw.num_heads=2",
+];

@@ -295,16 +295,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ops::tests::max_abs_diff;
     use candle_core::{Device, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("diff")
-    }
 
     /// Odd sizes (partial MR/NR tiles, several KC and NC blocks, both thread splits)
     /// and transposed operands, against candle's matmul; values and gradients.
