@@ -30,6 +30,9 @@ pub struct RunConfig {
     /// The trainer.
     #[serde(default)]
     pub train: stages::train::TrainConfig,
+    /// Linear probe and kNN settings (`pipeline eval`, and the probe that ends `pipeline run`).
+    #[serde(default)]
+    pub eval: stages::eval::EvalConfig,
     /// Where the run writes, and the flow control.
     #[serde(default)]
     pub run: RunSection,
@@ -161,6 +164,10 @@ impl RunConfig {
         for pattern in self.data.train.iter_mut().chain(self.data.test.iter_mut()) {
             *pattern = resolve(base, pattern);
         }
+        // An input, like the shards; the target cache's root is an output, relative to the working directory.
+        if let Some(clip) = self.stages.targets.clip.as_mut() {
+            clip.weights = PathBuf::from(resolve(base, &clip.weights.to_string_lossy()));
+        }
     }
 
     /// Checks no single field can make: combinations, ranges.
@@ -177,6 +184,7 @@ impl RunConfig {
         self.stages.validate().map_err(|e| anyhow::anyhow!("stages: {e}"))?;
         self.model.validate().map_err(|e| anyhow::anyhow!("model: {e}"))?;
         self.train.validate().map_err(|e| anyhow::anyhow!("train: {e}"))?;
+        self.eval.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let backbone = &self.model.backbone;
         if backbone.in_chans != 3 {
             bail!("model.backbone.in_chans is {}, but the data stages give RGB (grey images as three equal channels): set it to 3", backbone.in_chans);

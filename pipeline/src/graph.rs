@@ -51,6 +51,8 @@ pub struct GraphContext {
     pub sink_shape: SinkShape,
     pub skips: Skips,
     pub counters: Arc<Counters>,
+    /// The stores a run with a target cache reads its targets from.
+    pub cache: Option<Arc<crate::cache::CachedTargets>>,
     /// The first failure of any worker of this process: every worker's driver
     /// loop checks it and stops, so one failing worker never leaves the others
     /// waiting for its progress.
@@ -198,11 +200,11 @@ fn build(
         let (seed, c) = (ctx.seed, || ctx.clone());
         let (cd, ca, cm, cs, ct) = (c(), c(), c(), c(), c());
         let lanes = scope.input_from(&mut input);
-        let decoded = stage(lanes, DECODE, me, ctx, move |r| record::decode(&cd.stages, r));
-        let viewed = stage(decoded, AUGMENT, me, ctx, move |r| record::augment(&ca.stages, seed, r));
+        let decoded = stage(lanes, DECODE, me, ctx, move |r| record::decode(&cd.stages, seed, r));
+        let viewed = stage(decoded, AUGMENT, me, ctx, move |r| record::augment(&ca.stages, r));
         let masked = stage(viewed, MASK, me, ctx, move |r| record::mask(&cm.stages, seed, r));
         let smoothed = stage(masked, SMOOTH, me, ctx, move |r| record::smooth(&cs.stages, r));
-        let with_targets = stage(smoothed, TARGETS, me, ctx, move |r| record::targets(&ct.stages, r));
+        let with_targets = stage(smoothed, TARGETS, me, ctx, move |r| crate::cache::targets(&ct, r));
         sink(with_targets, ctx, to_trainer).probe_with(&probe);
     });
     (input, probe)

@@ -3,20 +3,28 @@
 //! `main` parses the command line and hands it to [`run_command`]: one match,
 //! one module per subcommand. Errors are printed once, with their chain.
 
+mod ablation;
+mod bench_cache;
 mod bench_data;
 mod bench_train;
+mod cache;
+mod cache_index;
 mod config;
+mod eval_cmd;
+mod export_cmd;
 mod graph;
 mod metrics;
 mod placement;
 mod plan;
 mod plot;
+mod precompute;
 mod record;
 mod run;
 mod shards_cmd;
 mod sink;
 mod stages_dump;
 mod trainer;
+mod viz;
 
 use std::process::ExitCode;
 
@@ -44,6 +52,21 @@ enum Command {
         #[command(subcommand)]
         command: StagesCommand,
     },
+    /// Evaluate a checkpoint's frozen backbone: linear probe or kNN top-1, as a JSON line.
+    Eval {
+        #[arg(value_enum)]
+        method: eval_cmd::Method,
+        #[command(flatten)]
+        args: eval_cmd::EvalArgs,
+    },
+    /// Fill the target cache: every missing view's targets into the store.
+    Precompute(precompute::PrecomputeArgs),
+    /// Pre-train every config of a directory (the paper's Table 8 rows) and write a markdown table of linear-probe and kNN top-1.
+    Ablation(ablation::AblationArgs),
+    /// Draw the paper's Figure 3: x, smoothed x̂, masked x_M and two drawings per image, as a PNG grid.
+    Viz(viz::VizArgs),
+    /// Write the backbone with timm's names (`--format timm`) as safetensors.
+    Export(export_cmd::ExportArgs),
     /// Measure throughput.
     Bench {
         #[command(subcommand)]
@@ -63,12 +86,19 @@ enum BenchCommand {
     Data(bench_data::BenchDataArgs),
     /// Milliseconds per training step on a synthetic batch.
     Train(bench_train::BenchTrainArgs),
+    /// Views/s read from the target cache into batches, and bytes per view.
+    Cache(bench_cache::BenchCacheArgs),
 }
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Shards { command } => shards_cmd::run(command),
+        Command::Precompute(args) => precompute::run(&args),
+        Command::Eval { method, args } => eval_cmd::run(method, &args),
+        Command::Ablation(args) => ablation::run(&args),
+        Command::Viz(args) => viz::run(&args),
+        Command::Export(args) => export_cmd::run(&args),
         Command::Stages {
             command: StagesCommand::Dump(args),
         } => stages_dump::run(&args),
@@ -78,10 +108,29 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             command: BenchCommand::Train(args),
         } => bench_train::run(&args),
+        Command::Bench {
+            command: BenchCommand::Cache(args),
+        } => bench_cache::run(&args),
+    }
+}
+
+/// Keep freed memory in the process. Each sample allocates a few buffers of
+/// 0.2 to 1 MB (decoded region, normalized view, x̂); glibc serves those with
+/// mmap and gives them back on free (and trims the worker threads' arenas),
+/// so every sample paid page faults and kernel zeroing: 21% of the data
+/// chain's time in a profile (`perf record`, `bench data --only chain`).
+/// A fixed threshold also turns off glibc's adaptive one.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -34,6 +34,11 @@ pub struct Counters {
     /// Records the lanes sent into the graph.
     pub sourced: AtomicU64,
     pub stages: [StageCounter; 6],
+    /// Target extractor calls (one per view and target kind), including a
+    /// cached run's `on_miss: compute`; zero when every target came from the cache.
+    pub extractor_calls: AtomicU64,
+    /// Records whose targets were read from the target cache.
+    pub cache_reads: AtomicU64,
 }
 
 impl Counters {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use shards::rng::stage_rng;
-use stages::chain::{AUGMENT, MASK};
+use stages::chain::MASK;
 use stages::sample::{Mask, Rgb8, StageError, Target, View};
 use stages::{augment, decode, mask, smooth, targets, StagesConfig};
 
@@ -19,6 +19,10 @@ pub struct Image {
     pub width: usize,
     pub height: usize,
     pub data: Vec<u8>,
+    /// Where these pixels start in the source image: decode reads only the
+    /// region the view's crop needs (0, 0 for a whole image or a view).
+    pub left: usize,
+    pub top: usize,
 }
 
 impl From<Rgb8> for Image {
@@ -27,6 +31,8 @@ impl From<Rgb8> for Image {
             width: img.width,
             height: img.height,
             data: img.data,
+            left: 0,
+            top: 0,
         }
     }
 }
@@ -65,32 +71,48 @@ pub struct Record {
     pub image: Vec<f32>,
     /// Per patch, 1 = removed (after mask).
     pub mask: Vec<u8>,
-    /// Smoothed target x̂, C x H x W (after smooth).
-    pub smooth: Vec<f32>,
+    /// Smoothed target x̂ as u8 pixels, H x W x 3, normalized on the training device (after smooth).
+    pub smooth: Vec<u8>,
     /// Per-patch targets in config order, each patches x dims (after targets).
     pub targets: Vec<(usize, Vec<f32>)>,
 }
 
-/// decode: shard members -> RGB pixels.
-pub fn decode(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
-    let sample = shards::Sample {
-        key: std::mem::take(&mut r.key),
-        files: std::mem::take(&mut r.raw),
+/// decode: the pixels of the shard's image that the view needs. The view
+/// (crop box, flip) is drawn here, from the augment stage's rng stream, out of
+/// the header's size: it decides which rows and columns to decode.
+pub fn decode(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, StageError> {
+    let raw = std::mem::take(&mut r.raw);
+    let bytes = ["jpg", "jpeg", "png"]
+        .iter()
+        .find_map(|ext| raw.get(*ext))
+        .ok_or(StageError::NoImage)?;
+    let (width, height) = decode::image_size(bytes)?;
+    // A run reading the target cache feeds one of the K cached views instead.
+    let (view, _) = stages::views::run_view(cfg, seed, r.epoch, &r.key, width, height)?;
+    let region = decode::decode_region(&cfg.decode, bytes, view.crop)?;
+    r.view = view;
+    r.pixels = Image {
+        left: region.left,
+        top: region.top,
+        ..region.pixels.into()
     };
-    let decoded = decode::apply(&cfg.decode, &sample);
-    r.key = sample.key;
-    r.pixels = decoded?.into();
     Ok(r)
 }
 
-/// augment: random resized crop + flip, then normalization (where data becomes float).
-pub fn augment(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, StageError> {
-    let mut rng = stage_rng(seed, r.epoch, &r.key, AUGMENT);
-    let decoded: Rgb8 = std::mem::take(&mut r.pixels).into();
-    let (pixels, view) = augment::apply(&cfg.augment, &decoded, &mut rng)?;
+/// augment: resize and flip the view out of the decoded region, then
+/// normalization (where data becomes float).
+pub fn augment(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
+    let Image { left, top, .. } = r.pixels;
+    let region = decode::Region {
+        pixels: std::mem::take(&mut r.pixels).into(),
+        left,
+        top,
+        source_width: r.view.source_width,
+        source_height: r.view.source_height,
+    };
+    let pixels = augment::apply_region(&region, &r.view)?;
     r.image = augment::normalize(&pixels, cfg.augment.mean, cfg.augment.std);
     r.pixels = pixels.into();
-    r.view = view;
     Ok(r)
 }
 
@@ -102,10 +124,17 @@ pub fn mask(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, Stag
     Ok(r)
 }
 
-/// smooth: the Gaussian-smoothed target x̂ of the normalized view.
+/// smooth: the Gaussian-smoothed target x̂ of the u8 view, rounded to u8 (the
+/// trainer normalizes it on its device; see `smooth::apply_u8` for the rounding).
 pub fn smooth(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
-    let size = cfg.augment.size;
-    r.smooth = smooth::apply(&cfg.smooth, &r.image, 3, size, size)?;
+    let view = Rgb8 {
+        width: r.pixels.width,
+        height: r.pixels.height,
+        data: std::mem::take(&mut r.pixels.data),
+    };
+    let smoothed = smooth::apply_u8(&cfg.smooth, &view);
+    r.pixels.data = view.data;
+    r.smooth = smoothed?;
     Ok(r)
 }
 

@@ -63,7 +63,7 @@ fn run_dir(cfg: &RunConfig, args: &RunArgs) -> PathBuf {
     })
 }
 
-fn timely_config(args: &RunArgs) -> anyhow::Result<timely::Config> {
+pub(crate) fn timely_config(args: &RunArgs) -> anyhow::Result<timely::Config> {
     if args.workers == 0 || args.processes == 0 || args.process >= args.processes {
         bail!("--workers and --processes must be positive and --process below --processes");
     }
@@ -169,6 +169,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     );
 
     let counters = Arc::new(Counters::default());
+    let cache = crate::cache::prepare_run(&cfg, args.workers, &counters)?;
     let run_dir = run_dir(&cfg, args);
     let (sender, trainer_thread) = if trains {
         let taken = run_dir.join("metrics.jsonl").exists() || checkpoint_dir(&run_dir).exists();
@@ -233,9 +234,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         sink_shape: SinkShape {
             size: cfg.stages.augment.size,
             num_patches: (cfg.stages.augment.size / cfg.stages.patch).pow(2),
+            mean: cfg.stages.augment.mean,
+            std: cfg.stages.augment.std,
         },
         skips: skips.clone(),
         counters: counters.clone(),
+        cache: cache.clone(),
         failure: Default::default(),
     });
     let started = Instant::now();
@@ -307,6 +311,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             summary.data_wait * 100.0
         );
         println!("run directory: {}", run_dir.display());
+        let mut summary = serde_json::to_value(&summary)?;
+        if cfg.eval.after_run {
+            summary["probe"] = crate::eval_cmd::after_run_report(&cfg, &run_dir);
+        }
         std::fs::write(run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     } else {
         println!("data process {} done in {seconds:.1} s", args.process);
@@ -344,6 +352,7 @@ pub fn data_throughput(
     let (plan, _) = plan_run(&cfg)?;
     let placement = Placement::resolve(&cfg.cluster, &cfg.placement, 1, workers)?;
     let counters = Arc::new(Counters::default());
+    let cache = crate::cache::prepare_run(&cfg, workers, &counters)?;
     let ctx = Arc::new(GraphContext {
         stages: cfg.stages.clone(),
         seed: cfg.seed,
@@ -357,9 +366,12 @@ pub fn data_throughput(
         sink_shape: SinkShape {
             size: cfg.stages.augment.size,
             num_patches: (cfg.stages.augment.size / cfg.stages.patch).pow(2),
+            mean: cfg.stages.augment.mean,
+            std: cfg.stages.augment.std,
         },
         skips: Skips::default(),
         counters: counters.clone(),
+        cache: cache.clone(),
         failure: Default::default(),
     });
     let started = Instant::now();

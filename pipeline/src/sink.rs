@@ -1,8 +1,11 @@
 //! The sink's work on one complete batch: records (ordered by lane and
 //! position) into the trainer's [`Batch`], and the batch digest.
+//!
+//! Images and x̂ stay u8 (H x W x 3 per sample) into the batch; the trainer
+//! normalizes them on its device (DESIGN.md "Keep image data as u8 until the sink").
 
 use anyhow::bail;
-use stages::train::Batch;
+use stages::train::{Batch, U8Pixels};
 
 use crate::record::Record;
 
@@ -13,6 +16,9 @@ pub struct SinkShape {
     pub size: usize,
     /// Patches per image.
     pub num_patches: usize,
+    /// `stages.augment.mean` / `std`: the normalization the trainer applies.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
 }
 
 /// A batch on its way to the trainer.
@@ -22,7 +28,7 @@ pub struct ReadyBatch {
     pub index: u64,
     pub epoch: u64,
     pub batch: Batch,
-    /// BLAKE3 of keys, views and tensor bytes in batch order (hex).
+    /// BLAKE3 of keys, views, u8 pixels, x̂, masks and targets in batch order (hex).
     pub digest: String,
 }
 
@@ -38,12 +44,15 @@ pub fn assemble_batch(index: u64, epoch: u64, records: Vec<Record>, shape: &Sink
     let mut batch = Batch {
         keys: Vec::with_capacity(b),
         epoch,
-        images: Vec::with_capacity(b * c * plane),
+        images: vec![],
         shape: [b, c, shape.size, shape.size],
         mask: Vec::with_capacity(b * shape.num_patches),
-        smoothed: Some(Vec::with_capacity(b * c * plane)),
+        smoothed: None,
         targets: None,
+        pixels: None,
     };
+    let mut images = Vec::with_capacity(b * c * plane);
+    let mut smoothed = Vec::with_capacity(b * c * plane);
     let mut targets: Vec<f32> = Vec::new();
     let mut hasher = blake3::Hasher::new();
     hasher.update(&index.to_le_bytes());
@@ -59,7 +68,12 @@ pub fn assemble_batch(index: u64, epoch: u64, records: Vec<Record>, shape: &Sink
         }
     };
     for r in records {
-        if r.image.len() != c * plane || r.smooth.len() != c * plane || r.mask.len() != shape.num_patches {
+        let view_size = (r.pixels.width, r.pixels.height);
+        if view_size != (shape.size, shape.size)
+            || r.pixels.data.len() != c * plane
+            || r.smooth.len() != c * plane
+            || r.mask.len() != shape.num_patches
+        {
             bail!(
                 "{}: record shapes do not match the model ({} px, {} patches)",
                 r.key,
@@ -70,16 +84,14 @@ pub fn assemble_batch(index: u64, epoch: u64, records: Vec<Record>, shape: &Sink
         hasher.update(&(r.key.len() as u64).to_le_bytes());
         hasher.update(r.key.as_bytes());
         hasher.update(serde_json::to_string(&r.view)?.as_bytes());
-        hash_floats(&mut hasher, &r.image);
-        hash_floats(&mut hasher, &r.smooth);
+        hasher.update(&r.pixels.data);
+        hasher.update(&r.smooth);
         hasher.update(&r.mask);
         for (_, values) in &r.targets {
             hash_floats(&mut hasher, values);
         }
-        batch.images.extend_from_slice(&r.image);
-        if let Some(s) = batch.smoothed.as_mut() {
-            s.extend_from_slice(&r.smooth);
-        }
+        images.extend_from_slice(&r.pixels.data);
+        smoothed.extend_from_slice(&r.smooth);
         batch.mask.extend_from_slice(&r.mask);
         // Targets of several kinds are concatenated per patch.
         if !r.targets.is_empty() {
@@ -94,10 +106,78 @@ pub fn assemble_batch(index: u64, epoch: u64, records: Vec<Record>, shape: &Sink
     if !targets.is_empty() {
         batch.targets = Some(targets);
     }
+    batch.pixels = Some(U8Pixels {
+        images,
+        smoothed: Some(smoothed),
+        mean: shape.mean.to_vec(),
+        std: shape.std.to_vec(),
+    });
     Ok(ReadyBatch {
         index,
         epoch,
         batch,
         digest: hasher.finalize().to_hex().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Image;
+    use stages::sample::Rgb8;
+
+    /// The u8 batch, normalized by the trainer's device code, is bitwise the f32
+    /// view the augment stage computes per record; x̂, masks and keys keep batch order.
+    #[test]
+    fn u8_batch_normalizes_to_the_augment_stages_view() {
+        let (size, n) = (4, 4);
+        let (mean, std) = ([0.3f32, 0.4, 0.5], [0.2f32, 0.25, 0.3]);
+        let records: Vec<Record> = (0..2u8)
+            .map(|i| Record {
+                key: format!("k{i}"),
+                pixels: Image::from(Rgb8 {
+                    width: size,
+                    height: size,
+                    data: (0..size * size * 3)
+                        .map(|v| (v as u8).wrapping_mul(37).wrapping_add(i))
+                        .collect(),
+                }),
+                smooth: vec![100 + i; size * size * 3],
+                mask: vec![i, 1, 0, 1],
+                ..Record::default()
+            })
+            .collect();
+        let want_images: Vec<f32> = records
+            .iter()
+            .flat_map(|r| stages::augment::normalize(&r.pixels.clone().into(), mean, std))
+            .collect();
+        let shape = SinkShape {
+            size,
+            num_patches: n,
+            mean,
+            std,
+        };
+        let ready = assemble_batch(7, 0, records.clone(), &shape).unwrap();
+        let px = ready.batch.pixels.as_ref().expect("u8 pixels");
+        let up = stages::train::feed::normalize_on_device(
+            &px.images,
+            ready.batch.shape,
+            &px.mean,
+            &px.std,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let got: Vec<f32> = up.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, want_images);
+        assert_eq!(
+            px.smoothed.as_ref().unwrap(),
+            &[records[0].smooth.clone(), records[1].smooth.clone()].concat()
+        );
+        assert_eq!(ready.batch.mask, vec![0, 1, 0, 1, 1, 1, 0, 1]);
+        assert_eq!(ready.batch.keys, vec!["k0", "k1"]);
+        // Another x̂ is another batch.
+        let mut other = records;
+        other[1].smooth[0] = 0;
+        assert_ne!(assemble_batch(7, 0, other, &shape).unwrap().digest, ready.digest);
+    }
 }

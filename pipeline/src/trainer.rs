@@ -1,6 +1,10 @@
 //! The trainer thread: owns the model and the device, takes complete batches
 //! from the sink over a bounded channel, steps, logs `metrics.jsonl`, and
 //! writes checkpoints at epoch ends.
+//!
+//! A prefetch thread copies the next batch to the device (u8 images,
+//! normalized there) while the current step computes; `data_wait_s` in
+//! `metrics.jsonl` is the time the step loop waited for that thread.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -54,14 +58,9 @@ pub fn checkpoint_dir(run_dir: &std::path::Path) -> PathBuf {
 /// Build the trainer (resuming if asked): returns it and the first batch to train on.
 pub fn make_trainer(setup: &TrainerSetup) -> anyhow::Result<(Trainer, u64)> {
     let steps_per_epoch = (setup.plan.batches[0] / setup.train.accum_iter as u64).max(1);
-    let mut trainer = Trainer::new(
-        &setup.model,
-        &setup.train,
-        &candle_core::Device::Cpu,
-        setup.seed,
-        steps_per_epoch,
-    )
-    .context("building the model")?;
+    let device = stages::train::device::open(&setup.train.device).context("opening the training device")?;
+    let mut trainer =
+        Trainer::new(&setup.model, &setup.train, &device, setup.seed, steps_per_epoch).context("building the model")?;
     let mut start = 0;
     if let Some(dir) = &setup.resume {
         let state = trainer
@@ -71,6 +70,36 @@ pub fn make_trainer(setup: &TrainerSetup) -> anyhow::Result<(Trainer, u64)> {
         tracing::info!("resumed from {} at step {}, batch {start}", dir.display(), state.step);
     }
     Ok((trainer, start))
+}
+
+/// A batch copied to the device by the prefetch thread (the batch itself emptied of its data).
+type Prefetched = (ReadyBatch, Result<stages::train::Uploaded, stages::train::TrainError>);
+
+/// Starts the prefetch thread: it copies each batch from `batches` to the device
+/// and hands it over one at a time (a bounded channel of one: one batch waits
+/// while another trains). It stops when either channel closes.
+fn prefetch(
+    uploader: stages::train::Uploader,
+    batches: Receiver<ReadyBatch>,
+) -> anyhow::Result<crossbeam::channel::Receiver<Prefetched>> {
+    let (tx, rx) = crossbeam::channel::bounded::<Prefetched>(1);
+    std::thread::Builder::new()
+        .name("prefetch".into())
+        .spawn(move || {
+            for mut ready in batches {
+                let up = uploader.upload(&ready.batch, ready.index);
+                // The step needs only the keys count and the index from here on.
+                ready.batch = stages::train::Batch {
+                    keys: std::mem::take(&mut ready.batch.keys),
+                    ..Default::default()
+                };
+                if tx.send((ready, up)).is_err() {
+                    break; // the step loop stopped
+                }
+            }
+        })
+        .context("starting the prefetch thread")?;
+    Ok(rx)
 }
 
 /// Train on every batch the sink sends until the channel closes.
@@ -98,13 +127,14 @@ pub fn train_loop(
     let mut waited = 0.0;
     let mut last_counts = (setup.counters.snapshot(), Instant::now());
     let mut checkpoint_due = false;
+    let uploaded = prefetch(trainer.uploader(), batches)?;
     let mut wait_start = Instant::now();
-    for ready in batches {
+    for (ready, upload) in uploaded.iter() {
         let data_wait = wait_start.elapsed().as_secs_f64();
         waited += data_wait;
         let step_start = Instant::now();
-        let stats = trainer
-            .step(&ready.batch)
+        let stats = upload
+            .and_then(|up| trainer.step_uploaded(up))
             .with_context(|| format!("training on batch {}", ready.index))?;
         let step_s = step_start.elapsed().as_secs_f64();
         let samples = ready.batch.keys.len() as u64;
@@ -156,6 +186,14 @@ pub fn train_loop(
         }
         wait_start = Instant::now();
     }
+    // Zero extractor calls is how a run shows it trained on cached targets only.
+    let load = |count: &std::sync::atomic::AtomicU64| count.load(std::sync::atomic::Ordering::Relaxed);
+    let (extractor_calls, cache_reads) = (load(&setup.counters.extractor_calls), load(&setup.counters.cache_reads));
+    writeln!(
+        metrics,
+        "{}",
+        json!({"kind": "targets", "extractor_calls": extractor_calls, "cache_reads": cache_reads})
+    )?;
     metrics.flush()?;
     progress.finish_and_clear();
     if let Err(e) = crate::plot::loss_png(&setup.run_dir) {

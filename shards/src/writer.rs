@@ -207,6 +207,15 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Finish the shard being written now, so the next sample starts a new
+    /// one; returns its path (`None` when no shard was open). The target
+    /// cache's store closes a shard per flush of its buffer.
+    pub fn finish_shard(&mut self) -> Result<Option<PathBuf>> {
+        let before = self.written.len();
+        self.finish_current()?;
+        Ok(self.written.get(before).cloned())
+    }
+
     /// Finish the last shard and return every shard written, in order.
     pub fn close(mut self) -> Result<Vec<PathBuf>> {
         self.finish_current()?;

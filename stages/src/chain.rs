@@ -67,6 +67,7 @@ impl StagesConfig {
         if self.targets.kinds.contains(&targets::Kind::Hog) && p % 2 != 0 {
             return Err(StageError::Config(format!("hog needs an even stages.patch, got {p}")));
         }
+        crate::views::validate(self)?;
         Ok(())
     }
 }
@@ -99,10 +100,15 @@ pub fn process(cfg: &StagesConfig, raw: &shards::Sample, run_seed: u64, epoch: u
         }
     };
     cfg.validate().map_err(err("config"))?;
-    let decoded = decode::apply(&cfg.decode, raw).map_err(err("decode"))?;
+    // The view is drawn from the header's size first, so that decode reads
+    // only the rows and columns its crop needs.
+    let bytes = decode::image_bytes(raw).map_err(err("decode"))?;
+    let (width, height) = decode::image_size(bytes).map_err(err("decode"))?;
     let mut rng = stage_rng(run_seed, epoch, key, AUGMENT);
-    let (pixels, view) = augment::apply(&cfg.augment, &decoded, &mut rng).map_err(err("augment"))?;
-    drop(decoded);
+    let view = augment::sample_view(&cfg.augment, width, height, &mut rng).map_err(err("augment"))?;
+    let region = decode::decode_region(&cfg.decode, bytes, view.crop).map_err(err("decode"))?;
+    let pixels = augment::apply_region(&region, &view).map_err(err("augment"))?;
+    drop(region);
     let a = &cfg.augment;
     let image = augment::normalize(&pixels, a.mean, a.std);
     let grid = a.size / cfg.patch;

@@ -1,11 +1,13 @@
-//! decode: JPEG / PNG bytes into 8-bit RGB.
+//! decode: JPEG / PNG bytes into 8-bit RGB, whole or only the region a crop needs.
 //!
 //! Reference: `../shared/testvectors/photo224_normalized.npy` holds four photos
 //! resized to 224 px from their decoded pixels; `augment`'s tests decode the
 //! same JPEGs with this stage and resize them, and must recover those u8
-//! pixels within 6 levels, mean under 0.5 (zune-jpeg and libjpeg-turbo round
-//! the IDCT and the chroma upsampling differently: up to 4 levels, mean 0.07
-//! to 0.34 on those photos; a wrong color conversion or upsampling is far more).
+//! pixels within 6 levels, mean under 0.5. With libjpeg-turbo (PIL's decoder)
+//! three of the four match exactly and one within 5 levels, mean 0.23; with
+//! the zune-jpeg fallback, which rounds the IDCT and the chroma upsampling
+//! differently, up to 4 levels, mean 0.07 to 0.34. A wrong color conversion
+//! or upsampling is far more.
 //!
 //! Conversions follow what `PIL.Image.convert("RGB")` gives torchvision:
 //! gray is replicated, alpha is dropped, 16-bit samples keep their high byte,
@@ -16,32 +18,35 @@
 //! allocated. Corrupt or truncated data is an error, never a panic: the JPEG
 //! decoder runs in strict mode (like PIL without `LOAD_TRUNCATED_IMAGES`).
 //!
-//! Decoder choice, measured on this 2-core machine (AMD EPYC, one thread,
-//! `pipeline bench data` over `shared/data/photos-*.tar`, 1024 JPEGs of about
-//! 270 to 630 px): zune-jpeg, see [`DECODER_CHOICE`] for the figures.
+//! Decoder choice, measured on this 2-core machine over
+//! `shared/data/photos-*.tar` (1024 JPEGs of about 270 to 630 px): see
+//! [`DECODER_CHOICE`]. The run graph and `stages::chain` decode only the
+//! region of the view's crop ([`decode_region`]).
 
-use crate::sample::{Rgb8, StageError};
+use crate::sample::{CropBox, Rgb8, StageError};
 use serde::{Deserialize, Serialize};
 
-/// Why zune-jpeg decodes our JPEGs. Measured 2026-11-26 on this 2-core
-/// machine (AMD EPYC, AVX2) over the 1024 JPEGs of `shared/data/photos-*.tar`,
-/// one thread, while other jobs kept the load average at 5 to 7 (so absolute
-/// rates are about 2.5x below an idle core; compare the ratios):
+/// Which JPEG decoder this build uses, and why. Measured 2026-11-26 on this
+/// 2-core machine (AMD EPYC, AVX2) over the 1024 JPEGs of
+/// `shared/data/photos-*.tar`, one thread, images per CPU-second:
 ///
+/// - libjpeg-turbo 2.1.5 (Debian's `libjpeg-dev`, through `csrc/jpeg_region.c`):
+///   whole images 1,296 to 1,369; only the rows and iMCU columns a
+///   RandomResizedCrop needs (58% of the pixels on average, scale 0.2 to 1)
+///   1,691 to 2,073, in one scratch C program under light load;
 /// - zune-jpeg 0.5 called directly (RGB out, strict): `pipeline bench data`
-///   `decode` 917 to 1236 images per CPU-second;
-/// - `image` 0.25 (`load_from_memory` + `into_rgb8`): 918 per CPU-second in
-///   the same run as zune's 1004. It wraps the same zune-jpeg decoder, plus a
-///   `DynamicImage` conversion, so it cannot be faster;
-/// - libjpeg-turbo 2.1.5 (Debian `libturbojpeg0-dev`) through the `turbojpeg`
-///   0.5 crate, alternating 2 s rounds with zune-jpeg in one scratch program:
-///   turbojpeg 833 / 904 / 779 images/s against zune 938 / 731 / 656, a ratio
-///   of 0.89 to 1.24: no clear win. (turbojpeg 1.x needs libturbojpeg >= 3.0,
-///   which Debian 12 does not ship.) Its DCT-domain downscaling would rarely
-///   apply: crops are 20-100% of images under 2 x 224 px.
+///   `decode` 996 to 1,236 (whole images only: it cannot skip rows or columns);
+/// - `image` 0.25 (`load_from_memory` + `into_rgb8`): 946, the same zune-jpeg
+///   decoder plus a `DynamicImage` conversion.
 ///
-/// So the decoder stays pure Rust: no system library for CI to install.
-pub const DECODER_CHOICE: &str = "zune-jpeg (direct)";
+/// So JPEGs decode with libjpeg-turbo's partial decoding when the build found
+/// the system library (`build.rs`), and with zune-jpeg otherwise and for
+/// CMYK / YCCK files, which libjpeg cannot turn into RGB.
+pub const DECODER_CHOICE: &str = if cfg!(libjpeg_turbo) {
+    "libjpeg-turbo (system, partial decoding)"
+} else {
+    "zune-jpeg (direct)"
+};
 
 /// `stages.decode` config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,6 +82,97 @@ pub fn decode(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
     }
 }
 
+/// The decoded pixels of a rectangle of the source image: at least the crop
+/// it was asked for, at most the whole image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Region {
+    /// The rectangle's pixels.
+    pub pixels: Rgb8,
+    /// Column of the source image where `pixels` starts.
+    pub left: usize,
+    /// Row of the source image where `pixels` starts.
+    pub top: usize,
+    /// Source image width.
+    pub source_width: usize,
+    /// Source image height.
+    pub source_height: usize,
+}
+
+impl Region {
+    /// A whole decoded image.
+    pub fn whole(pixels: Rgb8) -> Region {
+        Region {
+            left: 0,
+            top: 0,
+            source_width: pixels.width,
+            source_height: pixels.height,
+            pixels,
+        }
+    }
+
+    /// `crop` (source coordinates) in this region's coordinates, if the region holds it.
+    pub fn local(&self, crop: CropBox) -> Option<CropBox> {
+        let (left, top) = (crop.left.checked_sub(self.left)?, crop.top.checked_sub(self.top)?);
+        (left + crop.width <= self.pixels.width && top + crop.height <= self.pixels.height).then_some(CropBox {
+            left,
+            top,
+            ..crop
+        })
+    }
+}
+
+/// The size a JPEG or PNG header declares, without decoding pixels.
+pub fn image_size(bytes: &[u8]) -> Result<(usize, usize), StageError> {
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        jpeg_size(bytes)
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        // IHDR is the first chunk: length, "IHDR", width, height (big endian).
+        let field = |at: usize| {
+            bytes
+                .get(at..at + 4)
+                .map(|b| u32::from_be_bytes(b.try_into().unwrap()) as usize)
+        };
+        match (bytes.get(12..16), field(16), field(20)) {
+            (Some(b"IHDR"), Some(w), Some(h)) => Ok((w, h)),
+            _ => Err(StageError::Corrupt("png without an IHDR chunk".into())),
+        }
+    } else {
+        Err(StageError::Corrupt("neither a JPEG nor a PNG signature".into()))
+    }
+}
+
+/// Decode at least the pixels of `crop` (source coordinates) of the sample's image.
+///
+/// JPEGs go through libjpeg-turbo's partial decoding where the build has it:
+/// rows below the crop are never decoded, rows above it are only
+/// entropy-decoded, and columns outside it (rounded out to iMCU boundaries)
+/// skip the IDCT and color conversion. The pixels inside the crop equal a
+/// whole decode's (test below). PNGs and the zune-jpeg fallback decode the
+/// whole image.
+pub fn decode_region(cfg: &Config, bytes: &[u8], crop: CropBox) -> Result<Region, StageError> {
+    #[cfg(libjpeg_turbo)]
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        match libjpeg::decode_region(cfg, bytes, crop) {
+            Err(StageError::Unsupported(_)) => {} // CMYK / YCCK: zune-jpeg below
+            other => return other,
+        }
+    }
+    let _ = crop;
+    let pixels = if bytes.starts_with(&[0xFF, 0xD8]) {
+        decode_jpeg_zune(cfg, bytes)?
+    } else {
+        decode(cfg, bytes)?
+    };
+    Ok(Region::whole(pixels))
+}
+
+/// The raw bytes of the sample's image member.
+pub fn image_bytes(raw: &shards::Sample) -> Result<&[u8], StageError> {
+    raw.first(&["jpg", "jpeg", "png"])
+        .map(|(_, bytes)| bytes)
+        .ok_or(StageError::NoImage)
+}
+
 fn check_size(cfg: &Config, width: usize, height: usize) -> Result<(), StageError> {
     if width == 0 || height == 0 {
         return Err(StageError::Corrupt(format!("empty image {width}x{height}")));
@@ -91,8 +187,41 @@ fn check_size(cfg: &Config, width: usize, height: usize) -> Result<(), StageErro
     Ok(())
 }
 
-/// JPEG through zune-jpeg: headers first, size check, then decode straight to RGB.
+/// A whole JPEG, by the decoder [`DECODER_CHOICE`] names.
 pub fn decode_jpeg(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
+    #[cfg(libjpeg_turbo)]
+    {
+        let (width, height) = jpeg_size(bytes)?;
+        check_size(cfg, width, height)?;
+        let whole = CropBox {
+            left: 0,
+            top: 0,
+            width,
+            height,
+        };
+        match libjpeg::decode_region(cfg, bytes, whole) {
+            Err(StageError::Unsupported(_)) => {} // CMYK / YCCK: zune-jpeg below
+            other => return other.map(|region| region.pixels),
+        }
+    }
+    decode_jpeg_zune(cfg, bytes)
+}
+
+/// The frame size of a JPEG.
+fn jpeg_size(bytes: &[u8]) -> Result<(usize, usize), StageError> {
+    // JPEG sizes are u16; our own pixel limit is the check that matters.
+    let options = zune_core::options::DecoderOptions::default()
+        .set_max_width(1 << 16)
+        .set_max_height(1 << 16);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+    dec.decode_headers()
+        .map_err(|e| StageError::Corrupt(format!("jpeg header: {e}")))?;
+    dec.dimensions()
+        .ok_or_else(|| StageError::Corrupt("jpeg without a frame header".into()))
+}
+
+/// JPEG through zune-jpeg: headers first, size check, then decode straight to RGB.
+pub fn decode_jpeg_zune(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
     use zune_core::bytestream::ZCursor;
     use zune_core::colorspace::ColorSpace;
     use zune_core::options::DecoderOptions;
@@ -197,6 +326,111 @@ pub fn decode_png(cfg: &Config, bytes: &[u8]) -> Result<Rgb8, StageError> {
         height: h,
         data,
     })
+}
+
+/// libjpeg-turbo's partial decoding through `csrc/jpeg_region.c` (see there
+/// for why it is C).
+#[cfg(libjpeg_turbo)]
+mod libjpeg {
+    use super::{check_size, has_eoi_after_sos, Config, Region};
+    use crate::sample::{CropBox, Rgb8, StageError};
+    use std::ffi::{c_char, c_int, c_uchar, c_ulong, c_ulonglong};
+
+    extern "C" {
+        fn cm_jpeg_decode_region(
+            data: *const c_uchar,
+            len: c_ulong,
+            max_pixels: c_ulonglong,
+            left: c_int,
+            top: c_int,
+            cols: c_int,
+            rows: c_int,
+            out: *mut c_uchar,
+            out_len: c_ulonglong,
+            out_left: *mut c_int,
+            out_cols: *mut c_int,
+            message: *mut c_char,
+            message_len: c_int,
+        ) -> c_int;
+    }
+
+    /// Decode the rows of `crop` and its columns rounded out to iMCU boundaries.
+    pub fn decode_region(cfg: &Config, bytes: &[u8], crop: CropBox) -> Result<Region, StageError> {
+        let (width, height) = super::jpeg_size(bytes)?;
+        check_size(cfg, width, height)?;
+        if crop.width == 0 || crop.height == 0 || crop.left + crop.width > width || crop.top + crop.height > height {
+            return Err(StageError::Config(format!(
+                "crop {}x{}+{}+{} outside the {width}x{height} image",
+                crop.width, crop.height, crop.left, crop.top
+            )));
+        }
+        // As with zune-jpeg: a file cut short is an error, even when the cut
+        // lies below the rows we decode.
+        if !has_eoi_after_sos(bytes) {
+            return Err(StageError::Corrupt(
+                "truncated jpeg: no end-of-image marker after the scan".into(),
+            ));
+        }
+        // Chroma upsampling ("fancy", libjpeg's default) of an edge pixel
+        // reads its neighbor's chroma: a column range starting or ending
+        // exactly at the crop would replicate the edge instead and differ
+        // from a whole decode by a few levels there. Two columns of margin on
+        // each side keep the crop's pixels exact (test below).
+        let left = crop.left.saturating_sub(2);
+        let cols = (crop.left + crop.width + 2).min(width) - left;
+        let mut out = vec![0u8; width * crop.height * 3];
+        let (mut out_left, mut out_cols) = (0 as c_int, 0 as c_int);
+        let mut message = [0 as c_char; 200];
+        // SAFETY: every pointer is valid for the length passed with it; the C
+        // side writes at most out_len bytes and a NUL-terminated message of at
+        // most message_len bytes, and keeps no pointer after returning.
+        let code = unsafe {
+            cm_jpeg_decode_region(
+                bytes.as_ptr(),
+                bytes.len() as c_ulong,
+                cfg.max_pixels,
+                left as c_int,
+                crop.top as c_int,
+                cols as c_int,
+                crop.height as c_int,
+                out.as_mut_ptr(),
+                out.len() as c_ulonglong,
+                &mut out_left,
+                &mut out_cols,
+                message.as_mut_ptr(),
+                message.len() as c_int,
+            )
+        };
+        let message = || {
+            // SAFETY: the C side always NUL-terminates (snprintf) or leaves the zeroed buffer.
+            let text = unsafe { std::ffi::CStr::from_ptr(message.as_ptr()) };
+            text.to_string_lossy().into_owned()
+        };
+        match code {
+            0 => {
+                let (left, cols) = (out_left as usize, out_cols as usize);
+                out.truncate(cols * crop.height * 3);
+                Ok(Region {
+                    pixels: Rgb8 {
+                        width: cols,
+                        height: crop.height,
+                        data: out,
+                    },
+                    left,
+                    top: crop.top,
+                    source_width: width,
+                    source_height: height,
+                })
+            }
+            2 => Err(StageError::Unsupported(message())),
+            3 => Err(StageError::TooLarge {
+                width,
+                height,
+                limit: cfg.max_pixels,
+            }),
+            _ => Err(StageError::Corrupt(format!("jpeg: {}", message()))),
+        }
+    }
 }
 
 /// The same bytes through the `image` crate (`load_from_memory` + `into_rgb8`):
@@ -453,6 +687,69 @@ mod tests {
                     want[c]
                 );
             }
+        }
+    }
+
+    /// Partial decoding returns exactly a whole decode's pixels inside the
+    /// crop (and the region holds the crop), for random crops of 256 photos;
+    /// the zune-jpeg fallback decodes the same images within a few levels.
+    #[test]
+    fn region_decode_equals_whole_decode_inside_the_crop() {
+        use rand::{Rng, SeedableRng};
+        let path = crate::npy::shared_dir().join("data/photos-000001.tar");
+        let skips = shards::Skips::default();
+        let reader = shards::ShardReader::open(&path, shards::OnError::Fail, &skips)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let cfg = Config::default();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (mut photos, mut partial) = (0, 0);
+        for sample in reader {
+            let sample = sample.unwrap();
+            let bytes = image_bytes(&sample).unwrap();
+            let whole = decode(&cfg, bytes).unwrap();
+            assert_eq!(image_size(bytes).unwrap(), (whole.width, whole.height));
+            let zune = decode_jpeg_zune(&cfg, bytes).unwrap();
+            let worst = whole.data.iter().zip(&zune.data).map(|(a, b)| a.abs_diff(*b)).max();
+            assert!(
+                worst <= Some(12),
+                "{}: zune-jpeg differs by {worst:?} levels",
+                sample.key
+            );
+            for _ in 0..3 {
+                let crop = crate::augment::random_resized_crop_params(
+                    whole.width,
+                    whole.height,
+                    [0.05, 1.0],
+                    [0.5, 2.0],
+                    &mut rng,
+                );
+                let region = decode_region(&cfg, bytes, crop).unwrap();
+                assert_eq!((region.source_width, region.source_height), (whole.width, whole.height));
+                let local = region
+                    .local(crop)
+                    .unwrap_or_else(|| panic!("{}: region misses {crop:?}", sample.key));
+                partial += usize::from(region.pixels.width < whole.width || region.pixels.height < whole.height);
+                for y in 0..crop.height {
+                    let row = |img: &Rgb8, top: usize, left: usize| {
+                        let o = ((top + y) * img.width + left) * 3;
+                        img.data[o..o + crop.width * 3].to_vec()
+                    };
+                    let (a, b) = (
+                        row(&region.pixels, local.top, local.left),
+                        row(&whole, crop.top, crop.left),
+                    );
+                    assert!(
+                        a == b,
+                        "{}: crop {crop:?} row {y} differs from the whole decode",
+                        sample.key
+                    );
+                }
+            }
+            photos += 1;
+        }
+        assert_eq!(photos, 256);
+        if cfg!(libjpeg_turbo) {
+            assert!(partial > 600, "only {partial} of 768 decodes were partial");
         }
     }
 

@@ -10,6 +10,7 @@
 pub mod augment;
 pub mod chain;
 pub mod decode;
+pub mod eval;
 pub mod mask;
 pub mod model;
 pub mod npy;
@@ -18,5 +19,6 @@ mod simd;
 pub mod smooth;
 pub mod targets;
 pub mod train;
+pub mod views;
 
 pub use chain::StagesConfig;

@@ -138,4 +138,7 @@ pub enum StageError {
     /// A configuration that cannot work (patch size not dividing the image...).
     #[error("bad stage config: {0}")]
     Config(String),
+    /// A target that should come from the target cache cannot be read from it.
+    #[error("target cache: {0}")]
+    Cache(String),
 }

@@ -23,7 +23,7 @@
 //! Blurring commutes with the per-channel normalization (weights sum to 1),
 //! so this stage may equally be run on pixels before normalizing.
 
-use crate::sample::StageError;
+use crate::sample::{Rgb8, StageError};
 use crate::simd::multiversion;
 use serde::{Deserialize, Serialize};
 
@@ -391,7 +391,11 @@ multiversion! {
 /// anticausal recursions run over the signal extended by `pad` reflected rows
 /// on each side, each started at the steady state of a constant signal equal
 /// to its first row (the start-up transient then decays within the pad).
-/// `scratch` holds the two recursions' rows, `(len + 4)` rows of w each.
+///
+/// The columns go in strips of 8 whose recursion state stays in registers;
+/// `scratch` holds one strip's causal output (`len` rows of 8), which the
+/// anticausal pass adds to its own on the fly. Whole-plane passes spilled a
+/// 0.5 MB working set out of L2 and ran at memory speed.
 fn deriche_columns / deriche_columns_scalar(
     d: &Deriche,
     src: &[f32],
@@ -402,80 +406,160 @@ fn deriche_columns / deriche_columns_scalar(
 ) {
     let pad = d.pad;
     let len = h + 2 * pad;
-    // Row n of the extended signal (n may run past both ends: clamp to the
-    // constant extension used by the steady-state start).
-    let row = |n: isize| -> &[f32] {
-        let n = n.clamp(0, len as isize - 1);
-        let y = reflect(n as i64 - pad as i64, h);
-        &src[y * w..(y + 1) * w]
-    };
-    let [n0, n1, n2, n3] = d.causal.map(|v| v as f32);
-    let [m1, m2, m3, m4] = d.anti.map(|v| v as f32);
-    let [d1, d2, d3, d4] = d.den.map(|v| v as f32);
-    let dsum = 1.0 + d1 + d2 + d3 + d4;
-    // No clearing: every row of both recursions is written before it is read.
-    scratch.resize(2 * (len + 4) * w, 0.0);
-    let (yc, ya) = scratch.split_at_mut((len + 4) * w);
-    // Causal: yc row k + 4 is y[k]; rows 0..4 are the steady state.
-    let gc = (n0 + n1 + n2 + n3) / dsum;
-    for k in 0..4 {
-        for (o, &x) in yc[k * w..(k + 1) * w].iter_mut().zip(row(0)) {
-            *o = gc * x;
-        }
+    // Source row of each row of the extended signal.
+    let rows: Vec<usize> = (0..len).map(|n| reflect(n as i64 - pad as i64, h)).collect();
+    scratch.resize(len * LANES, 0.0);
+    let mut x0 = 0;
+    while x0 + LANES <= w {
+        deriche_strip::<LANES>(d, src, dst, w, x0, &rows, scratch);
+        x0 += LANES;
     }
-    for k in 0..len {
-        let k1 = k as isize;
-        // Every slice cut to exactly w: no bounds checks in the loop.
-        let (x0, x1, x2, x3) = (&row(k1)[..w], &row(k1 - 1)[..w], &row(k1 - 2)[..w], &row(k1 - 3)[..w]);
-        let (prev, cur) = yc.split_at_mut((k + 4) * w);
-        let out = &mut cur[..w];
-        let y4 = &prev[k * w..][..w];
-        let y3 = &prev[(k + 1) * w..][..w];
-        let y2 = &prev[(k + 2) * w..][..w];
-        let y1 = &prev[(k + 3) * w..][..w];
-        for i in 0..w {
-            out[i] = n0 * x0[i] + n1 * x1[i] + n2 * x2[i] + n3 * x3[i]
-                - d1 * y1[i]
-                - d2 * y2[i]
-                - d3 * y3[i]
-                - d4 * y4[i];
-        }
-    }
-    // Anticausal: ya row k is y[k]; rows len..len + 4 are the steady state.
-    let ga = (m1 + m2 + m3 + m4) / dsum;
-    for k in len..len + 4 {
-        for (o, &x) in ya[k * w..(k + 1) * w].iter_mut().zip(row(len as isize - 1)) {
-            *o = ga * x;
-        }
-    }
-    for k in (0..len).rev() {
-        let k1 = k as isize;
-        let (x1, x2, x3, x4) = (&row(k1 + 1)[..w], &row(k1 + 2)[..w], &row(k1 + 3)[..w], &row(k1 + 4)[..w]);
-        let (cur, next) = ya.split_at_mut((k + 1) * w);
-        let out = &mut cur[k * w..][..w];
-        let y1 = &next[..w];
-        let y2 = &next[w..][..w];
-        let y3 = &next[2 * w..][..w];
-        let y4 = &next[3 * w..][..w];
-        for i in 0..w {
-            out[i] = m1 * x1[i] + m2 * x2[i] + m3 * x3[i] + m4 * x4[i]
-                - d1 * y1[i]
-                - d2 * y2[i]
-                - d3 * y3[i]
-                - d4 * y4[i];
-        }
-    }
-    for y in 0..h {
-        let (c, a) = (&yc[(pad + y + 4) * w..(pad + y + 5) * w], &ya[(pad + y) * w..(pad + y + 1) * w]);
-        for ((o, &p), &q) in dst[y * w..(y + 1) * w].iter_mut().zip(c).zip(a) {
-            *o = p + q;
-        }
+    for x in x0..w {
+        deriche_strip::<1>(d, src, dst, w, x, &rows, scratch);
     }
 }
 }
 
+/// Columns per strip: one AVX register of f32 (16, two registers, measured
+/// slower: the state no longer fits in registers).
+const LANES: usize = 8;
+
+/// [`deriche_columns`] on columns `x0..x0 + L`. Every strip width gives the
+/// same bits (the same expressions per column). The feedback of the newest
+/// output `y1` is subtracted last: each row then waits on one multiply and
+/// one subtract of the previous row, not on the whole sum (the recursion was
+/// latency-bound).
+#[inline(always)]
+fn deriche_strip<const L: usize>(
+    d: &Deriche,
+    src: &[f32],
+    dst: &mut [f32],
+    w: usize,
+    x0: usize,
+    rows: &[usize],
+    scratch: &mut [f32],
+) {
+    type V<const L: usize> = [f32; L];
+    let (len, pad) = (rows.len(), d.pad);
+    let h = len - 2 * pad;
+    let load = |n: usize| -> V<L> { src[rows[n] * w + x0..][..L].try_into().unwrap() };
+    let [n0, n1, n2, n3] = d.causal.map(|v| v as f32);
+    let [m1, m2, m3, m4] = d.anti.map(|v| v as f32);
+    let [d1, d2, d3, d4] = d.den.map(|v| v as f32);
+    let dsum = 1.0 + d1 + d2 + d3 + d4;
+    let yc = &mut scratch[..len * L];
+    // Causal, started at the steady state of the first row.
+    let gc = (n0 + n1 + n2 + n3) / dsum;
+    let first = load(0);
+    let (mut x1, mut x2, mut x3) = (first, first, first);
+    let mut y1: V<L> = std::array::from_fn(|i| gc * first[i]);
+    let (mut y2, mut y3, mut y4) = (y1, y1, y1);
+    for k in 0..len {
+        let x = load(k);
+        let y: V<L> = std::array::from_fn(|i| {
+            (n0 * x[i] + n1 * x1[i] + n2 * x2[i] + n3 * x3[i] - d4 * y4[i] - d3 * y3[i] - d2 * y2[i]) - d1 * y1[i]
+        });
+        yc[k * L..][..L].copy_from_slice(&y);
+        (x3, x2, x1) = (x2, x1, x);
+        (y4, y3, y2, y1) = (y3, y2, y1, y);
+    }
+    // Anticausal, started at the steady state of the last row; rows inside
+    // the image are summed with the causal output and written out.
+    let ga = (m1 + m2 + m3 + m4) / dsum;
+    let last = load(len - 1);
+    let (mut x1, mut x2, mut x3, mut x4) = (last, last, last, last);
+    let mut y1: V<L> = std::array::from_fn(|i| ga * last[i]);
+    let (mut y2, mut y3, mut y4) = (y1, y1, y1);
+    for k in (pad..len).rev() {
+        let y: V<L> = std::array::from_fn(|i| {
+            (m1 * x1[i] + m2 * x2[i] + m3 * x3[i] + m4 * x4[i] - d4 * y4[i] - d3 * y3[i] - d2 * y2[i]) - d1 * y1[i]
+        });
+        if k < pad + h {
+            let c = &yc[k * L..][..L];
+            let out = &mut dst[(k - pad) * w + x0..][..L];
+            for i in 0..L {
+                out[i] = c[i] + y[i];
+            }
+        }
+        (x4, x3, x2, x1) = (x3, x2, x1, load(k));
+        (y4, y3, y2, y1) = (y3, y2, y1, y);
+    }
+}
+
+/// x̂ as u8 pixels, for the sink: blur the view's u8 pixels (H x W x 3) and
+/// round back to u8 (H x W x 3). Blurring commutes with the normalization, so
+/// normalizing this differs from blurring the normalized view only by the
+/// rounding, at most 0.5 / 255 / std (DESIGN.md "Keep image data as u8"); with the
+/// recursive filter (large sigma) also its DC-gain error times mean / std (< 2e-3).
+pub fn apply_u8(cfg: &Config, pixels: &Rgb8) -> Result<Vec<u8>, StageError> {
+    let (h, w) = (pixels.height, pixels.width);
+    let plane = h * w;
+    if pixels.data.len() != 3 * plane {
+        return Err(StageError::Config(format!(
+            "smooth: {} bytes are not {h}x{w} RGB pixels",
+            pixels.data.len()
+        )));
+    }
+    let mut planes = vec![0f32; 3 * plane];
+    for (i, p) in pixels.data.chunks_exact(3).enumerate() {
+        for (c, &v) in p.iter().enumerate() {
+            planes[c * plane + i] = v as f32;
+        }
+    }
+    let blurred = apply(cfg, &planes, 3, h, w)?;
+    let mut out = vec![0u8; 3 * plane];
+    for (i, px) in out.chunks_exact_mut(3).enumerate() {
+        for (c, v) in px.iter_mut().enumerate() {
+            *v = blurred[c * plane + i].round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
+    /// The u8 x̂, normalized, is the blur of the normalized view up to the rounding
+    /// to u8: at most 0.5 / 255 / std (plus f32 noise), for both methods.
+    #[test]
+    fn u8_smoothing_then_normalizing_matches_within_the_rounding() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (h, w) = (24, 20);
+        // A smooth gradient plus noise, like a photo.
+        let data: Vec<u8> = (0..h * w * 3)
+            .map(|i| ((i / 3 % w) * 8 + rng.random_range(0..40)).min(255) as u8)
+            .collect();
+        let img = Rgb8 {
+            width: w,
+            height: h,
+            data,
+        };
+        let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+        for (sigma, method) in [(1.25, Method::Fast), (10.0, Method::Fast), (2.0, Method::Exact)] {
+            let cfg = Config { sigma, method };
+            let want = apply(&cfg, &crate::augment::normalize(&img, mean, std), 3, h, w).unwrap();
+            let u8s = Rgb8 {
+                width: w,
+                height: h,
+                data: apply_u8(&cfg, &img).unwrap(),
+            };
+            let got = crate::augment::normalize(&u8s, mean, std);
+            // Deriche's IIR (large sigma) has a DC gain a little off 1, so it commutes with
+            // the normalization's offset -mean/std only up to that: 2e-3 more, still < 0.01.
+            let iir = method == Method::Fast && (3.0 * sigma).ceil() as usize > FIR_MAX_RADIUS;
+            for c in 0..3 {
+                let bound = 0.5 / 255.0 / std[c] + if iir { 2e-3 } else { 1e-4 };
+                let worst = (0..h * w)
+                    .map(|i| (got[c * h * w + i] - want[c * h * w + i]).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= bound,
+                    "sigma {sigma} {method:?} channel {c}: {worst} > {bound}"
+                );
+            }
+        }
+    }
+
     use super::*;
     use crate::npy::testvector;
 
@@ -582,6 +666,30 @@ mod tests {
 
     /// The AVX block transpose and its scalar edges against the definition,
     /// on sizes with and without full 8 x 8 blocks.
+    /// Strips of 8 columns (AVX2 and baseline builds) and single columns give
+    /// the same bits, and the odd tail of a width that is no multiple of 8 is filtered.
+    #[test]
+    fn deriche_strips_agree_with_single_columns() {
+        let (h, w) = (37, 21);
+        let src: Vec<f32> = (0..h * w).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let d = Deriche::new(6.0);
+        let rows: Vec<usize> = (0..h + 2 * d.pad)
+            .map(|n| reflect(n as i64 - d.pad as i64, h))
+            .collect();
+        let mut scratch = Vec::new();
+        let (mut simd, mut scalar) = (vec![f32::NAN; h * w], vec![f32::NAN; h * w]);
+        deriche_columns(&d, &src, &mut simd, h, w, &mut scratch);
+        deriche_columns_scalar(&d, &src, &mut scalar, h, w, &mut scratch);
+        let mut single = vec![f32::NAN; h * w];
+        scratch.resize(rows.len(), 0.0);
+        for x in 0..w {
+            deriche_strip::<1>(&d, &src, &mut single, w, x, &rows, &mut scratch);
+        }
+        assert!(single.iter().all(|v| v.is_finite()));
+        assert_eq!(simd, single);
+        assert_eq!(scalar, single);
+    }
+
     #[test]
     fn transpose_is_a_transpose() {
         for (h, w) in [(224, 224), (13, 37), (8, 8), (7, 3), (16, 9)] {

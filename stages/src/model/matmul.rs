@@ -13,13 +13,17 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-/// `a (m, k) @ b (k, n)` with a backward pass; any strides.
+/// `a (m, k) @ b (k, n)` with a backward pass; any strides. Runs at the thread's
+/// precision (see [`super::autocast`]): this kernel only for f32 CPU products.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.rank() == 2 && b.rank() == 2 && a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && available() {
-        a.apply_op2(b, MatMul)
-    } else {
-        a.matmul(b)
-    }
+    super::autocast::gemm(a, b, |a, b| {
+        if a.rank() == 2 && b.rank() == 2 && a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && available()
+        {
+            a.apply_op2(b, MatMul)
+        } else {
+            a.matmul(b)
+        }
+    })
 }
 
 /// Whether the fast kernel can run here.

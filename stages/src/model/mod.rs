@@ -9,8 +9,11 @@
 //! prefix to export), the drawing head under `draw.`, the predictor `predictor.`,
 //! and the MAE-style baseline's `mask_token`.
 
+pub mod autocast;
 pub mod crossmae;
 pub mod draw_head;
+pub mod export;
+pub mod flops;
 pub mod matmul;
 pub mod ops;
 pub mod patch;

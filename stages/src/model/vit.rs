@@ -18,6 +18,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use super::autocast;
 use super::matmul::matmul;
 use super::ops;
 use super::patch::{patchify_conv, pos_embed_2d};
@@ -269,8 +270,10 @@ impl Attention {
         let q = (qkv.get(0)?.contiguous()? * self.scale)?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let attn = ops::softmax_last(&q.matmul(&k.t()?)?)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let attn = ops::softmax_last(&autocast::gemm(&q, &k.t()?, |a, b| a.matmul(b))?)?;
+        let out = autocast::gemm(&attn, &v, |a, b| a.matmul(b))?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
         self.proj.forward(&out)
     }
 }

@@ -1,13 +1,18 @@
 //! Per-patch targets F(x) on exactly the view the backbone sees: `pixel`
-//! (MAE norm-pix), `hog` (MaskFeat) and `canny` (edge map). Each file names
+//! (MAE norm-pix), `hog` (MaskFeat), `canny` (edge map) and `clip` (a frozen
+//! CLIP ViT-B/16 teacher, computed into the target cache). Each file names
 //! its reference testvector and tolerance.
 
 pub mod canny;
+pub mod clip;
 pub mod hog;
 pub mod pixel;
 
+use std::path::PathBuf;
+
 use crate::sample::{Rgb8, StageError, Target};
 use serde::{Deserialize, Serialize};
+pub use shards::store::Dtype;
 
 /// Which target a config asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +24,8 @@ pub enum Kind {
     Hog,
     /// Canny edges, P*P bits (or 1 fraction) per patch.
     Canny,
+    /// CLIP ViT-B/16 patch tokens (512 per patch), batched: from the target cache only.
+    Clip,
 }
 
 impl Kind {
@@ -28,6 +35,7 @@ impl Kind {
             Kind::Pixel => "pixel",
             Kind::Hog => "hog",
             Kind::Canny => "canny",
+            Kind::Clip => "clip",
         }
     }
 }
@@ -57,6 +65,17 @@ impl Default for CannyConfig {
     }
 }
 
+/// What a run does when its targets config matches no complete store (`stages.targets.on_miss`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMiss {
+    /// Stop with an error naming the store and what is missing.
+    #[default]
+    Error,
+    /// Compute the missing views into the store (as `pipeline precompute` would), then train.
+    Compute,
+}
+
 /// `stages.targets` config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -65,6 +84,20 @@ pub struct Config {
     pub kinds: Vec<Kind>,
     /// Canny parameters.
     pub canny: CannyConfig,
+    /// The CLIP teacher (kind `clip`).
+    pub clip: Option<clip::ClipConfig>,
+    /// The target cache's root directory (DESIGN.md, "Target cache"): when
+    /// set, a run reads every target from the store of its spec under this
+    /// directory and calls no extractor, and `pipeline precompute` fills it.
+    pub cache: Option<PathBuf>,
+    /// K: views per sample stored in the cache; a run feeds one of them per epoch.
+    pub views: u32,
+    /// The seed of the cached views (view v of sample s is drawn from (view_seed, s, v)).
+    pub view_seed: u64,
+    /// How the cache stores values: `f16`, or `int8` with a per-token scale.
+    pub dtype: Dtype,
+    /// A run whose config matches no complete store: `error` or `compute`.
+    pub on_miss: OnMiss,
 }
 
 impl Default for Config {
@@ -72,6 +105,12 @@ impl Default for Config {
         Config {
             kinds: vec![Kind::Hog],
             canny: CannyConfig::default(),
+            clip: None,
+            cache: None,
+            views: 8,
+            view_seed: 0,
+            dtype: Dtype::F16,
+            on_miss: OnMiss::Error,
         }
     }
 }
@@ -86,6 +125,13 @@ pub fn compute(kind: Kind, cfg: &Config, pixels: &Rgb8, image: &[f32], patch: us
             let c = &cfg.canny;
             let edges = canny::canny(&canny::gray(pixels), h, w, c.sigma, c.low, c.high);
             canny::per_patch(&edges, h, w, patch, c.fraction)?
+        }
+        Kind::Clip => {
+            return Err(StageError::Config(
+                "clip targets are computed in batches into the target cache: set stages.targets.cache and run \
+                 `pipeline precompute` (or stages.targets.on_miss: compute)"
+                    .into(),
+            ))
         }
     };
     let n = (h / patch) * (w / patch);

@@ -2,8 +2,11 @@
 //!
 //! Times complete steps (inputs to the device, forward, backward, AdamW, EMA)
 //! of a [`Trainer`] fed one fixed synthetic batch, so the data stages do not count.
+//! Model FLOP utilization = the step's matrix-product FLOPs ([`step_flops`]) per
+//! second over the device's peak.
 
-use super::{Batch, TrainConfig, TrainError, Trainer};
+use super::{Batch, TrainConfig, TrainError, Trainer, U8Pixels};
+use crate::model::flops::{step_flops, StepFlops};
 use crate::model::ModelConfig;
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
@@ -21,6 +24,14 @@ pub struct BenchResult {
     /// Process CPU time per step (all threads; Linux only), a load-independent figure.
     pub cpu_ms: Option<f64>,
     pub threads: usize,
+    /// Matrix-product FLOPs per image of one step (see `model::flops`).
+    pub flops: StepFlops,
+    /// Achieved TFLOP/s at the median step time.
+    pub tflops: f64,
+    /// The peak the utilization is taken against, TFLOP/s.
+    pub peak_tflops: Option<f64>,
+    /// Model FLOP utilization: `tflops / peak_tflops`.
+    pub mfu: Option<f64>,
 }
 
 /// User + system CPU time of this process in ms, from `/proc/self/stat` (Linux).
@@ -32,12 +43,13 @@ pub fn process_cpu_ms() -> Option<f64> {
     Some(ticks * 10.0) // USER_HZ is 100 on Linux
 }
 
-/// A batch of `b` random images, 75% masked, random targets and smoothed images.
+/// A batch of `b` random images, 75% masked, random targets. The images and x̂
+/// are u8, as the sink sends them (normalized on the device).
 pub fn synthetic_batch(cfg: &ModelConfig, b: usize, seed: u64) -> Batch {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let v = &cfg.backbone;
     let (px, n) = (v.in_chans * v.img_size * v.img_size, v.num_patches());
-    let images: Vec<f32> = (0..b * px).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let images: Vec<u8> = (0..b * px).map(|_| rng.random()).collect();
     let mask = (0..b * n).map(|_| rng.random_bool(0.75) as u8).collect();
     let targets = (0..b * n * cfg.target_dim)
         .map(|_| rng.random_range(-1.0..1.0))
@@ -45,11 +57,17 @@ pub fn synthetic_batch(cfg: &ModelConfig, b: usize, seed: u64) -> Batch {
     Batch {
         keys: (0..b).map(|i| format!("bench-{i}")).collect(),
         epoch: 0,
-        smoothed: Some(images.iter().map(|x| 0.5 * x).collect()),
-        images,
+        images: vec![],
         shape: [b, v.in_chans, v.img_size, v.img_size],
         mask,
+        smoothed: None,
         targets: Some(targets),
+        pixels: Some(U8Pixels {
+            smoothed: Some(images.iter().map(|&x| x / 2 + 64).collect()),
+            images,
+            mean: vec![0.5; v.in_chans],
+            std: vec![0.25; v.in_chans],
+        }),
     }
 }
 
@@ -61,6 +79,7 @@ pub fn bench_train(
     b: usize,
     warmup: usize,
     steps: usize,
+    peak_tflops: Option<f64>,
 ) -> Result<BenchResult, TrainError> {
     let train = TrainConfig {
         batch_size: b,
@@ -86,6 +105,8 @@ pub fn bench_train(
     };
     ms.sort_by(f64::total_cmp);
     let median_ms = ms[ms.len() / 2];
+    let flops = step_flops(model);
+    let tflops = (flops.train_step * b as u64) as f64 / (median_ms / 1e3) / 1e12;
     Ok(BenchResult {
         batch: b,
         steps: ms.len(),
@@ -94,5 +115,9 @@ pub fn bench_train(
         images_per_s: b as f64 / (median_ms / 1e3),
         cpu_ms,
         threads: candle_core::utils::get_num_threads(),
+        flops,
+        tflops,
+        peak_tflops,
+        mfu: peak_tflops.map(|p| tflops / p),
     })
 }

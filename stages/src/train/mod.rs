@@ -23,6 +23,7 @@
 //!     mask: (0..2 * n).map(|i| (i % 4 != 0) as u8).collect(),
 //!     smoothed: Some(vec![0.5; 2 * px]),
 //!     targets: Some(vec![1.0; 2 * n * 36]),
+//!     pixels: None,
 //! };
 //! let stats = trainer.step(&batch)?;
 //! assert!(stats.loss.is_finite() && stats.updated);
@@ -31,16 +32,19 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod device;
 pub mod ema;
+pub mod feed;
 pub mod optim;
 pub mod schedule;
 
+use crate::model::autocast::{self, Precision};
 use crate::model::{init_weights, CrossMae, DrawMode, Inputs, ModelConfig, TargetSource};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use ema::Ema;
+pub use feed::{U8Pixels, Uploaded, Uploader};
 use optim::{AdamW, AdamWParams};
-use rand_distr::{Distribution, StandardNormal};
 use schedule::{ema_momentum, Schedule};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -70,6 +74,11 @@ pub struct TrainConfig {
     pub clip_grad: Option<f64>,
     /// EMA target: momentum at step 0 (cosine to 1 at the end).
     pub ema_momentum: f64,
+    /// Where to train: `cpu`, `cuda` or `cuda:N` (CUDA needs a `--features cuda` build).
+    pub device: String,
+    /// Matrix products in `f32`, `tf32` (CUDA tensor cores) or `bf16` (f32 master weights
+    /// and optimizer state either way; see `model::autocast`).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +96,8 @@ impl Default for TrainConfig {
             eps: 1e-8,
             clip_grad: None,
             ema_momentum: 0.996,
+            device: "cpu".into(),
+            precision: Precision::F32,
         }
     }
 }
@@ -126,6 +137,7 @@ impl TrainConfig {
         if self.warmup_epochs.is_nan() || self.warmup_epochs < 0.0 {
             return Err("train.warmup_epochs must be >= 0".into());
         }
+        device::DeviceSpec::parse(&self.device)?;
         Ok(())
     }
 }
@@ -158,7 +170,7 @@ pub struct Batch {
     /// Sample keys (B); noise z is drawn from `stage_rng(run_seed, epoch, key, "noise")`.
     pub keys: Vec<String>,
     pub epoch: u64,
-    /// Normalized images, shape `shape` = (B, C, H, W).
+    /// Normalized images, shape `shape` = (B, C, H, W); empty when `pixels` holds them.
     pub images: Vec<f32>,
     pub shape: [usize; 4],
     /// (B, N), 1 = removed.
@@ -167,6 +179,8 @@ pub struct Batch {
     pub smoothed: Option<Vec<f32>>,
     /// F(x), (B, N, D_t); needed by `target: batch`.
     pub targets: Option<Vec<f32>>,
+    /// The images (and x̂) as u8, normalized on the device; replaces `images` (and `smoothed`).
+    pub pixels: Option<U8Pixels>,
 }
 
 impl Batch {
@@ -190,14 +204,30 @@ impl Batch {
                 Err(format!("{what} has {got} values, expected {want}"))
             }
         };
-        check("images", self.images.len(), b * c * h * w)?;
         check("mask", self.mask.len(), b * v.num_patches())?;
-        if cfg.draw.mode == DrawMode::Coarse {
-            let s = self
-                .smoothed
-                .as_ref()
-                .ok_or("draw.mode coarse needs the smoothed image")?;
-            check("smoothed", s.len(), b * c * h * w)?;
+        let coarse = cfg.draw.mode == DrawMode::Coarse;
+        match &self.pixels {
+            Some(px) => {
+                check("u8 images", px.images.len(), b * c * h * w)?;
+                check("normalization mean", px.mean.len(), c)?;
+                check("normalization std", px.std.len(), c)?;
+                match (&px.smoothed, &self.smoothed) {
+                    (Some(s), _) if coarse => check("u8 smoothed", s.len(), b * c * h * w)?,
+                    (None, Some(s)) if coarse => check("smoothed", s.len(), b * c * h * w)?,
+                    (None, None) if coarse => return Err("draw.mode coarse needs the smoothed image".into()),
+                    _ => {}
+                }
+            }
+            None => {
+                check("images", self.images.len(), b * c * h * w)?;
+                if coarse {
+                    let s = self
+                        .smoothed
+                        .as_ref()
+                        .ok_or("draw.mode coarse needs the smoothed image")?;
+                    check("smoothed", s.len(), b * c * h * w)?;
+                }
+            }
         }
         if cfg.target == TargetSource::Batch {
             let t = self.targets.as_ref().ok_or("target: batch needs per-patch targets")?;
@@ -254,6 +284,9 @@ impl Trainer {
     ) -> Result<Self, TrainError> {
         model_cfg.validate().map_err(TrainError::Config)?;
         train_cfg.validate().map_err(TrainError::Config)?;
+        if device.is_cuda() {
+            train_cfg.precision.configure_cuda();
+        }
         if steps_per_epoch == 0 {
             return Err(TrainError::Config(
                 "steps per epoch must be positive (is the dataset empty?)".into(),
@@ -346,40 +379,33 @@ impl Trainer {
         out
     }
 
+    /// Copies batches to this trainer's device; can run on another thread (prefetch).
+    pub fn uploader(&self) -> Uploader {
+        Uploader {
+            model_cfg: self.model_cfg.clone(),
+            device: self.device.clone(),
+            run_seed: self.run_seed,
+            noise_dim: self.model.noise_dim(),
+            batch_targets: self.ema.is_none(),
+        }
+    }
+
     /// z for each sample: D_h draws of N(0, 1) from `stage_rng(run_seed, epoch, key, "noise")`.
     pub fn noise(&self, keys: &[String], epoch: u64) -> Result<Option<Tensor>, TrainError> {
-        let dim = self.model.noise_dim();
-        if dim == 0 {
-            return Ok(None);
-        }
-        let mut z = Vec::with_capacity(keys.len() * dim);
-        for key in keys {
-            let mut rng = shards::rng::stage_rng(self.run_seed, epoch, key, "noise");
-            z.extend((0..dim).map(|_| Distribution::<f32>::sample(&StandardNormal, &mut rng)));
-        }
-        Ok(Some(Tensor::from_vec(z, (keys.len(), dim), &self.device)?))
+        self.uploader().noise(keys, epoch)
     }
 
     /// The batch as model inputs on the device (EMA targets computed here).
     pub fn inputs(&self, batch: &Batch) -> Result<Inputs, TrainError> {
-        batch.validate(&self.model_cfg).map_err(|msg| TrainError::Batch {
-            position: self.position,
-            msg,
-        })?;
-        let [b, c, h, w] = batch.shape;
-        let n = self.model_cfg.backbone.num_patches();
-        let images = Tensor::from_slice(&batch.images, (b, c, h, w), &self.device)?;
-        let mask: Vec<f32> = batch.mask.iter().map(|&m| (m != 0) as u8 as f32).collect();
-        let mask = Tensor::from_vec(mask, (b, n), &self.device)?;
-        let smoothed = match &batch.smoothed {
-            Some(s) if self.model_cfg.draw.mode == DrawMode::Coarse => {
-                Some(Tensor::from_slice(s, (b, c, h, w), &self.device)?)
-            }
-            _ => None,
-        };
-        let targets = match (&self.ema, &batch.targets) {
-            (Some(ema), _) => ema.targets(&images)?,
-            (None, Some(t)) => Tensor::from_slice(t, (b, n, self.model_cfg.target_dim), &self.device)?,
+        let _precision = autocast::scoped(self.train_cfg.precision);
+        self.inputs_from(self.uploader().upload(batch, self.position)?)
+    }
+
+    /// Model inputs from an uploaded batch: the EMA targets are computed here.
+    fn inputs_from(&self, up: Uploaded) -> Result<Inputs, TrainError> {
+        let targets = match (&self.ema, up.targets) {
+            (Some(ema), _) => ema.targets(&up.images)?,
+            (None, Some(t)) => t,
             (None, None) => {
                 return Err(TrainError::Batch {
                     position: self.position,
@@ -387,20 +413,27 @@ impl Trainer {
                 })
             }
         };
-        let noise = self.noise(&batch.keys, batch.epoch)?;
         Ok(Inputs {
-            images,
-            smoothed,
-            mask,
+            images: up.images,
+            smoothed: up.smoothed,
+            mask: up.mask,
             targets,
-            noise,
+            noise: up.noise,
         })
     }
 
     /// Forward, backward, and (every `accum_iter` calls) one optimizer update.
     pub fn step(&mut self, batch: &Batch) -> Result<StepStats, TrainError> {
+        let up = self.uploader().upload(batch, self.position)?;
+        self.step_uploaded(up)
+    }
+
+    /// [`Trainer::step`] on a batch already on the device (see [`Uploader`]).
+    pub fn step_uploaded(&mut self, up: Uploaded) -> Result<StepStats, TrainError> {
+        let _precision = autocast::scoped(self.train_cfg.precision);
         let step = self.optim.steps();
-        let inputs = self.inputs(batch)?;
+        let epoch = up.epoch;
+        let inputs = self.inputs_from(up)?;
         let losses = self.model.forward(&inputs)?;
         let loss = losses.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss.is_finite() {
@@ -423,7 +456,7 @@ impl Trainer {
         }
         self.micro += 1;
         self.position += 1;
-        self.epoch = batch.epoch;
+        self.epoch = epoch;
         self.last_loss = Some(loss);
         let mut stats = StepStats {
             step,
@@ -465,9 +498,15 @@ impl Trainer {
         Ok(stats)
     }
 
-    /// The hash that ties a checkpoint to these configs.
+    /// The hash that ties a checkpoint to these configs. Device and precision say how
+    /// to compute, not what: a run may resume on another device or precision.
     pub fn config_hash(&self) -> String {
-        checkpoint::config_hash(&(&self.model_cfg, &self.train_cfg))
+        let train = TrainConfig {
+            device: TrainConfig::default().device,
+            precision: Precision::default(),
+            ..self.train_cfg.clone()
+        };
+        checkpoint::config_hash(&(&self.model_cfg, &train))
     }
 
     /// Writes a checkpoint to `dir` atomically. Only between optimizer steps.
@@ -554,12 +593,15 @@ pub fn global_norm<'a>(
     grads: &HashMap<String, Tensor>,
     order: impl Iterator<Item = &'a str>,
 ) -> Result<f64, TrainError> {
-    let mut total = 0f64;
-    for name in order {
-        if let Some(g) = grads.get(name) {
-            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
+    // Summed on the device and read once: on a GPU each read waits for the queue to drain.
+    let squares = order
+        .filter_map(|name| grads.get(name))
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<Tensor>>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
     }
+    let total = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?;
     Ok(total.sqrt())
 }
 

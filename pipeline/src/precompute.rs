@@ -1,0 +1,865 @@
+//! `pipeline precompute CONFIG`: fill the target cache (DESIGN.md, "Target cache").
+//!
+//!     shards -> decode -> view (K per sample) -> extract -> store
+//!
+//! First the cache index: the wanted (store, key, view) entries of the
+//! training shards minus those in the stores' index files, a
+//! differential-dataflow antijoin ([`crate::cache_index`]). Then a timely
+//! graph like the run's computes only the missing views: every worker builds
+//! it, each stage runs on the workers of its role (`placement.decode` for
+//! decode, `placement.augment` for the view stage, `placement.targets` for the
+//! extractors and the store writers), so CLIP can run on the GPU (`train`)
+//! processes while the other stages run on `data` processes. The extract stage
+//! gathers a timestamp's views and runs CLIP on them in batches. Each extract
+//! worker writes its own store shards (names carry a per-run, per-worker id),
+//! each under a temporary name and then renamed, its index written after it:
+//! a kill loses at most the views not yet in a finished shard, and the next
+//! run computes exactly those.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use shards::store::{codec, Store, StoreWriter};
+use shards::{OnError, ShardReader, Skips};
+use stages::sample::{CropBox, Rgb8, StageError};
+use stages::targets::{self, clip, Kind};
+use stages::{augment, decode, views, StagesConfig};
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::{Input, Operator, Probe};
+use timely::dataflow::{InputHandleVec as InputHandle, ProbeHandle, Stream};
+
+use crate::cache::{self, shard_keys};
+use crate::cache_index;
+use crate::config::{self, RunConfig};
+use crate::placement::Placement;
+
+/// Arguments of `pipeline precompute`.
+#[derive(Debug, Args)]
+pub struct PrecomputeArgs {
+    /// The config (YAML) whose `data.train` and `stages` (targets, cache, views) say what to compute.
+    pub config: PathBuf,
+    /// Override config values: `--set stages.targets.views=4`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Worker threads per process.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    pub workers: usize,
+    /// Processes in the cluster.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub processes: usize,
+    /// This process's index (0-based).
+    #[arg(long, short = 'p', default_value_t = 0)]
+    pub process: usize,
+    /// One `host:port` per line, a line per process.
+    #[arg(long, short = 'H')]
+    pub hostfile: Option<PathBuf>,
+    /// Views per store shard.
+    #[arg(long, default_value_t = 1000)]
+    pub shard_views: usize,
+    /// Views per CLIP forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How [`fill`] runs.
+#[derive(Debug, Clone)]
+pub struct FillOptions {
+    pub workers: usize,
+    pub processes: usize,
+    pub process: usize,
+    pub hostfile: Option<PathBuf>,
+    pub shard_views: usize,
+    pub batch: usize,
+    pub progress: bool,
+}
+
+impl FillOptions {
+    /// One process of `workers` workers, default sizes (a run's `on_miss: compute`).
+    pub fn local(workers: usize) -> FillOptions {
+        FillOptions {
+            workers,
+            processes: 1,
+            process: 0,
+            hostfile: None,
+            shard_views: 1000,
+            batch: 32,
+            progress: false,
+        }
+    }
+}
+
+/// What a precompute did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PrecomputeReport {
+    /// Store directories, in config order.
+    pub stores: Vec<PathBuf>,
+    /// (store, key, view) entries the shards want.
+    pub wanted: u64,
+    /// Entries already stored at start.
+    pub present: u64,
+    /// Entries computed by this run (extractor calls, one per view and store).
+    pub computed: u64,
+    /// Store shards found corrupt at start (quarantined; their views recomputed).
+    pub corrupt_shards: Vec<String>,
+    /// Samples skipped as bad input.
+    pub skipped: u64,
+    pub seconds: f64,
+    pub views_per_s: f64,
+    /// Stored views and bytes after the run, over all stores.
+    pub stored_views: u64,
+    pub store_bytes: u64,
+    pub bytes_per_view: f64,
+}
+
+/// One sample, then one view of it, on its way into the store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Work {
+    shard: String,
+    key: String,
+    /// Shard members, until decode.
+    raw: BTreeMap<String, Vec<u8>>,
+    /// The views to compute, each with the stores that lack it (until view).
+    todo: Vec<(u32, Vec<u32>)>,
+    /// The source image's size, and where the decoded region starts in it (after decode).
+    source_width: usize,
+    source_height: usize,
+    left: usize,
+    top: usize,
+    /// Decoded pixels (the region), then the view's u8 pixels.
+    width: usize,
+    height: usize,
+    pixels: Vec<u8>,
+    /// The view index and its stores (after view).
+    view: u32,
+    stores: Vec<u32>,
+    /// Encoded targets per store (after extract).
+    encoded: Vec<(u32, Vec<u8>)>,
+}
+
+type Works<'s> = Stream<'s, u64, Vec<Work>>;
+type Failure = Arc<Mutex<Option<String>>>;
+
+fn fail(failure: &Failure, message: String) {
+    failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get_or_insert(message);
+}
+
+/// Counters shared by the workers of a process.
+#[derive(Debug, Default)]
+struct Progress {
+    computed: AtomicU64,
+    done: AtomicBool,
+}
+
+/// Everything the workers share.
+struct Shared {
+    stages: StagesConfig,
+    stores: Vec<Store>,
+    kinds: Vec<Kind>,
+    /// Missing views per sample key: (view, stores).
+    todo: HashMap<String, Vec<(u32, Vec<u32>)>>,
+    shards: Vec<PathBuf>,
+    placement: Placement,
+    policy: OnError,
+    skips: Skips,
+    teacher: Option<Arc<clip::ClipTeacher>>,
+    device: candle_core::Device,
+    run_id: String,
+    options: FillOptions,
+    progress: Arc<Progress>,
+    failure: Failure,
+}
+
+/// Routing into a stage's worker set: stay on this worker when the sets are
+/// the same (fused), else spread by key.
+fn route(from: &[usize], to: &[usize], me: usize) -> impl FnMut(&Work) -> u64 + 'static {
+    let fused = from == to;
+    let to = to.to_vec();
+    move |w: &Work| {
+        if fused {
+            me as u64
+        } else {
+            let h = blake3::hash(w.key.as_bytes());
+            let h = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+            to[(h % to.len() as u64) as usize] as u64
+        }
+    }
+}
+
+/// A stage that turns each record into zero or more records; bad input is a
+/// counted skip or, under `fail`, stops the run naming shard and key.
+fn step<'s, F>(
+    input: Works<'s>,
+    name: &'static str,
+    sets: (&[usize], &[usize]),
+    me: usize,
+    ctx: &Arc<Shared>,
+    f: F,
+) -> Works<'s>
+where
+    F: Fn(&Shared, Work, &mut Vec<Work>) -> Result<(), StageError> + 'static,
+{
+    let pact = route(sets.0, sets.1, me);
+    let ctx = ctx.clone();
+    input.unary(Exchange::new(pact), name, move |_capability, _info| {
+        move |input, output| {
+            input.for_each(|time, data| {
+                let mut out = Vec::new();
+                for w in data.drain(..) {
+                    let (shard, key) = (w.shard.clone(), w.key.clone());
+                    if let Err(e) = f(&ctx, w, &mut out) {
+                        let reason = format!("{name}: {e}");
+                        match ctx.policy {
+                            OnError::Skip => ctx.skips.record(&shard, &key, &reason),
+                            OnError::Fail => fail(&ctx.failure, format!("{shard}:{key}: {reason}")),
+                        }
+                    }
+                }
+                output.session(&time).give_iterator(out.into_iter());
+            });
+        }
+    })
+}
+
+/// decode: the whole image (every view of the sample is cut from it).
+/// It goes through the run's own decoder (`decode_region`, here with the
+/// whole image as the region), so a view's pixels here equal those a run
+/// feeds the backbone for it, whatever JPEG decoder the build has.
+fn decode_sample(ctx: &Shared, mut w: Work, out: &mut Vec<Work>) -> Result<(), StageError> {
+    let sample = shards::Sample {
+        key: w.key.clone(),
+        files: std::mem::take(&mut w.raw),
+    };
+    let bytes = decode::image_bytes(&sample)?;
+    let (width, height) = decode::image_size(bytes)?;
+    let whole = CropBox {
+        top: 0,
+        left: 0,
+        height,
+        width,
+    };
+    let region = decode::decode_region(&ctx.stages.decode, bytes, whole)?;
+    (w.source_width, w.source_height) = (width, height);
+    (w.left, w.top) = (region.left, region.top);
+    (w.width, w.height, w.pixels) = (region.pixels.width, region.pixels.height, region.pixels.data);
+    out.push(w);
+    Ok(())
+}
+
+/// view: the missing views of the sample, each as its own record.
+fn cut_views(ctx: &Shared, mut w: Work, out: &mut Vec<Work>) -> Result<(), StageError> {
+    let region = decode::Region {
+        pixels: Rgb8 {
+            width: w.width,
+            height: w.height,
+            data: std::mem::take(&mut w.pixels),
+        },
+        left: w.left,
+        top: w.top,
+        source_width: w.source_width,
+        source_height: w.source_height,
+    };
+    let t = &ctx.stages.targets;
+    for (v, stores) in std::mem::take(&mut w.todo) {
+        let view = views::sample_view(
+            &ctx.stages.augment,
+            w.source_width,
+            w.source_height,
+            t.view_seed,
+            &w.key,
+            v,
+        )?;
+        let pixels = augment::apply_region(&region, &view)?;
+        out.push(Work {
+            shard: w.shard.clone(),
+            key: w.key.clone(),
+            width: pixels.width,
+            height: pixels.height,
+            pixels: pixels.data,
+            view: v,
+            stores,
+            ..Default::default()
+        });
+    }
+    Ok(())
+}
+
+/// extract: the targets of a group of views, CPU kinds one by one, CLIP in batches.
+fn extract(ctx: &Shared, works: &mut [Work]) -> Result<(), String> {
+    let s = &ctx.stages;
+    let mut clip_jobs: Vec<(usize, u32)> = Vec::new();
+    for (i, w) in works.iter_mut().enumerate() {
+        let pixels = Rgb8 {
+            width: w.width,
+            height: w.height,
+            data: std::mem::take(&mut w.pixels),
+        };
+        for &store in &w.stores {
+            let kind = ctx.kinds[store as usize];
+            if kind == Kind::Clip {
+                clip_jobs.push((i, store));
+                continue;
+            }
+            let image = augment::normalize(&pixels, s.augment.mean, s.augment.std);
+            let target = targets::compute(kind, &s.targets, &pixels, &image, s.patch)
+                .map_err(|e| format!("{}:{}: view {}: {kind:?}: {e}", w.shard, w.key, w.view))?;
+            let dims = ctx.stores[store as usize].spec.dims;
+            w.encoded
+                .push((store, codec::encode(&target.values, dims, s.targets.dtype)));
+            ctx.progress.computed.fetch_add(1, Ordering::Relaxed);
+        }
+        w.pixels = pixels.data;
+    }
+    if clip_jobs.is_empty() {
+        return Ok(());
+    }
+    let teacher = ctx
+        .teacher
+        .as_ref()
+        .ok_or("clip targets on a worker without the CLIP teacher")?;
+    let size = teacher.image_size();
+    for batch in clip_jobs.chunks(ctx.options.batch.max(1)) {
+        let mut input = Vec::with_capacity(batch.len() * 3 * size * size);
+        for &(i, _) in batch {
+            let w = &works[i];
+            let pixels = Rgb8 {
+                width: w.width,
+                height: w.height,
+                data: w.pixels.clone(),
+            };
+            input.extend(clip::clip_normalized_chw(&pixels));
+        }
+        let images = candle_core::Tensor::from_vec(input, (batch.len(), 3, size, size), &ctx.device)
+            .map_err(|e| format!("clip input: {e}"))?;
+        let out = teacher.targets(&images).map_err(|e| format!("clip: {e}"))?;
+        let values: Vec<f32> = out
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| format!("clip output: {e}"))?;
+        let per_view = values.len() / batch.len();
+        for (j, &(i, store)) in batch.iter().enumerate() {
+            let dims = ctx.stores[store as usize].spec.dims;
+            let encoded = codec::encode(&values[j * per_view..(j + 1) * per_view], dims, s.targets.dtype);
+            works[i].encoded.push((store, encoded));
+            ctx.progress.computed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// The extract stage: gathers each timestamp's views, and once the frontier
+/// has passed it, computes their targets (so CLIP sees full batches).
+fn extract_stage<'s>(input: Works<'s>, me: usize, ctx: &Arc<Shared>) -> Works<'s> {
+    let sets = &ctx.placement.sets;
+    let pact = route(&sets.augment, &sets.targets, me);
+    let ctx = ctx.clone();
+    input.unary_frontier(Exchange::new(pact), "extract", move |_capability, _info| {
+        let mut pending: BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<Work>)> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each(|time, data| {
+                if let (Some(&t), Some(capability)) = (time.least(), time.retain_least(0)) {
+                    pending
+                        .entry(t)
+                        .or_insert_with(|| (capability, Vec::new()))
+                        .1
+                        .append(data);
+                }
+            });
+            while let Some((&t, _)) = pending.first_key_value() {
+                if frontier.less_equal(&t) {
+                    break;
+                }
+                let (capability, mut works) = pending.pop_first().expect("first key exists").1;
+                if let Err(e) = extract(&ctx, &mut works) {
+                    fail(&ctx.failure, e);
+                    works.clear();
+                }
+                output.session(&capability).give_iterator(works.into_iter());
+            }
+        }
+    })
+}
+
+/// The store stage, on the extract worker: each view's encoded targets into
+/// this worker's writers.
+fn store_stage<'s>(
+    input: Works<'s>,
+    me: usize,
+    ctx: &Arc<Shared>,
+    writers: Rc<RefCell<Vec<Option<StoreWriter>>>>,
+) -> Works<'s> {
+    let ctx = ctx.clone();
+    input.unary(Pipeline, "store", move |_capability, _info| {
+        move |input, output| {
+            input.for_each(|time, data| {
+                let mut writers = writers.borrow_mut();
+                for w in data.drain(..) {
+                    for (store, bytes) in w.encoded {
+                        let slot = &mut writers[store as usize];
+                        if slot.is_none() {
+                            let id = format!("{}-w{me}", ctx.run_id);
+                            match ctx.stores[store as usize].writer(&id, ctx.options.shard_views) {
+                                Ok(writer) => *slot = Some(writer),
+                                Err(e) => {
+                                    fail(&ctx.failure, format!("{e}"));
+                                    return;
+                                }
+                            }
+                        }
+                        let writer = slot.as_mut().expect("writer just made");
+                        if let Err(e) = writer.push(w.key.clone(), w.view, bytes) {
+                            fail(&ctx.failure, format!("writing the store: {e}"));
+                        }
+                    }
+                }
+                output.session(&time).give_iterator(std::iter::empty::<Work>());
+            });
+        }
+    })
+}
+
+fn check(failure: &Failure) -> anyhow::Result<()> {
+    match failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_ref()
+    {
+        Some(msg) => bail!("{msg}"),
+        None => Ok(()),
+    }
+}
+
+/// Samples per timestamp at the source; the extract stage batches per timestamp.
+const CHUNK: usize = 16;
+/// Timestamps in flight (flow control, as in the run's graph).
+const WINDOW: u64 = 4;
+
+/// Build the graph and drive it on this worker. An error here is posted to
+/// the process's shared failure too, so the other workers stop instead of
+/// waiting for this one.
+fn run_worker(worker: &mut timely::worker::Worker, ctx: Arc<Shared>) -> anyhow::Result<()> {
+    let result = drive(worker, &ctx);
+    if let Err(e) = &result {
+        fail(&ctx.failure, format!("{e:#}"));
+    }
+    result
+}
+
+fn drive(worker: &mut timely::worker::Worker, ctx: &Arc<Shared>) -> anyhow::Result<()> {
+    let me = worker.index();
+    let writers: Rc<RefCell<Vec<Option<StoreWriter>>>> =
+        Rc::new(RefCell::new(ctx.stores.iter().map(|_| None).collect()));
+    let mut input: InputHandle<u64, Work> = InputHandle::new();
+    let probe = ProbeHandle::new();
+    worker.dataflow::<u64, _, _>(|scope| {
+        let sets = &ctx.placement.sets;
+        let samples = scope.input_from(&mut input);
+        let decoded = step(samples, "decode", (&sets.source, &sets.decode), me, ctx, decode_sample);
+        let cut = step(decoded, "view", (&sets.decode, &sets.augment), me, ctx, cut_views);
+        let extracted = extract_stage(cut, me, ctx);
+        store_stage(extracted, me, ctx, writers.clone()).probe_with(&probe);
+    });
+    // Data shard i is read by the (i mod n)-th source worker.
+    let sources = &ctx.placement.sets.source;
+    let mine: Vec<&PathBuf> = match sources.iter().position(|&w| w == me) {
+        Some(rank) => ctx.shards.iter().skip(rank).step_by(sources.len()).collect(),
+        None => vec![],
+    };
+    let mut t = 0u64;
+    let mut in_chunk = 0;
+    for path in mine {
+        let shard = path.display().to_string();
+        for sample in ShardReader::open(path, ctx.policy, &ctx.skips)? {
+            let sample = sample?;
+            let Some(todo) = ctx.todo.get(&sample.key) else {
+                continue;
+            };
+            input.send(Work {
+                shard: shard.clone(),
+                key: sample.key,
+                raw: sample.files,
+                todo: todo.clone(),
+                ..Default::default()
+            });
+            in_chunk += 1;
+            if in_chunk == CHUNK {
+                in_chunk = 0;
+                t += 1;
+                input.advance_to(t);
+                while t >= WINDOW && probe.less_equal(&(t - WINDOW)) {
+                    worker.step();
+                    check(&ctx.failure)?;
+                }
+                worker.step();
+                check(&ctx.failure)?;
+            }
+        }
+    }
+    input.close();
+    while !probe.done() {
+        worker.step();
+        check(&ctx.failure)?;
+    }
+    check(&ctx.failure)?;
+    for writer in writers.borrow_mut().iter_mut() {
+        if let Some(writer) = writer.take() {
+            writer.finish().context("writing the last store shard")?;
+        }
+    }
+    Ok(())
+}
+
+/// Compute every missing view of the config's stores (the work of
+/// `pipeline precompute`, and of a run's `on_miss: compute`).
+pub fn fill(cfg: &RunConfig, options: &FillOptions) -> anyhow::Result<PrecomputeReport> {
+    let started = Instant::now();
+    let root = cache::cache_root(cfg)?.to_path_buf();
+    let specs = cache::store_specs(&cfg.stages)?;
+    let kinds = cfg.stages.targets.kinds.clone();
+    let k = cfg.stages.targets.views;
+    let stores: Vec<Store> = specs
+        .iter()
+        .map(|spec| Store::create(&root, spec))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("stages.targets.cache {}", root.display()))?;
+    let mut report = PrecomputeReport {
+        stores: stores.iter().map(|s| s.dir.clone()).collect(),
+        ..Default::default()
+    };
+    // The index on disk, each shard's checksum verified before its views count as present.
+    let mut indexes = Vec::new();
+    for store in &stores {
+        let index = store.load_index(true)?;
+        for bad in &index.corrupt {
+            if cfg.data.on_error == OnError::Fail {
+                bail!(
+                    "{}: store shard {} is corrupt: {} (data.on_error: fail; under skip it is set aside and recomputed)",
+                    store.dir.display(),
+                    bad.shard,
+                    bad.reason
+                );
+            }
+            tracing::warn!(
+                "store shard {} is corrupt ({}): set aside, its views are recomputed",
+                bad.shard,
+                bad.reason
+            );
+            store.quarantine(&bad.shard)?;
+            report.corrupt_shards.push(bad.shard.clone());
+        }
+        if !index.orphans.is_empty() {
+            tracing::info!(
+                "{}: {} shard(s) without an index (an interrupted or concurrent run) are not counted",
+                store.dir.display(),
+                index.orphans.len()
+            );
+        }
+        indexes.push(index);
+    }
+    let shards = cfg.train_shards()?;
+    let keys = shard_keys(&shards, cfg.data.on_error)?;
+    let wanted = cache::wanted(&keys, stores.len(), k);
+    let present = cache::present(&indexes);
+    report.wanted = wanted.len() as u64;
+    let missing = cache_index::missing(wanted, present);
+    report.present = report.wanted - missing.len() as u64;
+    let mut todo: HashMap<String, BTreeMap<u32, Vec<u32>>> = HashMap::new();
+    for (store, key, v) in &missing {
+        todo.entry(key.clone()).or_default().entry(*v).or_default().push(*store);
+    }
+    let todo: HashMap<String, Vec<(u32, Vec<u32>)>> = todo
+        .into_iter()
+        .map(|(key, views)| (key, views.into_iter().collect()))
+        .collect();
+    tracing::info!(
+        "target cache {}: {} views wanted ({} samples x K={k} x {} store(s)), {} stored, {} to compute",
+        root.display(),
+        report.wanted,
+        keys.iter().map(|(_, k)| k.len()).sum::<usize>(),
+        stores.len(),
+        report.present,
+        missing.len()
+    );
+
+    if !missing.is_empty() {
+        let placement = Placement::resolve(&cfg.cluster, &cfg.placement, options.processes, options.workers)?;
+        // The CLIP teacher is loaded only by processes that run the extract stage.
+        let extracts_here = placement
+            .sets
+            .targets
+            .iter()
+            .any(|&w| w / options.workers == options.process);
+        let device = stages::train::device::open(&cfg.train.device).context("train.device")?;
+        let teacher = match (&cfg.stages.targets.clip, kinds.contains(&Kind::Clip) && extracts_here) {
+            (Some(clip_cfg), true) => Some(Arc::new(
+                clip::ClipTeacher::load(clip_cfg, &device).context("stages.targets.clip")?,
+            )),
+            _ => None,
+        };
+        let progress = Arc::new(Progress::default());
+        let total = missing.len() as u64;
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let ctx = Arc::new(Shared {
+            stages: cfg.stages.clone(),
+            stores: stores.clone(),
+            kinds: kinds.clone(),
+            todo,
+            shards,
+            placement,
+            policy: cfg.data.on_error,
+            skips: Skips::default(),
+            teacher,
+            device,
+            run_id: format!("{unix_ms:x}-{}-p{}", std::process::id(), options.process),
+            options: options.clone(),
+            progress: progress.clone(),
+            failure: Default::default(),
+        });
+        let skips = ctx.skips.clone();
+        let timely_config = crate::run::timely_config(&crate::run::RunArgs {
+            config: PathBuf::new(),
+            set: vec![],
+            resume: None,
+            workers: options.workers,
+            processes: options.processes,
+            process: options.process,
+            hostfile: options.hostfile.clone(),
+            stop_after_epochs: None,
+        })?;
+        let bar = options.progress.then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} views {per_sec} eta {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        let results = std::thread::scope(|scope| {
+            if let Some(bar) = &bar {
+                let progress = progress.clone();
+                scope.spawn(move || {
+                    while !progress.done.load(Ordering::Relaxed) {
+                        bar.set_position(progress.computed.load(Ordering::Relaxed));
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+            }
+            let results = timely::execute(timely_config, move |worker| run_worker(worker, ctx.clone()))
+                .map_err(|e| anyhow::anyhow!("starting timely: {e}"))
+                .map(|guards| guards.join());
+            progress.done.store(true, Ordering::Relaxed);
+            results
+        })?;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(r) => r.with_context(|| format!("precompute worker {i}"))?,
+                Err(e) => bail!("precompute worker {i} stopped: {e}"),
+            }
+        }
+        report.computed = progress.computed.load(Ordering::Relaxed);
+        report.skipped = skips.total();
+    }
+    for store in &stores {
+        let index = store.load_index(false)?;
+        let manifest = store.write_manifest(&index)?;
+        report.stored_views += manifest.views;
+        report.store_bytes += manifest.bytes;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.views_per_s = report.computed as f64 / report.seconds.max(1e-9);
+    report.bytes_per_view = report.store_bytes as f64 / report.stored_views.max(1) as f64;
+    Ok(report)
+}
+
+/// `pipeline precompute CONFIG`.
+pub fn run(args: &PrecomputeArgs) -> anyhow::Result<()> {
+    let cfg = config::load(&args.config, &args.set)?;
+    let options = FillOptions {
+        workers: args.workers,
+        processes: args.processes,
+        process: args.process,
+        hostfile: args.hostfile.clone(),
+        shard_views: args.shard_views,
+        batch: args.batch,
+        progress: !args.json,
+    };
+    let report = fill(&cfg, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for dir in &report.stores {
+        println!("store {}", dir.display());
+    }
+    println!(
+        "{} views wanted, {} were stored, {} computed in {:.1} s: {:.0} views/s; {} corrupt shard(s) set aside, {} samples skipped",
+        report.wanted,
+        report.present,
+        report.computed,
+        report.seconds,
+        report.views_per_s,
+        report.corrupt_shards.len(),
+        report.skipped
+    );
+    println!(
+        "store: {} views, {:.1} MB, {:.0} bytes per view",
+        report.stored_views,
+        report.store_bytes as f64 / 1e6,
+        report.bytes_per_view
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_distr::{Distribution, Uniform};
+    use shards::store::Store;
+
+    /// A tiny random CLIP vision tower in the Hugging Face layout, for 28 px views in 4 px patches.
+    fn save_tiny_clip(path: &std::path::Path) -> clip::ClipConfig {
+        let (d, m, layers, tokens, proj) = (16usize, 32usize, 1usize, 50usize, 8usize);
+        let mut rng = shards::rng::stage_rng(0, 0, "tiny-clip", "weights");
+        let uniform = Uniform::new(-1.0f32, 1.0).unwrap();
+        let mut tensors = HashMap::new();
+        let mut put = |name: String, shape: Vec<usize>, center: f32, scale: f32| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|_| center + scale * uniform.sample(&mut rng)).collect();
+            let t = candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).unwrap();
+            tensors.insert(name, t);
+        };
+        let v = "vision_model";
+        put(format!("{v}.embeddings.class_embedding"), vec![d], 0.0, 1.0);
+        put(
+            format!("{v}.embeddings.patch_embedding.weight"),
+            vec![d, 3, 4, 4],
+            0.0,
+            0.25,
+        );
+        put(
+            format!("{v}.embeddings.position_embedding.weight"),
+            vec![tokens, d],
+            0.0,
+            0.5,
+        );
+        let mut norms = vec![format!("{v}.pre_layrnorm"), format!("{v}.post_layernorm")];
+        for i in 0..layers {
+            let l = format!("{v}.encoder.layers.{i}");
+            for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                put(format!("{l}.self_attn.{p}.weight"), vec![d, d], 0.0, 0.4);
+                put(format!("{l}.self_attn.{p}.bias"), vec![d], 0.0, 0.2);
+            }
+            put(format!("{l}.mlp.fc1.weight"), vec![m, d], 0.0, 0.4);
+            put(format!("{l}.mlp.fc1.bias"), vec![m], 0.0, 0.2);
+            put(format!("{l}.mlp.fc2.weight"), vec![d, m], 0.0, 0.3);
+            put(format!("{l}.mlp.fc2.bias"), vec![d], 0.0, 0.2);
+            norms.push(format!("{l}.layer_norm1"));
+            norms.push(format!("{l}.layer_norm2"));
+        }
+        for n in norms {
+            put(format!("{n}.weight"), vec![d], 1.0, 0.3);
+            put(format!("{n}.bias"), vec![d], 0.0, 0.3);
+        }
+        put("visual_projection.weight".into(), vec![proj, d], 0.0, 0.4);
+        candle_core::safetensors::save(&tensors, path).unwrap();
+        clip::ClipConfig {
+            weights: path.to_path_buf(),
+            image_size: 28,
+            patch_size: 4,
+            hidden_size: d,
+            intermediate_size: m,
+            num_hidden_layers: layers,
+            num_attention_heads: 2,
+            projection_dim: proj,
+        }
+    }
+
+    #[test]
+    fn clip_and_hog_views_go_to_their_stores_in_batches_equal_to_single_forwards() {
+        let tmp = tempfile::tempdir().unwrap();
+        let weights = tmp.path().join("clip.safetensors");
+        let clip_cfg = save_tiny_clip(&weights);
+        let mut cfg = crate::cache::tests::embedded_config(&tmp.path().join("cache"), &["stages.targets.views=1"]);
+        cfg.stages.targets.kinds = vec![Kind::Clip, Kind::Hog];
+        cfg.stages.targets.clip = Some(clip_cfg.clone());
+        cfg.stages.targets.dtype = codec::Dtype::Int8;
+        let mut options = FillOptions::local(2);
+        options.batch = 7;
+        let report = fill(&cfg, &options).unwrap();
+        assert_eq!((report.wanted, report.computed), (2 * 1250, 2 * 1250));
+        assert_eq!(report.stores.len(), 2);
+        assert!(report.stores[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("clip-"));
+        let spec = crate::cache::store_specs(&cfg.stages).unwrap().remove(0);
+        assert_eq!((spec.tokens, spec.dims), (49, 8));
+        let store = Store::find(&tmp.path().join("cache"), &spec).unwrap().unwrap();
+        let reader = store.reader(&store.load_index(true).unwrap(), 4);
+        // Views recomputed one by one, a batch of one each: the batched, stored targets match.
+        let teacher = clip::ClipTeacher::load(&clip_cfg, &candle_core::Device::Cpu).unwrap();
+        let shard = &cfg.train_shards().unwrap()[0];
+        for sample in ShardReader::open(shard, OnError::Fail, &Skips::default())
+            .unwrap()
+            .take(10)
+        {
+            let sample = sample.unwrap();
+            let img = decode::apply(&cfg.stages.decode, &sample).unwrap();
+            let (view, _) = views::apply(&cfg.stages.augment, &img, 0, &sample.key, 0).unwrap();
+            let input = candle_core::Tensor::from_vec(
+                clip::clip_normalized_chw(&view),
+                (1, 3, 28, 28),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let fresh: Vec<f32> = teacher
+                .targets(&input)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let cached = reader.get(&sample.key, 0).unwrap();
+            assert_eq!(cached.len(), fresh.len());
+            for (token, (a, b)) in fresh.chunks(8).zip(cached.chunks(8)).enumerate() {
+                // int8: at most half a step (max |x| / 127 / 2) of the token, plus f32 noise between batch sizes.
+                let step = a.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= step / 2.0 + 1e-4,
+                        "{} token {token}: {x} vs {y}",
+                        sample.key
+                    );
+                }
+            }
+        }
+        // Nothing left to do.
+        assert_eq!(fill(&cfg, &options).unwrap().computed, 0);
+        // Missing weights: an error naming the file, before any work.
+        cfg.stages.targets.clip = Some(clip::ClipConfig {
+            weights: tmp.path().join("absent.safetensors"),
+            ..clip_cfg
+        });
+        let err = format!("{:#}", fill(&cfg, &options).unwrap_err());
+        assert!(err.contains("absent.safetensors"), "{err}");
+    }
+}
