@@ -45,35 +45,6 @@ static void cm_emit_message(j_common_ptr cinfo, int level) {
 }
 
 /*
- * Read the frame header: *width, *height. Returns a CM_* code.
- */
-int cm_jpeg_size(const unsigned char *data, unsigned long len, int *width, int *height, char *message,
-                 int message_len) {
-    struct jpeg_decompress_struct cinfo;
-    struct cm_error err;
-    char buffer[JMSG_LENGTH_MAX];
-    int code = CM_CORRUPT;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = cm_error_exit;
-    err.pub.emit_message = cm_emit_message;
-    err.message = buffer;
-    err.message_len = sizeof buffer;
-    buffer[0] = 0;
-    if (setjmp(err.jump)) {
-        jpeg_destroy_decompress(&cinfo);
-        snprintf(message, message_len, "%s", buffer);
-        return code;
-    }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, data, len);
-    jpeg_read_header(&cinfo, TRUE);
-    *width = (int)cinfo.image_width;
-    *height = (int)cinfo.image_height;
-    jpeg_destroy_decompress(&cinfo);
-    return CM_OK;
-}
-
-/*
  * Decode rows [top, top + rows) and at least columns [left, left + cols) as
  * RGB. libjpeg widens the columns to iMCU boundaries: the decoded columns
  * are [*out_left, *out_left + *out_cols), written row after row with a

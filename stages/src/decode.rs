@@ -695,7 +695,7 @@ mod tests {
     /// the zune-jpeg fallback decodes the same images within a few levels.
     #[test]
     fn region_decode_equals_whole_decode_inside_the_crop() {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let path = crate::npy::shared_dir().join("data/photos-000001.tar");
         let skips = shards::Skips::default();
         let reader = shards::ShardReader::open(&path, shards::OnError::Fail, &skips)
