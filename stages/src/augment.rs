@@ -3,9 +3,9 @@
 //!
 //! Reference: `../shared/testvectors/photo224_normalized.npy` (four photos
 //! resized to 224 px with PIL's bicubic, ImageNet-normalized). The resampler
-//! here is PIL's `ImagingResample` rewritten: bicubic a = -0.5, support scaled
-//! by the downscale factor (antialias), 22-bit fixed-point weights, horizontal
-//! pass then vertical, each rounded and clipped to u8. The test decodes the
+//! ([`crate::resize`]) is PIL's `ImagingResample` in f32: bicubic a = -0.5,
+//! support scaled by the downscale factor (antialias), horizontal pass then
+//! vertical, each rounded and clipped to u8. The test decodes the
 //! same JPEGs (photos 514, 525, 526, 529 of photos-000002.tar), resizes the
 //! whole image to 224 and must match within 6 levels, mean under 0.5: the
 //! difference is the JPEG decoder's (zune-jpeg vs PIL's libjpeg-turbo differ
@@ -21,7 +21,7 @@
 //! horizontal pass's output mirrored, so it costs nothing.
 
 use crate::sample::{CropBox, Rgb8, StageError, View};
-use crate::simd::multiversion;
+pub use crate::resize::{resize_bicubic, resize_bicubic_scalar};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -162,208 +162,6 @@ pub fn center_crop_fallback(width: usize, height: usize, ratio: [f64; 2]) -> Cro
     }
 }
 
-/// PIL's fixed-point precision for 8-bit images (`PRECISION_BITS = 32 - 8 - 2`).
-const PRECISION_BITS: u32 = 22;
-
-/// PIL's bicubic kernel, a = -0.5.
-fn bicubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
-    }
-}
-
-/// Resampling weights of one axis: for each output index, the first input
-/// index and its fixed-point weights (PIL's `precompute_coeffs` +
-/// `normalize_coeffs_8bpc`).
-struct Coeffs {
-    start: Vec<usize>,
-    len: Vec<usize>,
-    ksize: usize,
-    weights: Vec<i32>,
-}
-
-fn coeffs(in0: f64, in1: f64, in_size: usize, out_size: usize) -> Coeffs {
-    let scale = (in1 - in0) / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let mut c = Coeffs {
-        start: Vec::with_capacity(out_size),
-        len: Vec::with_capacity(out_size),
-        ksize,
-        weights: vec![0; out_size * ksize],
-    };
-    let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
-        let center = in0 + (xx as f64 + 0.5) * scale;
-        let ss = 1.0 / filterscale;
-        // `(int)` in C truncates toward zero; both values are >= -0.5 + ...
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
-        let n = (xmax - xmin).min(ksize);
-        let mut ww = 0.0;
-        for (x, kx) in k.iter_mut().enumerate().take(n) {
-            let w = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
-            *kx = w;
-            ww += w;
-        }
-        for x in 0..n {
-            let w = if ww != 0.0 { k[x] / ww } else { k[x] };
-            let f = w * (1u32 << PRECISION_BITS) as f64;
-            c.weights[xx * ksize + x] = if f < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
-        }
-        c.start.push(xmin);
-        c.len.push(n);
-    }
-    c
-}
-
-#[inline(always)]
-fn clip8(v: i32) -> u8 {
-    if v >= (1 << PRECISION_BITS << 8) {
-        255
-    } else if v <= 0 {
-        0
-    } else {
-        (v >> PRECISION_BITS) as u8
-    }
-}
-
-/// Copy the 4 bytes at `src[s..]` to `dst[d..]` as one word (a copy of
-/// variable length, or of 3 bytes, compiles to a memcpy call).
-#[inline(always)]
-fn move4(src: &[u8], s: usize, dst: &mut [u8], d: usize) {
-    let word = u32::from_ne_bytes(src[s..s + 4].try_into().unwrap());
-    dst[d..d + 4].copy_from_slice(&word.to_ne_bytes());
-}
-
-/// Copy one pixel's 3 bytes.
-#[inline(always)]
-fn move3(src: &[u8], s: usize, dst: &mut [u8], d: usize) {
-    let [r, g, b] = src[s..s + 3].try_into().unwrap();
-    dst[d..d + 3].copy_from_slice(&[r, g, b]);
-}
-
-multiversion! {
-/// Resize the `crop` of `img` to `out_w x out_h` with PIL's bicubic, mirrored
-/// left-right when `flip`. Equivalent to `img.crop(box).resize((w, h), BICUBIC)`
-/// followed by a horizontal flip, reading only the rows the crop needs.
-pub fn resize_bicubic / resize_bicubic_scalar(img: &Rgb8, crop: CropBox, out_w: usize, out_h: usize, flip: bool) -> Rgb8 {
-    let hc = coeffs(0.0, crop.width as f64, crop.width, out_w);
-    let vc = coeffs(0.0, crop.height as f64, crop.height, out_h);
-    // Rows of the crop that the vertical pass reads.
-    let row_first = vc.start.first().copied().unwrap_or(0);
-    let row_last = (0..out_h)
-        .map(|y| vc.start[y] + vc.len[y])
-        .max()
-        .unwrap_or(0);
-    let rows = row_last - row_first;
-    let half = 1i32 << (PRECISION_BITS - 1);
-    // Horizontal pass, done on columns so its inner loop runs over contiguous
-    // bytes (a pixel's 3 channels interleaved would defeat vectorization):
-    // 1. the crop's needed rows, transposed: column x is `rows * 3` bytes;
-    let cw = crop.width;
-    let rl = rows * 3;
-    // Temporaries live in per-thread buffers (see smooth.rs: fresh large
-    // allocations per image cost page faults); every byte is written before read.
-    thread_local! {
-        static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>, Vec<u8>, Vec<i32>)> = Default::default();
-    }
-    let mut bufs = BUFFERS.with(|b| b.take());
-    let (cols, tcols, tmp, acc) = (&mut bufs.0, &mut bufs.1, &mut bufs.2, &mut bufs.3);
-    // Pixels move as 4-byte words (one load and one store instead of three
-    // byte moves: the transposes were half of this function's time); the
-    // 4th byte is garbage that the next pixel's store overwrites, so each
-    // column's last pixel, whose 4th byte would land in the next column,
-    // moves as 3 bytes, and the buffers have a byte of slack.
-    cols.resize(cw * rl + 1, 0);
-    const B: usize = 16;
-    let src_len = img.data.len();
-    for r0 in (0..rows).step_by(B) {
-        let r1 = (r0 + B).min(rows);
-        for x in 0..cw {
-            for r in r0..r1 {
-                let y = crop.top + row_first + r;
-                let o = (y * img.width + crop.left + x) * 3;
-                let d = x * rl + r * 3;
-                if r + 1 < rows && o + 4 <= src_len {
-                    move4(&img.data, o, cols, d);
-                } else {
-                    move3(&img.data, o, cols, d);
-                }
-            }
-        }
-    }
-    // 2. each output column is a weighted sum of whole input columns
-    //    (mirrored when flipping), rounded and clipped as PIL does;
-    tcols.resize(out_w * rl + 1, 0);
-    acc.resize(rl, 0);
-    for xx in 0..out_w {
-        let (s, n) = (hc.start[xx], hc.len[xx]);
-        let acc = &mut acc[..rl];
-        acc.fill(half);
-        for (i, &k) in hc.weights[xx * hc.ksize..xx * hc.ksize + n].iter().enumerate() {
-            let col = &cols[(s + i) * rl..][..rl];
-            for (a, &p) in acc.iter_mut().zip(col) {
-                *a += p as i32 * k;
-            }
-        }
-        let ox = if flip { out_w - 1 - xx } else { xx };
-        for (o, &a) in tcols[ox * rl..][..rl].iter_mut().zip(acc.iter()) {
-            *o = clip8(a);
-        }
-    }
-    // 3. transposed back: `tmp` is rows x out_w x 3.
-    tmp.resize(rows * out_w * 3 + 1, 0);
-    let row_len = out_w * 3;
-    for r0 in (0..rows).step_by(B) {
-        let r1 = (r0 + B).min(rows);
-        for x in 0..out_w {
-            if x + 1 < out_w {
-                for r in r0..r1 {
-                    move4(tcols, x * rl + r * 3, tmp, r * row_len + x * 3);
-                }
-            } else {
-                for r in r0..r1 {
-                    move3(tcols, x * rl + r * 3, tmp, r * row_len + x * 3);
-                }
-            }
-        }
-    }
-    // Vertical pass: one output row is a weighted sum of whole tmp rows, so
-    // the inner loop runs over contiguous bytes (vectorizes).
-    let mut out = Rgb8::zeros(out_w, out_h);
-    acc.resize(row_len, 0);
-    for yy in 0..out_h {
-        let (s, n) = (vc.start[yy] - row_first, vc.len[yy]);
-        acc.iter_mut().for_each(|a| *a = half);
-        for (i, &k) in vc.weights[yy * vc.ksize..yy * vc.ksize + n]
-            .iter()
-            .enumerate()
-        {
-            let src = &tmp[(s + i) * row_len..(s + i + 1) * row_len];
-            for (a, &p) in acc.iter_mut().zip(src) {
-                *a += p as i32 * k;
-            }
-        }
-        for (o, &a) in out.data[yy * row_len..(yy + 1) * row_len]
-            .iter_mut()
-            .zip(acc.iter())
-        {
-            *o = clip8(a);
-        }
-    }
-    BUFFERS.with(|b| b.replace(bufs));
-    out
-}
-}
-
 /// Per-channel lookup tables `(v / 255 - mean) / std` for every u8 value, in f32 as
 /// the reference computes it.
 pub fn normalize_lut(mean: [f32; 3], std: [f32; 3]) -> [[f32; 256]; 3] {
@@ -442,7 +240,7 @@ mod tests {
                 }
             }
             let mean = sum as f64 / (3 * plane) as f64;
-            println!("photo {i}: max diff {worst}, mean {mean:.3} levels");
+            println!("photo {i}: max diff {worst}, mean {mean:.5} levels");
             assert!(worst <= 6 && mean < 0.5, "photo {i}: max diff {worst}, mean {mean}");
         }
     }
@@ -554,7 +352,7 @@ mod tests {
                     .map(|i| {
                         let i = i as f64;
                         if i >= lo && i < hi {
-                            bicubic((i - center + 0.5) / fs)
+                            crate::resize::bicubic((i - center + 0.5) / fs)
                         } else {
                             0.0
                         }
