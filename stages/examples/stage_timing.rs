@@ -4,13 +4,14 @@
 //! two versions of a stage than a rate over seconds (`pipeline bench data`
 //! gives the throughput figures).
 //!
-//!   cargo run --release -p stages --example stage_timing [PASSES]
+//!   cargo run --release -p stages --example stage_timing [PASSES [STAGE]]
 
 use stages::{augment, chain, decode, mask, smooth, targets, StagesConfig};
 use std::time::Instant;
 
 fn main() {
     let passes: usize = std::env::args().nth(1).map_or(20, |s| s.parse().expect("PASSES"));
+    let only = std::env::args().nth(2);
     let shard = stages::npy::shared_dir().join("data/photos-000000.tar");
     let skips = shards::Skips::default();
     let raw: Vec<shards::Sample> = shards::ShardReader::open(&shard, shards::OnError::Fail, &skips)
@@ -25,6 +26,9 @@ fn main() {
     let examples: Vec<_> = raw.iter().map(|s| chain::process(&cfg, s, 0, 0).unwrap()).collect();
     // Each image's time is its minimum over `passes` passes; the figure is their mean.
     let best = |name: &str, f: &mut dyn FnMut(usize)| {
+        if only.as_deref().is_some_and(|o| o != name) {
+            return;
+        }
         let mut each = vec![f64::INFINITY; raw.len()];
         for _ in 0..passes {
             for (i, t) in each.iter_mut().enumerate() {
@@ -33,7 +37,10 @@ fn main() {
                 *t = t.min(start.elapsed().as_secs_f64());
             }
         }
-        println!("{name:>10}: {:7.1} us/image", each.iter().sum::<f64>() / raw.len() as f64 * 1e6);
+        println!(
+            "{name:>10}: {:7.1} us/image",
+            each.iter().sum::<f64>() / raw.len() as f64 * 1e6
+        );
     };
     best("chain", &mut |i| {
         std::hint::black_box(chain::process(&cfg, &raw[i], 0, 0).unwrap());

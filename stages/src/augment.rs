@@ -20,8 +20,8 @@
 //! after resizing, as torchvision's transform order does; we write the
 //! horizontal pass's output mirrored, so it costs nothing.
 
-use crate::sample::{CropBox, Rgb8, StageError, View};
 pub use crate::resize::{resize_bicubic, resize_bicubic_scalar};
+use crate::sample::{CropBox, Rgb8, StageError, View};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 

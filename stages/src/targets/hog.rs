@@ -264,7 +264,10 @@ mod avx2 {
             let parts = [0, 1, 2].map(|t| _mm_loadu_si128(src.add(x * 3 + 16 * t) as *const __m128i));
             for (c, out) in outs.iter().enumerate() {
                 let v = _mm_or_si128(
-                    _mm_or_si128(_mm_shuffle_epi8(parts[0], masks[c][0]), _mm_shuffle_epi8(parts[1], masks[c][1])),
+                    _mm_or_si128(
+                        _mm_shuffle_epi8(parts[0], masks[c][0]),
+                        _mm_shuffle_epi8(parts[1], masks[c][1]),
+                    ),
                     _mm_shuffle_epi8(parts[2], masks[c][2]),
                 );
                 _mm_storeu_si128(out.add(x) as *mut __m128i, v);
