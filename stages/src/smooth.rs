@@ -274,34 +274,8 @@ unsafe fn transpose_blocks_avx(src: &[f32], stride: usize, dst: &mut [f32], h: u
             // SAFETY: rows y0..y0+8 and columns x0..x0+8 are inside h x w,
             // and the transposed block inside w x h (asserted lengths).
             unsafe {
-                let r = |i: usize| _mm256_loadu_ps(sp.add((y0 + i) * stride + x0));
-                let (r0, r1, r2, r3, r4, r5, r6, r7) = (r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7));
-                let t0 = _mm256_unpacklo_ps(r0, r1);
-                let t1 = _mm256_unpackhi_ps(r0, r1);
-                let t2 = _mm256_unpacklo_ps(r2, r3);
-                let t3 = _mm256_unpackhi_ps(r2, r3);
-                let t4 = _mm256_unpacklo_ps(r4, r5);
-                let t5 = _mm256_unpackhi_ps(r4, r5);
-                let t6 = _mm256_unpacklo_ps(r6, r7);
-                let t7 = _mm256_unpackhi_ps(r6, r7);
-                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                let out = [
-                    _mm256_permute2f128_ps::<0x20>(u0, u4),
-                    _mm256_permute2f128_ps::<0x20>(u1, u5),
-                    _mm256_permute2f128_ps::<0x20>(u2, u6),
-                    _mm256_permute2f128_ps::<0x20>(u3, u7),
-                    _mm256_permute2f128_ps::<0x31>(u0, u4),
-                    _mm256_permute2f128_ps::<0x31>(u1, u5),
-                    _mm256_permute2f128_ps::<0x31>(u2, u6),
-                    _mm256_permute2f128_ps::<0x31>(u3, u7),
-                ];
+                let mut out: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(sp.add((y0 + i) * stride + x0)));
+                crate::simd::transpose8x8(&mut out);
                 for (i, v) in out.into_iter().enumerate() {
                     _mm256_storeu_ps(dp.add((x0 + i) * h + y0), v);
                 }
