@@ -290,8 +290,11 @@ mod avx2 {
         for cy in 0..h / 8 {
             for c in 0..3 {
                 for cx in 0..w / 8 {
-                    let mut acc = [_mm256_setzero_ps(); BINS];
-                    for y in cy * 8..cy * 8 + 8 {
+                    // Gradients of the cell's 8 rows first, then the votes:
+                    // in one loop, the 9 accumulators and the Sobel taps did
+                    // not fit in the 16 registers and went through the stack.
+                    let mut rows = [[_mm256_setzero_ps(); 3]; 8];
+                    for (row, y) in rows.iter_mut().zip(cy * 8..cy * 8 + 8) {
                         let base = planes.as_ptr().add((c * ph + y) * pw + cx * 8);
                         let (t, m, b) = (base, base.add(pw), base.add(2 * pw));
                         let (tl, tc, tr) = (load(t), load(t.add(1)), load(t.add(2)));
@@ -313,6 +316,10 @@ mod avx2 {
                         let fy = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(gy, flip), flip));
                         // Exact in f32 (at most 2 * 1020^2 < 2^24), as the scalar i32 sum.
                         let mag = _mm256_sqrt_ps(_mm256_fmadd_ps(fx, fx, _mm256_mul_ps(fy, fy)));
+                        *row = [fx, fy, mag];
+                    }
+                    let mut acc = [_mm256_setzero_ps(); BINS];
+                    for &[fx, fy, mag] in &rows {
                         let mut above = mag; // M_0
                         for k in 0..BINS {
                             let next = if k + 1 < BINS {
