@@ -381,7 +381,7 @@ impl Deriche {
             // a start-up transient is down to 0.6% of its size, and it starts
             // small (the steady state of the nearest row). On the testvectors
             // 3 sigma and 4 sigma of padding give the same max error (0.0063),
-            // 2 sigma 0.018; the recursion's length is (h + 2 pad) + (h + pad).
+            // 2 sigma 0.018; the two recursions run h + pad rows each.
             pad: (3.0 * sigma).ceil() as usize,
         }
     }
@@ -473,7 +473,10 @@ fn deriche_strip(
 ) {
     let (len, pad) = (rows.len(), (rows.len() - h) / 2);
     let load = |n: usize| src[rows[n] * w + x];
-    let yc = &mut scratch[..len];
+    // The causal output is needed on the image's rows only, so the causal
+    // recursion stops at its last row (the anticausal one reads the bottom
+    // pad's inputs itself).
+    let yc = &mut scratch[..pad + h];
     // Causal, started at the steady state of the first row.
     let first = load(0);
     let mut u1 = first;
@@ -545,7 +548,7 @@ mod avx2 {
         let mut u1 = first;
         let (mut a1, mut b1) = (first.map(|f| _mm256_mul_ps(sa, f)), first.map(|f| _mm256_mul_ps(sb, f)));
         let (mut a2, mut b2) = (a1, b1);
-        for k in 0..len {
+        for k in 0..pad + h {
             for j in 0..2 {
                 let u0 = load(k, j);
                 let a = section(ca, da, u0, u1[j], a1[j], a2[j]);
