@@ -43,6 +43,11 @@ pub struct BenchDataArgs {
     /// target_canny, chain, graph); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Epochs of the data through the graph figure: the first one runs on
+    /// memory fresh from the kernel (page faults), later ones recycle it, as
+    /// a long run does.
+    #[arg(long, default_value_t = 3)]
+    pub graph_epochs: usize,
 }
 
 /// Run `pipeline bench data`.
@@ -154,24 +159,29 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
         std::hint::black_box(chain::process(st, &raws[i], seed, 0).ok());
     });
     if want("graph") {
-        graph_figure(&cfg, patterns, args.threads)?;
+        graph_figure(&cfg, patterns, args.threads, args.graph_epochs)?;
     }
     Ok(())
 }
 
 /// The same chain through the `pipeline run` dataflow (lanes reading the
 /// shards from disk, the stage operators, the sink assembling batches, no
-/// trainer), one epoch on `threads` timely workers: one line for the whole
-/// graph, one per stage with its records/s and busy fraction.
-fn graph_figure(cfg: &crate::config::RunConfig, patterns: Vec<String>, threads: usize) -> anyhow::Result<()> {
+/// trainer), `epochs` epochs on `threads` timely workers: one line for the
+/// whole graph, one per stage with its records/s and busy fraction.
+fn graph_figure(
+    cfg: &crate::config::RunConfig,
+    patterns: Vec<String>,
+    threads: usize,
+    epochs: usize,
+) -> anyhow::Result<()> {
     let mut cfg = cfg.clone();
     cfg.data.train = patterns;
-    let (stage_rates, delivered, seconds) = crate::run::data_throughput(&cfg, threads, 1)?;
+    let (stage_rates, delivered, seconds) = crate::run::data_throughput(&cfg, threads, epochs)?;
     let rate = delivered as f64 / seconds;
     println!(
         "{}",
         serde_json::json!({
-            "figure": "graph", "threads": threads, "images": delivered,
+            "figure": "graph", "threads": threads, "images": delivered, "epochs": epochs,
             "seconds": (seconds * 1000.0).round() / 1000.0,
             "images_per_s": rate.round(), "per_thread": (rate / threads as f64).round(),
         })
