@@ -105,7 +105,9 @@ fn layout(hist: &mut [f32], gw: usize, gh: usize) -> Vec<f32> {
             .sum::<f64>()
             .sqrt()
             .max(1e-12);
-        cell.iter_mut().for_each(|v| *v = (*v as f64 / norm) as f32);
+        // One division per cell, not one per bin.
+        let inv = 1.0 / norm;
+        cell.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
     }
     let mut out = vec![0f32; gw * gh * DIMS];
     for py in 0..gh {
