@@ -202,9 +202,13 @@ fn padded_planes(img: &Rgb8) -> Vec<u8> {
 
 /// Orientation histograms of 8 x 8 px cells, `hist[((cy * cells_x + cx) * 3 + c) * 9 + bin]`,
 /// from [`padded_planes`], in 8 lanes (one per pixel of a cell row) the way
-/// [`avx2::cells8`] computes them: per lane and bin, the magnitudes of the
-/// cell's 8 rows summed in order (adding 0 where the pixel's bin differs),
-/// then the lanes summed as `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.
+/// [`avx2::cells8`] computes them: cumulative sums `C_k` = the magnitudes
+/// of the pixels whose bin is k or more, per lane over the cell's 8 rows in
+/// order (adding 0 for the others), the lanes summed as
+/// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`, and bin b is
+/// `C_b - C_(b+1)`. An empty bin has `C_b` and `C_(b+1)` summed from the same
+/// values in the same order: exactly 0. The differences round a little
+/// differently from direct sums (about 1e-7 of the cell's total magnitude).
 fn cells8(planes: &[u8], w: usize, h: usize, cot: &[f32; BINS - 1], hist: &mut [f32]) {
     let (pw, ph) = (w + 2, h + 2);
     for cy in 0..h / 8 {
@@ -221,13 +225,14 @@ fn cells8(planes: &[u8], w: usize, h: usize, cot: &[f32; BINS - 1], hist: &mut [
                         let mag = ((gx * gx + gy * gy) as f32).sqrt();
                         let bin = bin_fast(gx, gy, cot) as usize;
                         for (k, a) in acc.iter_mut().enumerate() {
-                            a[l] += if k == bin { mag } else { 0.0 };
+                            a[l] += if bin >= k { mag } else { 0.0 };
                         }
                     }
                 }
+                let sums = acc.map(|a| ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])));
                 let cell = &mut hist[((cy * (w / 8) + cx) * 3 + c) * BINS..][..BINS];
-                for (o, a) in cell.iter_mut().zip(&acc) {
-                    *o = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+                for (k, o) in cell.iter_mut().enumerate() {
+                    *o = sums[k] - sums.get(k + 1).copied().unwrap_or(0.0);
                 }
             }
         }
@@ -278,10 +283,9 @@ mod avx2 {
         n
     }
 
-    /// [`super::cells8`] with the 8 lanes in one register. Per bin the lane's
-    /// vote is `M_b - M_{b+1}` with `M_k` = the magnitude where the pixel
-    /// passed border k (`gy <= gx cot k`), else 0: exactly the magnitude in its
-    /// own bin and 0 elsewhere (the borders passed are monotone in k).
+    /// [`super::cells8`] with the 8 lanes in one register: `C_k` adds the
+    /// magnitude where the pixel passed border k (`gy <= gx cot k`; the
+    /// borders passed are a prefix, so that is where its bin is k or more).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn cells8(planes: &[u8], w: usize, h: usize, cot: &[f32; BINS - 1], hist: &mut [f32]) {
         let (pw, ph) = (w + 2, h + 2);
@@ -322,25 +326,21 @@ mod avx2 {
                     }
                     let mut acc = [_mm256_setzero_ps(); BINS];
                     for &[fx, fy, mag] in &rows {
-                        let mut above = mag; // M_0
-                        for k in 0..BINS {
-                            let next = if k + 1 < BINS {
-                                let passed = _mm256_cmp_ps::<_CMP_LE_OQ>(fy, _mm256_mul_ps(fx, cot[k]));
-                                _mm256_and_ps(passed, mag)
-                            } else {
-                                _mm256_setzero_ps()
-                            };
-                            acc[k] = _mm256_add_ps(acc[k], _mm256_sub_ps(above, next));
-                            above = next;
+                        acc[0] = _mm256_add_ps(acc[0], mag);
+                        for k in 1..BINS {
+                            let passed = _mm256_cmp_ps::<_CMP_LE_OQ>(fy, _mm256_mul_ps(fx, cot[k - 1]));
+                            acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(passed, mag));
                         }
                     }
-                    let cell = hist.as_mut_ptr().add(((cy * (w / 8) + cx) * 3 + c) * BINS);
-                    for (k, a) in acc.iter().enumerate() {
+                    let sums = acc.map(|a| {
                         // (l0 + l4, l1 + l5, l2 + l6, l3 + l7), then pairs 0 + 2 and 1 + 3, then the two.
-                        let s = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps::<1>(*a));
+                        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
                         let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                        let r = _mm_add_ss(t, _mm_shuffle_ps::<1>(t, t));
-                        *cell.add(k) = _mm_cvtss_f32(r);
+                        _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps::<1>(t, t)))
+                    });
+                    let cell = hist.as_mut_ptr().add(((cy * (w / 8) + cx) * 3 + c) * BINS);
+                    for k in 0..BINS {
+                        *cell.add(k) = sums[k] - if k + 1 < BINS { sums[k + 1] } else { 0.0 };
                     }
                 }
             }
