@@ -359,7 +359,7 @@ pub(crate) mod tests {
                 };
                 // The run's own stage functions, as the graph chains them.
                 let r = record::decode(&cfg.stages, cfg.seed, r).unwrap();
-                let r = record::augment(&cfg.stages, r).unwrap();
+                let r = record::augment(r).unwrap();
                 let v = stages::views::pick(cfg.seed, epoch, &sample.key, 3);
                 views_seen.insert((i, v));
                 let (w, h) = (r.view.source_width, r.view.source_height);

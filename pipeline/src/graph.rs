@@ -222,11 +222,11 @@ fn build(
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
         let (seed, c) = (ctx.seed, || ctx.clone());
-        let (cd, ca, cm, cs, ct) = (c(), c(), c(), c(), c());
+        let (cd, cm, cs, ct) = (c(), c(), c(), c());
         let lanes = scope.input_from(&mut input);
         let stages: Vec<(usize, StageFn)> = vec![
             (DECODE, Box::new(move |r| record::decode(&cd.stages, seed, r))),
-            (AUGMENT, Box::new(move |r| record::augment(&ca.stages, r))),
+            (AUGMENT, Box::new(record::augment)),
             (MASK, Box::new(move |r| record::mask(&cm.stages, seed, r))),
             (SMOOTH, Box::new(move |r| record::smooth(&cs.stages, r))),
             (TARGETS, Box::new(move |r| crate::cache::targets(&ct, r))),

@@ -67,8 +67,6 @@ pub struct Record {
     pub pixels: Image,
     /// How the view was cut (after augment).
     pub view: View,
-    /// Normalized view, C x H x W (after augment).
-    pub image: Vec<f32>,
     /// Per patch, 1 = removed (after mask).
     pub mask: Vec<u8>,
     /// Smoothed target x̂ as u8 pixels, H x W x 3, normalized on the training device (after smooth).
@@ -99,9 +97,11 @@ pub fn decode(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, St
     Ok(r)
 }
 
-/// augment: resize and flip the view out of the decoded region, then
-/// normalization (where data becomes float).
-pub fn augment(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
+/// augment: resize and flip the view out of the decoded region. The view
+/// stays u8 through the graph (DESIGN.md "Keep image data as u8"): the
+/// training device normalizes it, and `targets` normalizes it for the pixel
+/// target only.
+pub fn augment(mut r: Record) -> Result<Record, StageError> {
     let Image { left, top, .. } = r.pixels;
     let region = decode::Region {
         pixels: std::mem::take(&mut r.pixels).into(),
@@ -111,7 +111,6 @@ pub fn augment(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> 
         source_height: r.view.source_height,
     };
     let pixels = augment::apply_region(&region, &r.view)?;
-    r.image = augment::normalize(&pixels, cfg.augment.mean, cfg.augment.std);
     r.pixels = pixels.into();
     Ok(r)
 }
@@ -141,12 +140,19 @@ pub fn smooth(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
 /// targets: per-patch F(x) of the view, in the config's order.
 pub fn targets(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
     let pixels: Rgb8 = std::mem::take(&mut r.pixels).into();
+    // MAE's norm-pix target works on the normalized view; HOG and Canny on
+    // the u8 pixels (a 600 kB float copy per record otherwise).
+    let image = if cfg.targets.kinds.contains(&targets::Kind::Pixel) {
+        augment::normalize(&pixels, cfg.augment.mean, cfg.augment.std)
+    } else {
+        Vec::new()
+    };
     r.targets = cfg
         .targets
         .kinds
         .iter()
         .map(|&kind| {
-            targets::compute(kind, &cfg.targets, &pixels, &r.image, cfg.patch)
+            targets::compute(kind, &cfg.targets, &pixels, &image, cfg.patch)
                 .map(|Target { dims, values, .. }| (dims, values))
         })
         .collect::<Result<_, _>>()?;
