@@ -598,9 +598,17 @@ pub fn apply_u8(cfg: &Config, pixels: &Rgb8) -> Result<Vec<u8>, StageError> {
     // are clamped to [0, 255] first): `f32::round` is a libm call per value
     // on baseline x86-64, and the interleaved loops made this stage cost
     // twice the blur itself.
-    let mut planes = vec![0f32; 3 * plane];
+    // The float planes are a per-thread buffer (see blur_fast), every value
+    // written by to_planes.
+    thread_local! {
+        static PLANES: std::cell::RefCell<Vec<f32>> = Default::default();
+    }
+    let mut planes = PLANES.with(|p| p.take());
+    planes.resize(3 * plane, 0.0);
     to_planes(&pixels.data, &mut planes);
-    let blurred = apply(cfg, &planes, 3, h, w)?;
+    let blurred = apply(cfg, &planes, 3, h, w);
+    PLANES.with(|p| p.replace(planes));
+    let blurred = blurred?;
     let mut out = vec![0u8; 3 * plane];
     to_pixels(&blurred, &mut out);
     Ok(out)
