@@ -113,10 +113,7 @@ pub fn run(args: &AblationArgs) -> anyhow::Result<()> {
                 config: path.clone(),
                 set,
                 resume: None,
-                workers: args.workers,
-                processes: 1,
-                process: 0,
-                hostfile: None,
+                cluster: run::ClusterArgs::local(args.workers),
                 stop_after_epochs: None,
             })
             .with_context(|| format!("ablation row {}", path.display()))?;

@@ -40,6 +40,7 @@ use crate::cache::{self, shard_keys};
 use crate::cache_index;
 use crate::config::{self, RunConfig};
 use crate::placement::Placement;
+use crate::run::ClusterArgs;
 
 /// Arguments of `pipeline precompute`.
 #[derive(Debug, Args)]
@@ -49,18 +50,8 @@ pub struct PrecomputeArgs {
     /// Override config values: `--set stages.targets.views=4`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Worker threads per process.
-    #[arg(long, short = 'w', default_value_t = 1)]
-    pub workers: usize,
-    /// Processes in the cluster.
-    #[arg(long, short = 'n', default_value_t = 1)]
-    pub processes: usize,
-    /// This process's index (0-based).
-    #[arg(long, short = 'p', default_value_t = 0)]
-    pub process: usize,
-    /// One `host:port` per line, a line per process.
-    #[arg(long, short = 'H')]
-    pub hostfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Views per store shard.
     #[arg(long, default_value_t = 1000)]
     pub shard_views: usize,
@@ -75,10 +66,7 @@ pub struct PrecomputeArgs {
 /// How [`fill`] runs.
 #[derive(Debug, Clone)]
 pub struct FillOptions {
-    pub workers: usize,
-    pub processes: usize,
-    pub process: usize,
-    pub hostfile: Option<PathBuf>,
+    pub cluster: ClusterArgs,
     pub shard_views: usize,
     pub batch: usize,
     pub progress: bool,
@@ -88,10 +76,7 @@ impl FillOptions {
     /// One process of `workers` workers, default sizes (a run's `on_miss: compute`).
     pub fn local(workers: usize) -> FillOptions {
         FillOptions {
-            workers,
-            processes: 1,
-            process: 0,
-            hostfile: None,
+            cluster: ClusterArgs::local(workers),
             shard_views: 1000,
             batch: 32,
             progress: false,
@@ -595,13 +580,18 @@ pub fn fill(cfg: &RunConfig, options: &FillOptions) -> anyhow::Result<Precompute
     );
 
     if !missing.is_empty() {
-        let placement = Placement::resolve(&cfg.cluster, &cfg.placement, options.processes, options.workers)?;
+        let placement = Placement::resolve(
+            &cfg.cluster,
+            &cfg.placement,
+            options.cluster.processes,
+            options.cluster.workers,
+        )?;
         // The CLIP teacher is loaded only by processes that run the extract stage.
         let extracts_here = placement
             .sets
             .targets
             .iter()
-            .any(|&w| w / options.workers == options.process);
+            .any(|&w| w / options.cluster.workers == options.cluster.process);
         let device = stages::train::device::open(&cfg.train.device).context("train.device")?;
         let teacher = match (&cfg.stages.targets.clip, kinds.contains(&Kind::Clip) && extracts_here) {
             (Some(clip_cfg), true) => Some(Arc::new(
@@ -625,22 +615,13 @@ pub fn fill(cfg: &RunConfig, options: &FillOptions) -> anyhow::Result<Precompute
             skips: Skips::default(),
             teacher,
             device,
-            run_id: format!("{unix_ms:x}-{}-p{}", std::process::id(), options.process),
+            run_id: format!("{unix_ms:x}-{}-p{}", std::process::id(), options.cluster.process),
             options: options.clone(),
             progress: progress.clone(),
             failure: Default::default(),
         });
         let skips = ctx.skips.clone();
-        let timely_config = crate::run::timely_config(&crate::run::RunArgs {
-            config: PathBuf::new(),
-            set: vec![],
-            resume: None,
-            workers: options.workers,
-            processes: options.processes,
-            process: options.process,
-            hostfile: options.hostfile.clone(),
-            stop_after_epochs: None,
-        })?;
+        let timely_config = crate::run::timely_config(&options.cluster)?;
         let bar = options.progress.then(|| {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
@@ -693,10 +674,7 @@ pub fn fill(cfg: &RunConfig, options: &FillOptions) -> anyhow::Result<Precompute
 pub fn run(args: &PrecomputeArgs) -> anyhow::Result<()> {
     let cfg = config::load(&args.config, &args.set)?;
     let options = FillOptions {
-        workers: args.workers,
-        processes: args.processes,
-        process: args.process,
-        hostfile: args.hostfile.clone(),
+        cluster: args.cluster.clone(),
         shard_views: args.shard_views,
         batch: args.batch,
         progress: !args.json,

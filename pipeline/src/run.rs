@@ -31,6 +31,17 @@ pub struct RunArgs {
     /// Continue the run in this directory from its last checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Stop cleanly after this many epochs (checkpoint written), as if the run
+    /// had been cut there; `--resume` continues it.
+    #[arg(long, value_name = "EPOCHS")]
+    pub stop_after_epochs: Option<usize>,
+}
+
+/// Where this process stands in the cluster (`pipeline run` and `pipeline precompute`).
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
     /// Worker threads per process.
     #[arg(long, short = 'w', default_value_t = 1)]
     pub workers: usize,
@@ -43,10 +54,18 @@ pub struct RunArgs {
     /// One `host:port` per line, a line per process.
     #[arg(long, short = 'H')]
     pub hostfile: Option<PathBuf>,
-    /// Stop cleanly after this many epochs (checkpoint written), as if the run
-    /// had been cut there; `--resume` continues it.
-    #[arg(long, value_name = "EPOCHS")]
-    pub stop_after_epochs: Option<usize>,
+}
+
+impl ClusterArgs {
+    /// One process of `workers` workers.
+    pub fn local(workers: usize) -> ClusterArgs {
+        ClusterArgs {
+            workers,
+            processes: 1,
+            process: 0,
+            hostfile: None,
+        }
+    }
 }
 
 fn run_dir(cfg: &RunConfig, args: &RunArgs) -> PathBuf {
@@ -63,7 +82,7 @@ fn run_dir(cfg: &RunConfig, args: &RunArgs) -> PathBuf {
     })
 }
 
-pub(crate) fn timely_config(args: &RunArgs) -> anyhow::Result<timely::Config> {
+pub(crate) fn timely_config(args: &ClusterArgs) -> anyhow::Result<timely::Config> {
     if args.workers == 0 || args.processes == 0 || args.process >= args.processes {
         bail!("--workers and --processes must be positive and --process below --processes");
     }
@@ -145,14 +164,19 @@ fn set_thread_budget(workers: usize) {
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
-    set_thread_budget(args.workers);
+    set_thread_budget(args.cluster.workers);
     let cfg = config::load(&args.config, &args.set)?;
-    if args.processes > 1 {
-        exit_on_lost_peer(args.process);
+    if args.cluster.processes > 1 {
+        exit_on_lost_peer(args.cluster.process);
     }
-    let placement = Placement::resolve(&cfg.cluster, &cfg.placement, args.processes, args.workers)?;
-    let trains = placement.trains(args.process, args.workers);
-    let timely_config = timely_config(args)?;
+    let placement = Placement::resolve(
+        &cfg.cluster,
+        &cfg.placement,
+        args.cluster.processes,
+        args.cluster.workers,
+    )?;
+    let trains = placement.trains(args.cluster.process, args.cluster.workers);
+    let timely_config = timely_config(&args.cluster)?;
 
     let skips = Skips::default();
     let (plan, counts) = plan_run(&cfg)?;
@@ -169,7 +193,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     );
 
     let counters = Arc::new(Counters::default());
-    let cache = crate::cache::prepare_run(&cfg, args.workers, &counters)?;
+    let cache = crate::cache::prepare_run(&cfg, args.cluster.workers, &counters)?;
     let run_dir = run_dir(&cfg, args);
     let (sender, trainer_thread) = if trains {
         let taken = run_dir.join("metrics.jsonl").exists() || checkpoint_dir(&run_dir).exists();
@@ -192,7 +216,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             resume: args.resume.as_ref().map(|d| checkpoint_dir(d)),
             log_every: cfg.run.log_every,
             counters: counters.clone(),
-            workers: args.workers,
+            workers: args.cluster.workers,
         };
         let (trainer, start) = make_trainer(&setup)?;
         // One batch waits in the channel while the trainer works on the next.
@@ -272,11 +296,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     for (i, result) in worker_results.into_iter().enumerate() {
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.context(format!("worker {i} of process {}", args.process))),
+            Ok(Err(e)) => return Err(e.context(format!("worker {i} of process {}", args.cluster.process))),
             Err(e) => bail!(
                 "worker {i} of process {} stopped: {e}{}",
-                args.process,
-                if args.processes > 1 {
+                args.cluster.process,
+                if args.cluster.processes > 1 {
                     "\n(a process of the cluster is gone: rerun every process with --resume RUN_DIR)"
                 } else {
                     ""
@@ -285,7 +309,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let workers = args.workers;
+    let workers = args.cluster.workers;
     for r in crate::metrics::rates(&Default::default(), &counters.snapshot(), seconds, workers) {
         tracing::info!(
             "stage {:8} {:8.0} records/s, busy {:5.1}% of {workers} worker(s)",
@@ -317,7 +341,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
         std::fs::write(run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     } else {
-        println!("data process {} done in {seconds:.1} s", args.process);
+        println!("data process {} done in {seconds:.1} s", args.cluster.process);
     }
     Ok(())
 }
