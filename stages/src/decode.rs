@@ -128,9 +128,8 @@ pub fn image_size(bytes: &[u8]) -> Result<(usize, usize), StageError> {
     } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         // IHDR is the first chunk: length, "IHDR", width, height (big endian).
         let field = |at: usize| {
-            bytes
-                .get(at..at + 4)
-                .map(|b| u32::from_be_bytes(b.try_into().unwrap()) as usize)
+            let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+            Some(u32::from_be_bytes(b) as usize)
         };
         match (bytes.get(12..16), field(16), field(20)) {
             (Some(b"IHDR"), Some(w), Some(h)) => Ok((w, h)),
