@@ -32,6 +32,10 @@ pub struct BenchResult {
     pub peak_tflops: Option<f64>,
     /// Model FLOP utilization: `tflops / peak_tflops`.
     pub mfu: Option<f64>,
+    /// Where a step's time goes: ms per step in each phase (upload, inputs, forward,
+    /// backward, accumulate, grad_norm, adamw, ema), from extra steps that wait for
+    /// the device after every phase. Their sum exceeds `median_ms` by the lost overlap.
+    pub phases_ms: Vec<(String, f64)>,
 }
 
 /// User + system CPU time of this process in ms, from `/proc/self/stat` (Linux).
@@ -103,6 +107,16 @@ pub fn bench_train(
         (Some(a), Some(b)) => Some((b - a) / ms.len() as f64),
         _ => None,
     };
+    let phase_steps = steps.clamp(1, 3);
+    trainer.time_phases(true);
+    for _ in 0..phase_steps {
+        trainer.step(&batch)?;
+    }
+    let phases_ms = trainer
+        .phase_ms()
+        .iter()
+        .map(|&(phase, total)| (phase.to_string(), total / phase_steps as f64))
+        .collect();
     ms.sort_by(f64::total_cmp);
     let median_ms = ms[ms.len() / 2];
     let flops = step_flops(model);
@@ -119,5 +133,6 @@ pub fn bench_train(
         tflops,
         peak_tflops,
         mfu: peak_tflops.map(|p| tflops / p),
+        phases_ms,
     })
 }

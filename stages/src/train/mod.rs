@@ -270,6 +270,10 @@ pub struct Trainer {
     position: u64,
     epoch: u64,
     last_loss: Option<f64>,
+    /// When set, each step waits for the device after each phase and adds its
+    /// time here (`bench train`'s phase breakdown; off in training).
+    phase_ms: Option<Vec<(&'static str, f64)>>,
+    phase_clock: Option<std::time::Instant>,
 }
 
 impl Trainer {
@@ -334,7 +338,40 @@ impl Trainer {
             position: 0,
             epoch: 0,
             last_loss: None,
+            phase_ms: None,
+            phase_clock: None,
         })
+    }
+
+    /// Times the phases of each step (see [`Trainer::phase_ms`]). Every phase then
+    /// ends with a device synchronization, so steps get slower: for diagnosis only.
+    pub fn time_phases(&mut self, on: bool) {
+        self.phase_ms = on.then(Vec::new);
+    }
+
+    /// Milliseconds spent in each phase of the steps since [`Trainer::time_phases`],
+    /// in the order the phases run.
+    pub fn phase_ms(&self) -> &[(&'static str, f64)] {
+        self.phase_ms.as_deref().unwrap_or(&[])
+    }
+
+    /// Ends the current phase (when timing phases): waits for the device, adds the
+    /// time since the previous mark to `phase`.
+    fn mark(&mut self, phase: &'static str) -> Result<(), TrainError> {
+        let Some(times) = self.phase_ms.as_mut() else {
+            return Ok(());
+        };
+        self.device.synchronize()?;
+        let now = std::time::Instant::now();
+        // "start" only sets the clock: the time between steps is not a phase.
+        if let Some(t0) = self.phase_clock.replace(now).filter(|_| phase != "start") {
+            let ms = (now - t0).as_secs_f64() * 1e3;
+            match times.iter_mut().find(|(p, _)| *p == phase) {
+                Some((_, total)) => *total += ms,
+                None => times.push((phase, ms)),
+            }
+        }
+        Ok(())
     }
 
     pub fn model(&self) -> &CrossMae {
@@ -424,7 +461,9 @@ impl Trainer {
 
     /// Forward, backward, and (every `accum_iter` calls) one optimizer update.
     pub fn step(&mut self, batch: &Batch) -> Result<StepStats, TrainError> {
+        self.mark("start")?;
         let up = self.uploader().upload(batch, self.position)?;
+        self.mark("upload")?;
         self.step_uploaded(up)
     }
 
@@ -433,8 +472,11 @@ impl Trainer {
         let _precision = autocast::scoped(self.train_cfg.precision);
         let step = self.optim.steps();
         let epoch = up.epoch;
+        self.mark("start")?;
         let inputs = self.inputs_from(up)?;
+        self.mark("inputs")?;
         let losses = self.model.forward(&inputs)?;
+        self.mark("forward")?;
         let loss = losses.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss.is_finite() {
             return Err(TrainError::NonFinite {
@@ -445,6 +487,7 @@ impl Trainer {
             });
         }
         let grads = (losses.loss / self.train_cfg.accum_iter as f64)?.backward()?;
+        self.mark("backward")?;
         for (name, var) in self.optim.vars() {
             if let Some(g) = grads.get(var) {
                 let sum = match self.accum.remove(name) {
@@ -472,6 +515,7 @@ impl Trainer {
         }
         let mut grads = std::mem::take(&mut self.accum);
         self.micro = 0;
+        self.mark("accumulate")?;
         let norm = global_norm(&grads, self.optim.names())?;
         if !norm.is_finite() {
             return Err(TrainError::NonFinite {
@@ -484,13 +528,16 @@ impl Trainer {
         if let Some(max) = self.train_cfg.clip_grad {
             clip(&mut grads, norm, max)?;
         }
+        self.mark("grad_norm")?;
         self.optim.step(&grads, stats.lr)?;
+        self.mark("adamw")?;
         if let Some(ema) = &self.ema {
             ema.update(ema_momentum(
                 self.train_cfg.ema_momentum,
                 step,
                 self.schedule.total_steps,
             ))?;
+            self.mark("ema")?;
         }
         stats.step = self.optim.steps();
         stats.grad_norm = norm;
