@@ -61,7 +61,15 @@ fn bench_train_prints_one_json_line() {
     // The phase breakdown names every phase of a step, in order, with its time.
     let phases: Vec<(String, f64)> = serde_json::from_value(line["result"]["phases_ms"].clone()).unwrap();
     let names: Vec<&str> = phases.iter().map(|(p, _)| p.as_str()).collect();
-    let expected = ["upload", "inputs", "forward", "backward", "accumulate", "grad_norm", "adamw"];
+    let expected = [
+        "upload",
+        "inputs",
+        "forward",
+        "backward",
+        "accumulate",
+        "grad_norm",
+        "adamw",
+    ];
     assert_eq!(&names[..expected.len()], expected, "{phases:?}");
     assert!(phases.iter().all(|(_, ms)| *ms >= 0.0), "{phases:?}");
     assert!(phases.iter().map(|(_, ms)| ms).sum::<f64>() > 0.0, "{phases:?}");
