@@ -284,8 +284,10 @@ mod avx2 {
     }
 
     /// [`super::cells8`] with the 8 lanes in one register: `C_k` adds the
-    /// magnitude where the pixel passed border k (`gy <= gx cot k`; the
-    /// borders passed are a prefix, so that is where its bin is k or more).
+    /// magnitude where the pixel passed border k (`gy < gx cot k` with one
+    /// rounding, which bins every integer gradient as `gy <= gx cot k` with two
+    /// does, so the scalar twin's bins and sums are the same; the borders
+    /// passed are a prefix, so that is where its bin is k or more).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn cells8(planes: &[u8], w: usize, h: usize, cot: &[f32; BINS - 1], hist: &mut [f32]) {
         let (pw, ph) = (w + 2, h + 2);
@@ -328,8 +330,13 @@ mod avx2 {
                     for &[fx, fy, mag] in &rows {
                         acc[0] = _mm256_add_ps(acc[0], mag);
                         for k in 1..BINS {
-                            let passed = _mm256_cmp_ps::<_CMP_LE_OQ>(fy, _mm256_mul_ps(fx, cot[k - 1]));
-                            acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(passed, mag));
+                            // Border k passed where fy - fx cot k < 0 (one rounding, so
+                            // its sign is exact; never -0 as fy is never -0): the sign
+                            // bit picks mag. Two instructions instead of multiply,
+                            // compare and mask; the same bins for every integer
+                            // gradient (test `fast_binning_equals_atan2_binning`).
+                            let d = _mm256_fnmadd_ps(fx, cot[k - 1], fy);
+                            acc[k] = _mm256_add_ps(acc[k], _mm256_blendv_ps(_mm256_setzero_ps(), mag, d));
                         }
                     }
                     let sums = acc.map(|a| {
@@ -482,10 +489,22 @@ mod tests {
         // Every integer Sobel gradient of u8 pixels (|g| <= 4 * 255) but
         // (0, 0), whose bin does not matter (magnitude 0).
         let cot = borders();
+        // The AVX2 cells' test: border passed where fy - fx cot < 0, rounded once.
+        let fused = |gx: i32, gy: i32| {
+            let flip = gx < 0 || (gx == 0 && gy < 0);
+            let (fx, fy) = if flip {
+                (-gx as f32, -gy as f32)
+            } else {
+                (gx as f32, gy as f32)
+            };
+            cot.iter().filter(|&&c| (-fx).mul_add(c, fy) < 0.0).count()
+        };
         for gx in -1020..=1020 {
             for gy in -1020..=1020 {
                 if (gx, gy) != (0, 0) {
-                    assert_eq!(bin_fast(gx, gy, &cot) as usize, bin_atan2(gx, gy), "gx {gx} gy {gy}");
+                    let want = bin_atan2(gx, gy);
+                    assert_eq!(bin_fast(gx, gy, &cot) as usize, want, "gx {gx} gy {gy}");
+                    assert_eq!(fused(gx, gy), want, "fused: gx {gx} gy {gy}");
                 }
             }
         }
