@@ -32,7 +32,7 @@ use crate::metrics::{Counters, AUGMENT, DECODE, MASK, SINK, SMOOTH, STAGES, TARG
 use crate::placement::{Placement, StageSets};
 use crate::plan::RunPlan;
 use crate::record::{self, Record};
-use crate::sink::{assemble_batch, ReadyBatch, SinkShape};
+use crate::sink::{assemble_batch, ReadyBatch, Recycler, SinkShape};
 
 /// What every worker needs to build and drive the graph.
 pub struct GraphContext {
@@ -57,6 +57,9 @@ pub struct GraphContext {
     /// loop checks it and stops, so one failing worker never leaves the others
     /// waiting for its progress.
     pub failure: Failure,
+    /// Spent batches the sink refills (handed back by the trainer's upload,
+    /// or by the sink itself when no trainer takes them).
+    pub recycler: Recycler,
 }
 
 type Records<'s> = Stream<'s, u64, Vec<Record>>;
@@ -163,6 +166,7 @@ fn sink<'s>(
     let plan = ctx.plan.clone();
     let counters = ctx.counters.clone();
     let failure = ctx.failure.clone();
+    let recycler = ctx.recycler.clone();
     input.unary_frontier(
         Exchange::new(move |_: &Record| sink_worker as u64),
         "sink",
@@ -189,7 +193,7 @@ fn sink<'s>(
                     let start = Instant::now();
                     let (epoch, _) = plan.locate(t);
                     let n = records.len() as u64;
-                    let ready = assemble_batch(t, epoch, records, &shape);
+                    let ready = assemble_batch(t, epoch, records, &shape, recycler.take());
                     counters.record_many(SINK, n, start.elapsed());
                     match (ready, &to_trainer) {
                         (Ok(ready), Some(tx)) => {
@@ -199,7 +203,7 @@ fn sink<'s>(
                                 fail(&failure, "the trainer stopped".into());
                             }
                         }
-                        (Ok(_), None) => {}
+                        (Ok(ready), None) => recycler.give(ready.batch),
                         (Err(e), _) => {
                             fail(&failure, format!("batch {t}: {e}"));
                         }
@@ -229,7 +233,12 @@ fn build(
             (AUGMENT, Box::new(record::augment)),
             (MASK, Box::new(move |r| record::mask(&cm.stages, seed, r))),
             (SMOOTH, Box::new(move |r| record::smooth(&cs.stages, r))),
-            (TARGETS, Box::new(move |r| crate::cache::targets(&ct, r))),
+            // The last stage also seals the record with its digest, here on
+            // the worker that ran it rather than in the one sink.
+            (
+                TARGETS,
+                Box::new(move |r| crate::cache::targets(&ct, r).map(record::seal)),
+            ),
         ];
         let mut records = lanes;
         for group in fused_groups(stages, &ctx.placement.sets) {

@@ -195,6 +195,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let cache = crate::cache::prepare_run(&cfg, args.cluster.workers, &counters)?;
     let run_dir = run_dir(&cfg, args);
+    let recycler = crate::sink::Recycler::default();
     let (sender, trainer_thread) = if trains {
         let taken = run_dir.join("metrics.jsonl").exists() || checkpoint_dir(&run_dir).exists();
         if taken && args.resume.is_none() {
@@ -217,6 +218,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             log_every: cfg.run.log_every,
             counters: counters.clone(),
             workers: args.cluster.workers,
+            recycler: recycler.clone(),
         };
         let (trainer, start) = make_trainer(&setup)?;
         // One batch waits in the channel while the trainer works on the next.
@@ -265,6 +267,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         counters: counters.clone(),
         cache: cache.clone(),
         failure: Default::default(),
+        recycler: recycler.clone(),
     });
     let started = Instant::now();
     let sink_worker = placement.sink_worker;
@@ -397,6 +400,7 @@ pub fn data_throughput(
         counters: counters.clone(),
         cache: cache.clone(),
         failure: Default::default(),
+        recycler: Default::default(),
     });
     let started = Instant::now();
     let results = timely::execute(timely::Config::process(workers), move |worker| {

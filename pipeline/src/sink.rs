@@ -7,7 +7,9 @@
 use anyhow::bail;
 use stages::train::{Batch, U8Pixels};
 
-use crate::record::Record;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::record::{self, Record};
 
 /// What the model takes, so the sink can shape the batch for it.
 #[derive(Debug, Clone)]
@@ -28,12 +30,93 @@ pub struct ReadyBatch {
     pub index: u64,
     pub epoch: u64,
     pub batch: Batch,
-    /// BLAKE3 of keys, views, u8 pixels, x̂, masks and targets in batch order (hex).
+    /// xxh3-128 (hex) of the index and the records' digests in batch order: keys,
+    /// views, u8 pixels, x̂, masks and targets (see `record::digest`).
     pub digest: String,
 }
 
-/// Assemble batch `index` from its records, already in (lane, position) order.
-pub fn assemble_batch(index: u64, epoch: u64, records: Vec<Record>, shape: &SinkShape) -> anyhow::Result<ReadyBatch> {
+/// Spent batches, handed back once their data is on the training device, so
+/// the sink fills their buffers again. A batch of 512 views at 224 px is about
+/// 200 MB: allocated afresh, glibc maps it (it is over the mmap threshold),
+/// every page faults in zeroed and is unmapped again on drop, which made the
+/// sink, on its one worker, cost a fifth of the graph's time in
+/// `bench data --only graph` (a tenth at batch 32, whose buffers glibc reuses).
+#[derive(Clone)]
+pub struct Recycler {
+    spent: crossbeam::channel::Sender<Batch>,
+    spare: crossbeam::channel::Receiver<Batch>,
+}
+
+impl Default for Recycler {
+    fn default() -> Self {
+        // One spare: the sink fills one batch while the others are in flight,
+        // and the process holds at most one batch more than it would anyway.
+        let (spent, spare) = crossbeam::channel::bounded(1);
+        Recycler { spent, spare }
+    }
+}
+
+impl Recycler {
+    /// Hand back a batch whose data is no longer needed (dropped when a spare is already waiting).
+    pub fn give(&self, batch: Batch) {
+        let _ = self.spent.try_send(batch);
+    }
+
+    /// A spent batch to refill, if one is waiting.
+    pub fn take(&self) -> Option<Batch> {
+        self.spare.try_recv().ok()
+    }
+}
+
+/// The vectors of a spent batch, emptied, with their capacity.
+struct Buffers {
+    keys: Vec<String>,
+    mask: Vec<u8>,
+    images: Vec<u8>,
+    smoothed: Vec<u8>,
+    targets: Vec<f32>,
+}
+
+impl Buffers {
+    fn from_spent(spent: Option<Batch>) -> Buffers {
+        let Some(b) = spent else {
+            return Buffers {
+                keys: Vec::new(),
+                mask: Vec::new(),
+                images: Vec::new(),
+                smoothed: Vec::new(),
+                targets: Vec::new(),
+            };
+        };
+        let (images, smoothed) = match b.pixels {
+            Some(p) => (p.images, p.smoothed.unwrap_or_default()),
+            None => (Vec::new(), Vec::new()),
+        };
+        let mut buffers = Buffers {
+            keys: b.keys,
+            mask: b.mask,
+            images,
+            smoothed,
+            targets: b.targets.unwrap_or_default(),
+        };
+        buffers.keys.clear();
+        buffers.mask.clear();
+        buffers.images.clear();
+        buffers.smoothed.clear();
+        buffers.targets.clear();
+        buffers
+    }
+}
+
+/// Assemble batch `index` from its records, already in (lane, position) order,
+/// into the buffers of `spent` (a batch handed back through [`Recycler`]) when given.
+pub fn assemble_batch(
+    index: u64,
+    epoch: u64,
+    records: Vec<Record>,
+    shape: &SinkShape,
+    spent: Option<Batch>,
+) -> anyhow::Result<ReadyBatch> {
     if records.is_empty() {
         bail!("no sample reached the sink (every sample of the batch was skipped)");
     }
@@ -41,32 +124,22 @@ pub fn assemble_batch(index: u64, epoch: u64, records: Vec<Record>, shape: &Sink
     let plane = shape.size * shape.size;
     // The data stages decode every image to RGB (grey images to three equal channels).
     let c = 3;
-    let mut batch = Batch {
-        keys: Vec::with_capacity(b),
-        epoch,
-        images: vec![],
-        shape: [b, c, shape.size, shape.size],
-        mask: Vec::with_capacity(b * shape.num_patches),
-        smoothed: None,
-        targets: None,
-        pixels: None,
-    };
-    let mut images = Vec::with_capacity(b * c * plane);
-    let mut smoothed = Vec::with_capacity(b * c * plane);
-    let mut targets: Vec<f32> = Vec::new();
-    let mut hasher = blake3::Hasher::new();
+    let Buffers {
+        mut keys,
+        mut mask,
+        mut images,
+        mut smoothed,
+        mut targets,
+    } = Buffers::from_spent(spent);
+    keys.reserve(b);
+    mask.reserve(b * shape.num_patches);
+    images.reserve(b * c * plane);
+    smoothed.reserve(b * c * plane);
+    // The batch digest: xxh3-128 of the index and each record's digest in
+    // batch order. The records come with theirs (hashed in parallel on the
+    // workers that ran the stages, `record::seal`); one without is hashed here.
+    let mut hasher = Xxh3::new();
     hasher.update(&index.to_le_bytes());
-    // Floats are hashed as their little-endian bytes: on a little-endian
-    // machine that is their memory, hashed in place without a copy.
-    let hash_floats = |hasher: &mut blake3::Hasher, values: &[f32]| {
-        if cfg!(target_endian = "little") {
-            hasher.update(bytemuck::cast_slice(values));
-        } else {
-            for v in values {
-                hasher.update(&v.to_le_bytes());
-            }
-        }
-    };
     for r in records {
         let view_size = (r.pixels.width, r.pixels.height);
         if view_size != (shape.size, shape.size)
@@ -81,18 +154,10 @@ pub fn assemble_batch(index: u64, epoch: u64, records: Vec<Record>, shape: &Sink
                 shape.num_patches
             );
         }
-        hasher.update(&(r.key.len() as u64).to_le_bytes());
-        hasher.update(r.key.as_bytes());
-        hasher.update(serde_json::to_string(&r.view)?.as_bytes());
-        hasher.update(&r.pixels.data);
-        hasher.update(&r.smooth);
-        hasher.update(&r.mask);
-        for (_, values) in &r.targets {
-            hash_floats(&mut hasher, values);
-        }
+        hasher.update(&r.digest.unwrap_or_else(|| record::digest(&r)));
         images.extend_from_slice(&r.pixels.data);
         smoothed.extend_from_slice(&r.smooth);
-        batch.mask.extend_from_slice(&r.mask);
+        mask.extend_from_slice(&r.mask);
         // Targets of several kinds are concatenated per patch.
         if !r.targets.is_empty() {
             for p in 0..shape.num_patches {
@@ -101,22 +166,28 @@ pub fn assemble_batch(index: u64, epoch: u64, records: Vec<Record>, shape: &Sink
                 }
             }
         }
-        batch.keys.push(r.key);
+        keys.push(r.key);
     }
-    if !targets.is_empty() {
-        batch.targets = Some(targets);
-    }
-    batch.pixels = Some(U8Pixels {
-        images,
-        smoothed: Some(smoothed),
-        mean: shape.mean.to_vec(),
-        std: shape.std.to_vec(),
-    });
+    let batch = Batch {
+        keys,
+        epoch,
+        images: vec![],
+        shape: [b, c, shape.size, shape.size],
+        mask,
+        smoothed: None,
+        targets: (!targets.is_empty()).then_some(targets),
+        pixels: Some(U8Pixels {
+            images,
+            smoothed: Some(smoothed),
+            mean: shape.mean.to_vec(),
+            std: shape.std.to_vec(),
+        }),
+    };
     Ok(ReadyBatch {
         index,
         epoch,
         batch,
-        digest: hasher.finalize().to_hex().to_string(),
+        digest: format!("{:032x}", hasher.digest128()),
     })
 }
 
@@ -157,7 +228,7 @@ mod tests {
             mean,
             std,
         };
-        let ready = assemble_batch(7, 0, records.clone(), &shape).unwrap();
+        let ready = assemble_batch(7, 0, records.clone(), &shape, None).unwrap();
         let px = ready.batch.pixels.as_ref().expect("u8 pixels");
         let up = stages::train::feed::normalize_on_device(
             &px.images,
@@ -175,9 +246,39 @@ mod tests {
         );
         assert_eq!(ready.batch.mask, vec![0, 1, 0, 1, 1, 1, 0, 1]);
         assert_eq!(ready.batch.keys, vec!["k0", "k1"]);
-        // Another x̂ is another batch.
-        let mut other = records;
+        // Another x̂ is another batch; so is another target value.
+        let mut other = records.clone();
         other[1].smooth[0] = 0;
-        assert_ne!(assemble_batch(7, 0, other, &shape).unwrap().digest, ready.digest);
+        assert_ne!(assemble_batch(7, 0, other, &shape, None).unwrap().digest, ready.digest);
+        let with_targets = |v: f32| {
+            let mut r = records.clone();
+            r[0].targets = vec![(2, vec![v; 2 * n])];
+            r
+        };
+        let a = assemble_batch(7, 0, with_targets(0.5), &shape, None).unwrap();
+        assert_ne!(
+            assemble_batch(7, 0, with_targets(0.25), &shape, None).unwrap().digest,
+            a.digest
+        );
+        // A record sealed on its worker gives the batch the same digest.
+        let sealed: Vec<Record> = records.iter().cloned().map(crate::record::seal).collect();
+        assert_eq!(assemble_batch(7, 0, sealed, &shape, None).unwrap().digest, ready.digest);
+
+        // Refilling a spent batch (with targets, another size) gives the same
+        // batch as fresh buffers, in the spent batch's memory.
+        let recycler = Recycler::default();
+        recycler.give(a.batch);
+        let spent = recycler.take().expect("the batch given back");
+        let spent_images = spent.pixels.as_ref().unwrap().images.as_ptr();
+        let refilled = assemble_batch(8, 1, records[..1].to_vec(), &shape, Some(spent)).unwrap();
+        let fresh = assemble_batch(8, 1, records[..1].to_vec(), &shape, None).unwrap();
+        assert_eq!(format!("{:?}", refilled.batch), format!("{:?}", fresh.batch));
+        assert_eq!(refilled.digest, fresh.digest);
+        assert_eq!(refilled.batch.pixels.as_ref().unwrap().images.as_ptr(), spent_images);
+        assert!(refilled.batch.targets.is_none());
+        // One spare at most: a second one is dropped, not queued.
+        recycler.give(fresh.batch);
+        recycler.give(refilled.batch);
+        assert!(recycler.take().is_some() && recycler.take().is_none());
     }
 }

@@ -20,7 +20,7 @@ use stages::train::{TrainConfig, Trainer};
 
 use crate::metrics::{rates, Counters};
 use crate::plan::RunPlan;
-use crate::sink::ReadyBatch;
+use crate::sink::{ReadyBatch, Recycler};
 
 /// Everything the trainer thread needs.
 pub struct TrainerSetup {
@@ -36,6 +36,8 @@ pub struct TrainerSetup {
     pub counters: Arc<Counters>,
     /// Workers of this process (for busy fractions).
     pub workers: usize,
+    /// Where uploaded batches go back to the sink (see [`Recycler`]).
+    pub recycler: Recycler,
 }
 
 /// What the run did.
@@ -81,6 +83,7 @@ type Prefetched = (ReadyBatch, Result<stages::train::Uploaded, stages::train::Tr
 fn prefetch(
     uploader: stages::train::Uploader,
     batches: Receiver<ReadyBatch>,
+    recycler: Recycler,
 ) -> anyhow::Result<crossbeam::channel::Receiver<Prefetched>> {
     let (tx, rx) = crossbeam::channel::bounded::<Prefetched>(1);
     std::thread::Builder::new()
@@ -88,11 +91,11 @@ fn prefetch(
         .spawn(move || {
             for mut ready in batches {
                 let up = uploader.upload(&ready.batch, ready.index);
-                // The step needs only the keys count and the index from here on.
-                ready.batch = stages::train::Batch {
-                    keys: std::mem::take(&mut ready.batch.keys),
-                    ..Default::default()
-                };
+                // The step needs only the keys count and the index from here on;
+                // the buffers go back to the sink to be filled again.
+                let mut spent = std::mem::take(&mut ready.batch);
+                ready.batch.keys = std::mem::take(&mut spent.keys);
+                recycler.give(spent);
                 if tx.send((ready, up)).is_err() {
                     break; // the step loop stopped
                 }
@@ -127,7 +130,7 @@ pub fn train_loop(
     let mut waited = 0.0;
     let mut last_counts = (setup.counters.snapshot(), Instant::now());
     let mut checkpoint_due = false;
-    let uploaded = prefetch(trainer.uploader(), batches)?;
+    let uploaded = prefetch(trainer.uploader(), batches, setup.recycler.clone())?;
     let mut wait_start = Instant::now();
     for (ready, upload) in uploaded.iter() {
         let data_wait = wait_start.elapsed().as_secs_f64();
