@@ -140,16 +140,22 @@ multiversion! {
 pub(super) fn reduce_rows / reduce_rows_scalar(src: &[f32], rows: &[usize], w: usize, dst: &mut Vec<f32>, count: usize) {
     // Plain loops over sized slices: `extend` with a mapped iterator left the
     // loop in a generic `fold` that was not inlined here, so it ran without AVX.
-    dst.resize(count * w, 0.0);
+    // Written in place of zero-filling first (a memset of the scratch plane).
+    dst.clear();
+    dst.reserve(count * w);
+    let spare = &mut dst.spare_capacity_mut()[..count * w];
     // The taps are symmetric: 1/8 on the outer two, 3/8 on the inner two.
     let (k0, k1) = (REDUCE[0], REDUCE[1]);
-    for (j, out) in dst.chunks_exact_mut(w).enumerate() {
+    for (j, out) in spare.chunks_exact_mut(w).enumerate() {
         let row = |t: usize| &src[rows[2 * j + t] * w..][..w];
         let (p, q, r, s) = (row(0), row(1), row(2), row(3));
         for ((((o, &p), &q), &r), &s) in out.iter_mut().zip(p).zip(q).zip(r).zip(s) {
-            *o = k0 * (p + s) + k1 * (q + r);
+            o.write(k0 * (p + s) + k1 * (q + r));
         }
     }
+    // SAFETY: the loop above wrote all count * w values (chunks_exact over
+    // exactly that many, every element of each chunk).
+    unsafe { dst.set_len(count * w) };
 }
 }
 

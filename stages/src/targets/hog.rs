@@ -157,24 +157,40 @@ pub fn hog(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
     if patch != 16 {
         return hog_rows(img, patch);
     }
-    let mut hist = vec![0f32; gw * gh * 4 * 3 * BINS];
-    let planes = padded_planes(img);
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA are present (checked just above).
-        unsafe { avx2::cells8(&planes, img.width, img.height, &borders(), &mut hist) };
-        return Ok(layout(&hist, gw, gh));
+    // Per-thread buffers, not zero-filled per image (2% of the chain): the
+    // planes get every byte from `padded_planes`, the histograms every cell
+    // from `cells8` (test `cells8_paths_agree` starts them as NaN).
+    thread_local! {
+        static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<f32>)> = Default::default();
     }
-    cells8(&planes, img.width, img.height, &borders(), &mut hist);
-    Ok(layout(&hist, gw, gh))
+    let (mut planes, mut hist) = BUFFERS.with(|b| b.take());
+    padded_planes(img, &mut planes);
+    hist.resize(gw * gh * 4 * 3 * BINS, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    let simd = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    if simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA are present (checked above).
+        unsafe {
+            avx2::cells8(&planes, img.width, img.height, &borders(), &mut hist)
+        };
+    } else {
+        cells8(&planes, img.width, img.height, &borders(), &mut hist);
+    }
+    let out = layout(&hist, gw, gh);
+    BUFFERS.with(|b| b.replace((planes, hist)));
+    Ok(out)
 }
 
 /// The image as three u8 planes with a 1 px reflected border ((h + 2) x (w + 2)
 /// each): the Sobel taps of every pixel are then plain offsets.
-fn padded_planes(img: &Rgb8) -> Vec<u8> {
+fn padded_planes(img: &Rgb8, planes: &mut Vec<u8>) {
     let (w, h) = (img.width, img.height);
     let (pw, ph) = (w + 2, h + 2);
-    let mut planes = vec![0u8; 3 * pw * ph];
+    // Every byte is written below (rows 0..ph, columns 1..=w, then 0 and w + 1).
+    planes.resize(3 * pw * ph, 0);
     #[cfg(target_arch = "x86_64")]
     let simd = std::is_x86_feature_detected!("avx2");
     for y in 0..ph {
@@ -198,7 +214,6 @@ fn padded_planes(img: &Rgb8) -> Vec<u8> {
             out[w + 1] = out[(w - 1).max(1)];
         }
     }
-    planes
 }
 
 /// Orientation histograms of 8 x 8 px cells, `hist[((cy * cells_x + cx) * 3 + c) * 9 + bin]`,
@@ -536,7 +551,14 @@ mod tests {
     fn cells8_paths_agree() {
         let img = photo_pixels(2);
         let (gw, gh) = (img.width / 16, img.height / 16);
-        let planes = padded_planes(&img);
+        // Planes over stale bytes: every one must be written.
+        let mut planes = vec![0xAB; 7];
+        padded_planes(&img, &mut planes);
+        let mut fresh = vec![0u8; 3 * (img.width + 2) * (img.height + 2)];
+        let mut stale = vec![0xCDu8; fresh.len()];
+        padded_planes(&img, &mut fresh);
+        padded_planes(&img, &mut stale);
+        assert_eq!(fresh, stale);
         let mut scalar = vec![f32::NAN; gw * gh * 4 * 3 * BINS];
         cells8(&planes, img.width, img.height, &borders(), &mut scalar);
         assert!(scalar.iter().all(|v| v.is_finite()));
