@@ -348,3 +348,32 @@ fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender
     }
     check(&failure)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Between stages on the same workers a record stays where it is, unless
+    /// spread (the lanes into decode when lanes are fewer than workers): then
+    /// every worker of the set gets a share.
+    #[test]
+    fn route_stays_or_spreads() {
+        let workers = [0usize, 1, 2, 3];
+        let record = |lane: u32, position: u64| Record {
+            lane,
+            position,
+            ..Record::default()
+        };
+        let mut stay = route(&workers, &workers, 2, false);
+        assert!((0..64).all(|p| stay(&record(0, p)) == 2));
+        let mut spread = route(&workers, &workers, 2, true);
+        let mut seen = [0usize; 4];
+        for p in 0..64 {
+            seen[spread(&record(0, p)) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n >= 8), "{seen:?}");
+        // Deterministic: the same record goes to the same worker from any worker.
+        let mut other = route(&workers, &workers, 0, true);
+        assert!((0..64).all(|p| other(&record(1, p)) == spread(&record(1, p))));
+    }
+}
