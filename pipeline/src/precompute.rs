@@ -169,9 +169,9 @@ struct Shared {
 }
 
 /// Routing into a stage's worker set: stay on this worker when the sets are
-/// the same (fused), else spread by key.
-fn route(from: &[usize], to: &[usize], me: usize) -> impl FnMut(&Work) -> u64 + 'static {
-    let fused = from == to;
+/// the same (fused) and not `spread`, else spread by key.
+fn route(from: &[usize], to: &[usize], me: usize, spread: bool) -> impl FnMut(&Work) -> u64 + 'static {
+    let fused = from == to && !spread;
     let to = to.to_vec();
     move |w: &Work| {
         if fused {
@@ -190,6 +190,7 @@ fn step<'s, F>(
     input: Works<'s>,
     name: &'static str,
     sets: (&[usize], &[usize]),
+    spread: bool,
     me: usize,
     ctx: &Arc<Shared>,
     f: F,
@@ -197,7 +198,7 @@ fn step<'s, F>(
 where
     F: Fn(&Shared, Work, &mut Vec<Work>) -> Result<(), StageError> + 'static,
 {
-    let pact = route(sets.0, sets.1, me);
+    let pact = route(sets.0, sets.1, me, spread);
     let ctx = ctx.clone();
     input.unary(Exchange::new(pact), name, move |_capability, _info| {
         move |input, output| {
@@ -349,7 +350,7 @@ fn extract(ctx: &Shared, works: &mut [Work]) -> Result<(), String> {
 /// has passed it, computes their targets (so CLIP sees full batches).
 fn extract_stage<'s>(input: Works<'s>, me: usize, ctx: &Arc<Shared>) -> Works<'s> {
     let sets = &ctx.placement.sets;
-    let pact = route(&sets.augment, &sets.targets, me);
+    let pact = route(&sets.augment, &sets.targets, me, false);
     let ctx = ctx.clone();
     input.unary_frontier(Exchange::new(pact), "extract", move |_capability, _info| {
         let mut pending: BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<Work>)> = BTreeMap::new();
@@ -452,8 +453,28 @@ fn drive(worker: &mut timely::worker::Worker, ctx: &Arc<Shared>) -> anyhow::Resu
     worker.dataflow::<u64, _, _>(|scope| {
         let sets = &ctx.placement.sets;
         let samples = scope.input_from(&mut input);
-        let decoded = step(samples, "decode", (&sets.source, &sets.decode), me, ctx, decode_sample);
-        let cut = step(decoded, "view", (&sets.decode, &sets.augment), me, ctx, cut_views);
+        // Shard i is read by one source worker: with fewer shards than decode
+        // workers, decode spreads their samples over all of them (as the run
+        // graph does with its lanes).
+        let spread = ctx.shards.len() < sets.decode.len();
+        let decoded = step(
+            samples,
+            "decode",
+            (&sets.source, &sets.decode),
+            spread,
+            me,
+            ctx,
+            decode_sample,
+        );
+        let cut = step(
+            decoded,
+            "view",
+            (&sets.decode, &sets.augment),
+            false,
+            me,
+            ctx,
+            cut_views,
+        );
         let extracted = extract_stage(cut, me, ctx);
         store_stage(extracted, me, ctx, writers.clone()).probe_with(&probe);
     });
