@@ -4,6 +4,7 @@
 //! decodes whole images, see `decode.rs`).
 
 fn main() {
+    openblas();
     println!("cargo::rerun-if-changed=csrc/jpeg_region.c");
     println!("cargo::rerun-if-env-changed=CROSSMAE_NO_LIBJPEG");
     println!("cargo::rustc-check-cfg=cfg(libjpeg_turbo)");
@@ -24,5 +25,21 @@ fn main() {
         Err(e) => {
             println!("cargo::warning=libjpeg not found by pkg-config ({e}); JPEGs decode with zune-jpeg only");
         }
+    }
+}
+
+/// Links OpenBLAS's cblas when pkg-config finds it (Debian: `libopenblas-dev`) and
+/// sets `cfg(openblas)`: the training GEMM then runs on it (faster than our AVX2
+/// kernel on these CPUs, see `model/matmul.rs`); without it our kernel runs.
+fn openblas() {
+    println!("cargo::rerun-if-env-changed=CROSSMAE_NO_OPENBLAS");
+    println!("cargo::rustc-check-cfg=cfg(openblas)");
+    if std::env::var_os("CROSSMAE_NO_OPENBLAS").is_some() {
+        println!("cargo::warning=CROSSMAE_NO_OPENBLAS set: the training GEMM uses its own kernel");
+        return;
+    }
+    match pkg_config::Config::new().print_system_libs(false).probe("openblas") {
+        Ok(_) => println!("cargo::rustc-cfg=openblas"),
+        Err(e) => println!("cargo::warning=OpenBLAS not found by pkg-config ({e}); the training GEMM uses its own kernel"),
     }
 }

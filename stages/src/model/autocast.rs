@@ -77,6 +77,20 @@ pub fn count_flops<R>(f: impl FnOnce() -> R) -> (R, u64) {
     (r, n)
 }
 
+/// The dtype this thread's products run in.
+pub fn gemm_dtype() -> DType {
+    GEMM_DTYPE.with(|d| d.get())
+}
+
+/// Counts a product of `flops` (2 per multiply-add) run outside [`gemm`] (the fused ops).
+pub(crate) fn add_flops(flops: u64) {
+    FLOPS.with(|c| {
+        if let Some(n) = c.get() {
+            c.set(Some(n + flops));
+        }
+    });
+}
+
 /// `a (.., m, k) @ b (.., k, n)` at this thread's precision; `direct` is the f32 product.
 pub fn gemm(a: &Tensor, b: &Tensor, direct: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
     FLOPS.with(|c| {

@@ -2,8 +2,8 @@
 //!
 //! Reads like MAE's `models_mae.py` (facebookresearch/mae): a constructor, one
 //! init function, short `forward_draw` / `forward_backbone` / `forward_pred`
-//! methods, the two losses `loss_draw` / `loss_pred`, and `forward` chaining them. The steps follow DESIGN.md "The
-//! CrossMAE model":
+//! methods, and `forward` chaining them with the two losses (`ops::draw_loss`,
+//! `ops::pred_loss`). The steps follow DESIGN.md "The CrossMAE model":
 //!
 //! 1. `x_p = patchify(x)`: (B, N, P*P*C); mask (B, N), **1 = removed**.
 //! 2. `drawn = E_draw(x_p, mask, z)`: (B, N, P*P*C).
@@ -20,10 +20,11 @@
 //! its own `mask_token` in the removed positions, and `L = L_pred`.
 
 use super::draw_head::DrawHead;
-use super::patch::{mae_to_conv_order, patchify, unpatchify};
+use super::ops;
+use super::patch::{patchify, unpatchify};
 use super::vit::{linear, patch_tokens, Linear, Vit, ZERO};
 use super::{DrawMode, ModelConfig, PredOn, PredictorMode};
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -108,40 +109,35 @@ impl CrossMae {
         }
     }
 
-    /// E_draw on x: patches (B, N, P*P*C) MAE order, mask (B, N, 1) -> drawn (B, N, P*P*C).
-    pub fn forward_draw(&self, x_p: &Tensor, mask: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
+    /// E_draw on images (B, C, H, W), mask (B, N) f32 1 = removed, z (B, D_h)
+    /// -> drawn patches (B, N, P*P*C), MAE order.
+    pub fn forward_draw(&self, images: &Tensor, mask: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
         let Some(head) = &self.draw else {
             candle_core::bail!("forward_draw: draw.mode is none")
         };
-        let (p, c) = (self.cfg.backbone.patch_size, self.cfg.backbone.in_chans);
-        head.forward(&mae_to_conv_order(x_p, p, c)?, mask, z)
+        let p = self.cfg.backbone.patch_size;
+        let (b, n) = mask.dims2()?;
+        head.forward(&ops::pixels::patchify_conv_order(images, p)?, &mask.reshape((b, n, 1))?, z)
     }
 
     /// The drawing as an image, for viewing (the paper's Figure 3): images
     /// (B, C, H, W), mask (B, N) f32 1 = removed, z (B, D_h) -> x_draw (B, C, H, W).
     pub fn draw_image(&self, images: &Tensor, mask: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
         let (p, c) = (self.cfg.backbone.patch_size, self.cfg.backbone.in_chans);
+        let drawn = self.forward_draw(images, mask, z)?;
         let x_p = patchify(images, p)?;
         let mask = mask.unsqueeze(2)?;
-        let drawn = self.forward_draw(&x_p, &mask, z)?;
-        unpatchify(&Self::compose(&x_p, &drawn, &mask)?, p, c)
+        unpatchify(&(drawn.broadcast_mul(&mask)? + x_p.broadcast_mul(&(1.0 - &mask)?)?)?, p, c)
     }
 
-    /// x_draw = drawn masked patches + original visible patches, (B, N, P*P*C).
-    pub fn compose(x_p: &Tensor, drawn: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        drawn.broadcast_mul(mask)? + x_p.broadcast_mul(&(1.0 - mask)?)?
-    }
-
-    /// f_net on patches (B, N, P*P*C) MAE order -> patch tokens (B, N, D).
-    /// With `mask` (B, N, 1), removed positions get the baseline's mask token.
-    pub fn forward_backbone(&self, x_p: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (p, c) = (self.cfg.backbone.patch_size, self.cfg.backbone.in_chans);
-        let mut tokens = self
-            .backbone
-            .patch_embed
-            .forward_patches(&mae_to_conv_order(x_p, p, c)?)?;
+    /// f_net on conv-ordered patches (B, N, C*P*P) -> patch tokens (B, N, D).
+    /// With `mask` (B, N), removed positions get the baseline's mask token.
+    pub fn forward_backbone(&self, x_conv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut tokens = self.backbone.patch_embed.forward_patches(x_conv)?;
         if let (Some(m), Some(t)) = (mask, &self.mask_token) {
-            tokens = (tokens.broadcast_mul(&(1.0 - m)?)? + t.broadcast_mul(m)?)?;
+            let (b, n) = m.dims2()?;
+            let m = m.reshape((b, n, 1))?;
+            tokens = (tokens.broadcast_mul(&(1.0 - &m)?)? + t.broadcast_mul(&m)?)?;
         }
         patch_tokens(&self.backbone.forward_tokens(&tokens)?)
     }
@@ -154,58 +150,44 @@ impl CrossMae {
         }
     }
 
-    /// L_draw: mean over masked patches of the per-pixel squared error.
-    /// drawn, target (B, N, K); mask (B, N, 1).
-    pub fn loss_draw(drawn: &Tensor, target: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let per_patch = (drawn - target)?.sqr()?.mean_keepdim(D::Minus1)?;
-        per_patch.mul(mask)?.sum_all()? / mask.sum_all()?.maximum(1.0)?
-    }
-
-    /// L_pred: mean of `2 - 2 cos(pred, target)` over the patches in `weight`
-    /// (B, N, 1) whose target has nonzero norm. pred, target (B, N, D_t).
-    pub fn loss_pred(pred: &Tensor, target: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let target = target.detach();
-        let t_norm = target.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-        let valid = t_norm.gt(0.0)?.to_dtype(DType::F32)?.mul(weight)?;
-        let t_hat = target.broadcast_div(&t_norm.maximum(1e-12)?)?;
-        // F.normalize-like; the eps keeps the gradient finite at pred = 0.
-        let p_hat = pred.broadcast_div(&(pred.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?)?;
-        let cos = (p_hat * t_hat)?.sum_keepdim(D::Minus1)?;
-        let per_patch = (2.0 - (cos * 2.0)?)?;
-        per_patch.mul(&valid)?.sum_all()? / valid.sum_all()?.maximum(1.0)?
-    }
-
-    /// The whole forward pass and its losses.
+    /// The whole forward pass and its losses:
+    ///
+    /// - `L_draw` = mean over masked patches of the per-pixel squared error of the
+    ///   drawing to x̂ (`draw.mode: coarse`) or to x (`original`), [`ops::draw_loss`];
+    /// - `x_draw = mask * drawn + (1 - mask) * x`, composed in the stem's (conv) patch order;
+    /// - `L_pred` = mean over patches (all, or masked) of `2 - 2 cos(pred, F(x))`,
+    ///   leaving out patches whose target has zero norm, [`ops::pred_loss`].
     pub fn forward(&self, inp: &Inputs) -> Result<Losses> {
         let p = self.cfg.backbone.patch_size;
-        let x_p = patchify(&inp.images, p)?;
-        let mask = inp.mask.unsqueeze(2)?; // (B, N, 1)
+        let mask = &inp.mask; // (B, N), 1 = removed
         let pred_weight = match self.cfg.pred_on {
             PredOn::All => mask.ones_like()?,
             PredOn::Masked => mask.clone(),
         };
-        let Some(_) = &self.draw else {
-            let pred = self.forward_pred(&self.forward_backbone(&x_p, Some(&mask))?)?;
-            let loss_pred = Self::loss_pred(&pred, &inp.targets, &pred_weight)?;
+        let x_conv = ops::pixels::patchify_conv_order(&inp.images, p)?;
+        let Some(head) = &self.draw else {
+            let pred = self.forward_pred(&self.forward_backbone(&x_conv, Some(mask))?)?;
+            let loss_pred = ops::pred_loss(&pred, &inp.targets, &pred_weight)?;
             return Ok(Losses {
                 loss: loss_pred.clone(),
                 loss_draw: loss_pred.zeros_like()?,
                 loss_pred,
             });
         };
-        let drawn = self.forward_draw(&x_p, &mask, inp.noise.as_ref())?;
+        let (b, n) = mask.dims2()?;
+        let drawn = head.forward(&x_conv, &mask.reshape((b, n, 1))?, inp.noise.as_ref())?;
         let draw_target = match (self.cfg.draw.mode, &inp.smoothed) {
-            (DrawMode::Coarse, Some(s)) => patchify(s, p)?,
+            (DrawMode::Coarse, Some(s)) => s,
             (DrawMode::Coarse, None) => {
                 candle_core::bail!("draw.mode coarse needs the smoothed image")
             }
-            _ => x_p.clone(),
+            _ => &inp.images,
         };
-        let loss_draw = Self::loss_draw(&drawn, &draw_target, &mask)?;
+        let loss_draw = ops::draw_loss(&drawn, draw_target, mask, p)?;
         let drawn = if self.cfg.draw.detach { drawn.detach() } else { drawn };
-        let x_draw = Self::compose(&x_p, &drawn, &mask)?;
+        let x_draw = ops::pixels::compose_conv_order(&drawn, &inp.images, mask, p)?;
         let pred = self.forward_pred(&self.forward_backbone(&x_draw, None)?)?;
-        let loss_pred = Self::loss_pred(&pred, &inp.targets, &pred_weight)?;
+        let loss_pred = ops::pred_loss(&pred, &inp.targets, &pred_weight)?;
         let loss = (&loss_draw + (&loss_pred * self.cfg.lambda)?)?;
         Ok(Losses {
             loss,

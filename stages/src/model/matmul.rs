@@ -1,32 +1,281 @@
-//! A 2-D f32 matmul for the CPU with a backward pass, for the Linear layers.
+//! The f32 GEMM behind the Linear layers and the attention op, and its plain reference.
 //!
-//! Why: on the 2-core AVX2 machine the `gemm` crate behind candle's CPU matmul
-//! reaches about 20 GFLOP/s per core on our shapes (3200 x 192 x 768), a third
-//! of OpenBLAS; this BLIS-style loop nest (packed A and B panels, a 6 x 16
-//! AVX2/FMA register kernel) reaches about 60. It is used only for 2-D f32 CPU
-//! tensors on x86-64 with AVX2 and FMA; everything else goes to candle's matmul.
+//! Why our own: on the 2-core AVX2 machine the `gemm` crate behind candle's CPU
+//! matmul reaches about 20 GFLOP/s per core on our shapes (3200 x 192 x 768);
+//! this BLIS-style loop nest (packed A and B panels, a register kernel) reaches
+//! about 60, and it can start C from a bias (the Linear layer's bias costs no
+//! pass of its own) or overwrite C (no zero-fill).
 //!
-//! Every element of C is summed by one thread in a fixed k order, so results do
-//! not depend on the thread count. A test compares it with candle's matmul,
-//! values and gradients, on odd sizes and transposed (strided) operands.
+//! Threads: [`gemm`] packs B once and splits the rows of C into fixed blocks of
+//! `MC` rows run on rayon's pool. Every element of C is summed by one task in a
+//! fixed k order (never split over the reduction), so the bits do not depend on
+//! the thread count. [`gemm_reference`] is the triple loop it is tested against;
+//! it also runs where the CPU lacks AVX2 / FMA.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
-/// `a (m, k) @ b (k, n)` with a backward pass; any strides. Runs at the thread's
-/// precision (see [`super::autocast`]): this kernel only for f32 CPU products.
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    super::autocast::gemm(a, b, |a, b| {
-        if a.rank() == 2 && b.rank() == 2 && a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && available()
-        {
-            a.apply_op2(b, MatMul)
+/// A strided 2-D view: element (i, j) is `data[off + i * rs + j * cs]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major (rows, cols) matrix starting at `off` with row stride `ld`.
+    pub fn rows(data: &'a [f32], off: usize, ld: usize) -> Self {
+        Self { data, off, rs: ld, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix with row stride `ld` (element (i, j) = M[j, i]).
+    pub fn cols(data: &'a [f32], off: usize, ld: usize) -> Self {
+        Self { data, off, rs: 1, cs: ld }
+    }
+
+    #[inline]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[self.off + i * self.rs + j * self.cs]
+    }
+
+    /// The view that starts `i0` rows further down.
+    fn skip_rows(self, i0: usize) -> Self {
+        Self {
+            off: self.off + i0 * self.rs,
+            ..self
+        }
+    }
+}
+
+/// What C starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum Init<'a> {
+    /// C = A B (whatever C held is overwritten).
+    Zero,
+    /// C = bias (one value per column) + A B.
+    Bias(&'a [f32]),
+    /// C += A B.
+    Accumulate,
+}
+
+/// C (m, n), row stride `ldc`, from `init` and A (m, k) B (k, n).
+/// `parallel`: split the rows of C over rayon's pool (same bits either way).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    ldc: usize,
+    init: Init,
+    parallel: bool,
+) {
+    assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "gemm: C too small");
+    // SAFETY: C holds the m rows of stride ldc, checked above, and is borrowed mutably.
+    unsafe { gemm_ptr(m, n, k, a, b, c.as_mut_ptr(), ldc, init, parallel) }
+}
+
+/// [`gemm`] into C through a pointer, for tasks that write disjoint blocks of one
+/// buffer (the attention heads' columns).
+///
+/// # Safety
+/// `c` must be valid for writes of m rows of stride `ldc` and n columns, and no one
+/// else may access those elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_ptr(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    parallel: bool,
+) {
+    if let Init::Bias(bias) = init {
+        assert!(bias.len() >= n, "gemm: bias of {} for {n} columns", bias.len());
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(openblas)]
+    if backend() == Backend::OpenBlas && blas::gemm(m, n, k, a, b, c, ldc, init, parallel) {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        x86::gemm(m, n, k, a, b, c, ldc, init, parallel);
+        return;
+    }
+    let _ = parallel;
+    for i in 0..m {
+        let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+        gemm_reference(1, n, k, a.skip_rows(i), b, row, n, init);
+    }
+}
+
+/// The plain triple loop, k innermost in increasing order.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_reference(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: usize, init: Init) {
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f32;
+            for kk in 0..k {
+                acc += a.at(i, kk) * b.at(kk, j);
+            }
+            let o = &mut c[i * ldc + j];
+            *o = match init {
+                Init::Zero => acc,
+                Init::Bias(bias) => bias[j] + acc,
+                Init::Accumulate => *o + acc,
+            };
+        }
+    }
+}
+
+/// Which GEMM runs: OpenBLAS's single-threaded sgemm on our row blocks where the
+/// build found it (`cfg(openblas)`), else our kernel. `CROSSMAE_GEMM=ours` picks
+/// ours in an OpenBLAS build (to compare the two in one binary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    OpenBlas,
+    Ours,
+}
+
+/// The GEMM in use (read once).
+pub fn backend() -> Backend {
+    static BACKEND: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+    *BACKEND.get_or_init(|| {
+        let ours = std::env::var("CROSSMAE_GEMM").is_ok_and(|v| v == "ours");
+        if cfg!(openblas) && !ours {
+            Backend::OpenBlas
         } else {
-            a.matmul(b)
+            Backend::Ours
         }
     })
 }
 
-/// Whether the fast kernel can run here.
+/// OpenBLAS through cblas, one thread per call: we split the rows of C into
+/// blocks that depend on the shape only (never on the thread count) and run the
+/// blocks on rayon's pool, so the bits do not depend on the thread count, as with
+/// our kernel. OpenBLAS's own threads are switched off (they would fight rayon's).
+#[cfg(openblas)]
+mod blas {
+    use super::{Init, Mat};
+    use rayon::prelude::*;
+    use std::os::raw::c_int;
+
+    const ROW_MAJOR: c_int = 101;
+    const NO_TRANS: c_int = 111;
+    const TRANS: c_int = 112;
+
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        fn cblas_sgemm(
+            order: c_int,
+            trans_a: c_int,
+            trans_b: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const f32,
+            lda: c_int,
+            b: *const f32,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+        fn openblas_set_num_threads(n: c_int);
+    }
+
+    /// (transpose flag, leading dimension) of a view with `cols` columns, if cblas can take it.
+    fn operand(x: &Mat, rows: usize, cols: usize) -> Option<(c_int, usize)> {
+        if x.cs == 1 && x.rs >= cols.max(1) {
+            Some((NO_TRANS, x.rs))
+        } else if x.rs == 1 && x.cs >= rows.max(1) {
+            Some((TRANS, x.cs))
+        } else {
+            None
+        }
+    }
+
+    struct SendPtr(*mut f32);
+    // SAFETY: only hands disjoint row blocks of one C buffer to rayon tasks.
+    unsafe impl Sync for SendPtr {}
+    unsafe impl Send for SendPtr {}
+    impl SendPtr {
+        fn get(&self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// Runs the product on cblas; false when the strides do not fit it (then our kernel runs).
+    ///
+    /// # Safety
+    /// As [`super::gemm_ptr`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize, init: Init, parallel: bool) -> bool {
+        static ONE_THREAD: std::sync::Once = std::sync::Once::new();
+        let (Some((ta, lda)), Some((tb, ldb))) = (operand(&a, m, k), operand(&b, k, n)) else {
+            return false;
+        };
+        if k == 0 || [m, n, k, lda, ldb, ldc].iter().any(|&v| v > c_int::MAX as usize) {
+            return false;
+        }
+        ONE_THREAD.call_once(|| openblas_set_num_threads(1));
+        // Blocks of rows: about 8 per product, a multiple of 16, from the shape alone.
+        let rows = (m.div_ceil(8).div_ceil(16) * 16).max(64);
+        let c_ptr = SendPtr(c);
+        let task = |i0: usize| {
+            let mb = rows.min(m - i0);
+            let c0 = c_ptr.get().add(i0 * ldc);
+            let beta = match init {
+                Init::Zero => 0.0,
+                Init::Accumulate => 1.0,
+                Init::Bias(bias) => {
+                    for i in 0..mb {
+                        std::slice::from_raw_parts_mut(c0.add(i * ldc), n).copy_from_slice(&bias[..n]);
+                    }
+                    1.0
+                }
+            };
+            let a0 = a.data.as_ptr().add(a.off + i0 * a.rs);
+            cblas_sgemm(
+                ROW_MAJOR,
+                ta,
+                tb,
+                mb as c_int,
+                n as c_int,
+                k as c_int,
+                1.0,
+                a0,
+                lda as c_int,
+                b.data.as_ptr().add(b.off),
+                ldb as c_int,
+                beta,
+                c0,
+                ldc as c_int,
+            );
+        };
+        let starts: Vec<usize> = (0..m).step_by(rows).collect();
+        if parallel && starts.len() > 1 && m * n * k >= 1 << 18 {
+            starts.into_par_iter().for_each(task);
+        } else {
+            starts.into_iter().for_each(task);
+        }
+        true
+    }
+}
+
+/// Whether our fast kernel can run here.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -38,12 +287,29 @@ pub fn available() -> bool {
     }
 }
 
+/// `a (m, k) @ b (k, n)` with a backward pass; any strides. Runs at the thread's
+/// precision (see [`super::autocast`]); this kernel for f32 CPU products.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    super::autocast::gemm(a, b, |a, b| {
+        if a.rank() == 2 && b.rank() == 2 && a.device().is_cpu() && a.dtype() == candle_core::DType::F32 {
+            a.apply_op2(b, MatMul)
+        } else {
+            a.matmul(b)
+        }
+    })
+}
+
 struct MatMul;
 
-/// (start offset, row stride, column stride) of a 2-D layout.
-fn strides2(l: &Layout) -> (usize, usize, usize) {
+/// A 2-D layout as a [`Mat`] over `data`.
+pub(crate) fn mat<'a>(data: &'a [f32], l: &Layout) -> Mat<'a> {
     let s = l.stride();
-    (l.start_offset(), s[0], s[1])
+    Mat {
+        data,
+        off: l.start_offset(),
+        rs: s[0],
+        cs: s[1],
+    }
 }
 
 impl CustomOp2 for MatMul {
@@ -61,26 +327,7 @@ impl CustomOp2 for MatMul {
             candle_core::bail!("matmul: shapes {:?} and {:?} do not chain", l1.dims(), l2.dims())
         }
         let mut c = vec![0f32; m * n];
-        if m > 0 && n > 0 && k > 0 {
-            #[cfg(target_arch = "x86_64")]
-            {
-                let (ao, ars, acs) = strides2(l1);
-                let (bo, brs, bcs) = strides2(l2);
-                let a = Operand {
-                    data: a,
-                    off: ao,
-                    rs: ars,
-                    cs: acs,
-                };
-                let b = Operand {
-                    data: b,
-                    off: bo,
-                    rs: brs,
-                    cs: bcs,
-                };
-                x86::gemm_threads(m, n, k, &a, &b, &mut c);
-            }
-        }
+        gemm(m, n, k, mat(a, l1), mat(b, l2), &mut c, n, Init::Zero, true);
         Ok((CpuStorage::F32(c), Shape::from((m, n))))
     }
 
@@ -93,161 +340,193 @@ impl CustomOp2 for MatMul {
     }
 }
 
-/// A strided 2-D view: element (i, j) is `data[off + i * rs + j * cs]`.
-#[allow(dead_code)]
-struct Operand<'a> {
-    data: &'a [f32],
-    off: usize,
-    rs: usize,
-    cs: usize,
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Operand;
+    //! A and B are read in place where their layout allows (row-major B with a
+    //! width that is a multiple of NR; A with any strides in full MR-row panels):
+    //! at our sizes (K of 64 to 3072, attention's 50 x 50 heads) packing cost as
+    //! much as the kernel. B is copied to a zero-padded row-major buffer when it is
+    //! transposed (W^T, K^T) or ragged; A's last partial panel is packed.
+
+    use super::{Init, Mat};
+    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     const MR: usize = 6;
     const NR: usize = 16;
     const KC: usize = 256;
+    /// Rows of C per task: fixed, so the split never depends on the thread count.
     const MC: usize = 72;
-    const NC: usize = 1024;
-
-    /// C (m, n) row-major = A B, the columns of C split over candle's thread count.
-    pub(super) fn gemm_threads(m: usize, n: usize, k: usize, a: &Operand, b: &Operand, c: &mut [f32]) {
-        let threads = candle_core::utils::get_num_threads().max(1);
-        let work = m * n * k;
-        assert_eq!(c.len(), m * n, "matmul output size");
-        let c_ptr = SendPtr(c.as_mut_ptr());
-        if threads == 1 || work < 1 << 21 {
-            // SAFETY: c holds m * n values; this call alone writes them.
-            unsafe { gemm(m, 0, n, k, a, b, &c_ptr, 0, n) };
-            return;
-        }
-        // Split the longer side into NR / MR aligned chunks, one per thread;
-        // each thread writes a disjoint block of C through the raw pointer.
-        std::thread::scope(|s| {
-            let c_ptr = &c_ptr;
-            if n >= m {
-                let per = n.div_ceil(threads).div_ceil(NR) * NR;
-                for j0 in (0..n).step_by(per) {
-                    let cols = per.min(n - j0);
-                    // SAFETY: columns [j0, j0 + cols) of C are this thread's only.
-                    s.spawn(move || unsafe { gemm(m, j0, cols, k, a, b, c_ptr, 0, n) });
-                }
-            } else {
-                let per = m.div_ceil(threads).div_ceil(MR) * MR;
-                for i0 in (0..m).step_by(per) {
-                    let rows = per.min(m - i0);
-                    let a = Operand {
-                        data: a.data,
-                        off: a.off + i0 * a.rs,
-                        rs: a.rs,
-                        cs: a.cs,
-                    };
-                    // SAFETY: rows [i0, i0 + rows) of C are this thread's only.
-                    s.spawn(move || unsafe { gemm(rows, 0, n, k, &a, b, c_ptr, i0 * n, n) });
-                }
-            }
-        });
-    }
 
     struct SendPtr(*mut f32);
-    // SAFETY: only used to hand disjoint column ranges of one buffer to scoped threads.
+    // SAFETY: only hands disjoint row blocks of one C buffer to rayon tasks.
     unsafe impl Sync for SendPtr {}
     unsafe impl Send for SendPtr {}
 
-    /// C[c_off.., j0..j0+n] (row stride ldc) += A (m, k) B[:, j0..j0+n].
-    ///
-    /// # Safety
-    /// `c` must point to at least `c_off + m * ldc` values, of which the caller
-    /// owns rows 0..m, columns j0..j0+n (relative to `c_off`).
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm(
-        m: usize,
-        j0: usize,
-        n: usize,
-        k: usize,
-        a: &Operand,
-        b: &Operand,
-        c: &SendPtr,
-        c_off: usize,
-        ldc: usize,
-    ) {
-        let mut bp = vec![0f32; KC * NC];
-        let mut ap = vec![0f32; MC * KC];
-        let mut tmp = [0f32; MR * NR];
-        let (ad, bd) = (a.data.as_ptr(), b.data.as_ptr());
-        for jc in (0..n).step_by(NC) {
-            let nc = NC.min(n - jc);
-            let np = nc.div_ceil(NR);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
-                // Pack B[pc.., j0+jc..] into np panels of kc x NR, zero-padded.
-                bp[..np * kc * NR].fill(0.0);
-                for p in 0..np {
-                    let panel = bp.as_mut_ptr().add(p * kc * NR);
-                    let cols = NR.min(nc - p * NR);
-                    let src = bd.add(b.off + pc * b.rs + (j0 + jc + p * NR) * b.cs);
-                    // Walk the operand in its memory order (B^T views have rs = 1).
-                    if b.rs < b.cs {
-                        for jj in 0..cols {
-                            let col = src.add(jj * b.cs);
-                            for kk in 0..kc {
-                                *panel.add(kk * NR + jj) = *col.add(kk * b.rs);
-                            }
-                        }
-                    } else {
-                        for kk in 0..kc {
-                            let (dst, row) = (panel.add(kk * NR), src.add(kk * b.rs));
-                            for jj in 0..cols {
-                                *dst.add(jj) = *row.add(jj * b.cs);
-                            }
-                        }
+    impl SendPtr {
+        /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
+        fn get(&self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// B as the kernel reads it: row-major rows of stride `ld`, at least `round_up(n, NR)` wide.
+    struct RowMajorB<'a> {
+        data: &'a [f32],
+        off: usize,
+        ld: usize,
+    }
+
+    /// Copies B (k, n) into a zero-padded row-major (k, round_up(n, NR)) buffer.
+    fn pad_b(n: usize, k: usize, b: &Mat, parallel: bool) -> Vec<f32> {
+        let ld = n.div_ceil(NR) * NR;
+        let mut out = vec![0f32; k * ld];
+        let d = b.data;
+        if b.rs == 1 {
+            // Transposed (B^T is row-major): blocks of 64 rows of B, each gathering
+            // its stretch of every row of B^T.
+            const ROWS: usize = 64;
+            let fill = |(blk, rows): (usize, &mut [f32])| {
+                let k0 = blk * ROWS;
+                let kn = rows.len() / ld;
+                for j in 0..n {
+                    let src = &d[b.off + j * b.cs + k0..][..kn];
+                    for (r, &v) in src.iter().enumerate() {
+                        rows[r * ld + j] = v;
                     }
                 }
-                for ic in (0..m).step_by(MC) {
-                    let mc = MC.min(m - ic);
-                    let mp = mc.div_ceil(MR);
-                    // Pack A[ic.., pc..] into mp panels of kc x MR, zero-padded.
-                    ap[..mp * kc * MR].fill(0.0);
-                    for p in 0..mp {
-                        let panel = ap.as_mut_ptr().add(p * kc * MR);
-                        let rows = MR.min(mc - p * MR);
-                        let src = ad.add(a.off + (ic + p * MR) * a.rs + pc * a.cs);
-                        if a.rs < a.cs {
-                            for kk in 0..kc {
-                                let (dst, col) = (panel.add(kk * MR), src.add(kk * a.cs));
-                                for i in 0..rows {
-                                    *dst.add(i) = *col.add(i * a.rs);
-                                }
-                            }
-                        } else {
-                            for i in 0..rows {
-                                let row = src.add(i * a.rs);
-                                for kk in 0..kc {
-                                    *panel.add(kk * MR + i) = *row.add(kk * a.cs);
-                                }
-                            }
-                        }
+            };
+            if parallel && k * n > 1 << 16 {
+                out.par_chunks_mut(ROWS * ld).enumerate().for_each(fill);
+            } else {
+                out.chunks_mut(ROWS * ld).enumerate().for_each(fill);
+            }
+        } else {
+            let rows = out.chunks_mut(ld).enumerate();
+            let copy = |(kk, row): (usize, &mut [f32])| {
+                for (j, o) in row[..n].iter_mut().enumerate() {
+                    *o = d[b.off + kk * b.rs + j * b.cs];
+                }
+            };
+            if parallel && k * n > 1 << 16 {
+                rows.collect::<Vec<_>>().into_par_iter().for_each(copy);
+            } else {
+                rows.for_each(copy);
+            }
+        }
+        out
+    }
+
+    /// # Safety
+    /// `c` must be valid for m rows of stride `ldc` and n columns, owned by the caller.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat,
+        b: Mat,
+        c: *mut f32,
+        ldc: usize,
+        init: Init,
+        parallel: bool,
+    ) {
+        let padded;
+        let bm = if b.cs == 1 && n % NR == 0 {
+            RowMajorB {
+                data: b.data,
+                off: b.off,
+                ld: b.rs,
+            }
+        } else {
+            padded = pad_b(n, k, &b, parallel);
+            RowMajorB {
+                data: &padded,
+                off: 0,
+                ld: n.div_ceil(NR) * NR,
+            }
+        };
+        let c_ptr = SendPtr(c);
+        let task = |blk: usize| {
+            let i0 = blk * MC;
+            let rows = MC.min(m - i0);
+            // SAFETY: rows [i0, i0 + rows) of C belong to this task alone.
+            unsafe { block(rows, n, k, &a.skip_rows(i0), &bm, c_ptr.get().add(i0 * ldc), ldc, init) };
+        };
+        let blocks = m.div_ceil(MC);
+        if parallel && blocks > 1 && m * n * k >= 1 << 18 {
+            (0..blocks).into_par_iter().for_each(task);
+        } else {
+            (0..blocks).for_each(task);
+        }
+    }
+
+    /// Rows 0..m (m <= MC) of C.
+    ///
+    /// # Safety
+    /// `c` must be valid for m rows of stride `ldc` and n columns, owned by the caller;
+    /// A must hold m rows and k columns, B k rows of `round_up(n, NR)` readable values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(m: usize, n: usize, k: usize, a: &Mat, b: &RowMajorB, c: *mut f32, ldc: usize, init: Init) {
+        if k == 0 {
+            for i in 0..m {
+                for j in 0..n {
+                    let o = c.add(i * ldc + j);
+                    match init {
+                        Init::Zero => *o = 0.0,
+                        Init::Bias(bias) => *o = bias[j],
+                        Init::Accumulate => {}
                     }
-                    for pj in 0..np {
-                        let cols = NR.min(nc - pj * NR);
-                        for pi in 0..mp {
-                            let rows = MR.min(mc - pi * MR);
-                            let c0 = c.0.add(c_off + (ic + pi * MR) * ldc + j0 + jc + pj * NR);
-                            let (pa, pb) = (ap.as_ptr().add(pi * kc * MR), bp.as_ptr().add(pj * kc * NR));
-                            if rows == MR && cols == NR {
-                                kernel(kc, pa, pb, c0, ldc);
-                            } else {
-                                // Edge tile: accumulate into a zeroed scratch tile, add what fits.
-                                tmp.fill(0.0);
-                                kernel(kc, pa, pb, tmp.as_mut_ptr(), NR);
-                                for i in 0..rows {
-                                    for jj in 0..cols {
-                                        *c0.add(i * ldc + jj) += tmp[i * NR + jj];
-                                    }
-                                }
+                }
+            }
+            return;
+        }
+        let full_rows = m / MR * MR;
+        let mut edge_a = [0f32; MR * KC];
+        let mut tmp = [0f32; MR * NR];
+        let np = n.div_ceil(NR);
+        let (ad, bd) = (a.data.as_ptr(), b.data.as_ptr());
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            // The last partial panel of A, packed (kc x MR) with zero rows.
+            if full_rows < m {
+                for kk in 0..kc {
+                    for i in 0..MR {
+                        edge_a[kk * MR + i] = if full_rows + i < m { a.at(full_rows + i, pc + kk) } else { 0.0 };
+                    }
+                }
+            }
+            // The first k block sets C from `init`; later ones accumulate.
+            let mode = if pc == 0 { init } else { Init::Accumulate };
+            for pj in 0..np {
+                let cols = NR.min(n - pj * NR);
+                let pb = bd.add(b.off + pc * b.ld + pj * NR);
+                let bias = match mode {
+                    Init::Bias(bias) => Some(&bias[pj * NR..pj * NR + cols]),
+                    _ => None,
+                };
+                for i0 in (0..m).step_by(MR) {
+                    let rows = MR.min(m - i0);
+                    let c0 = c.add(i0 * ldc + pj * NR);
+                    let (pa, ia, ka) = if rows == MR {
+                        (ad.add(a.off + i0 * a.rs + pc * a.cs), a.rs, a.cs)
+                    } else {
+                        (edge_a.as_ptr(), 1, MR)
+                    };
+                    if rows == MR && cols == NR {
+                        kernel(kc, pa, ia, ka, pb, b.ld, c0, ldc, matches!(mode, Init::Accumulate), bias);
+                    } else {
+                        // Edge tile: into a scratch tile, then what fits into C.
+                        kernel(kc, pa, ia, ka, pb, b.ld, tmp.as_mut_ptr(), NR, false, None);
+                        for i in 0..rows {
+                            for jj in 0..cols {
+                                let o = c0.add(i * ldc + jj);
+                                let v = tmp[i * NR + jj];
+                                *o = match mode {
+                                    Init::Zero => v,
+                                    Init::Bias(_) => bias.map_or(0.0, |b| b[jj]) + v,
+                                    Init::Accumulate => *o + v,
+                                };
                             }
                         }
                     }
@@ -256,44 +535,99 @@ mod x86 {
         }
     }
 
-    /// C (MR x NR, row stride ldc) += A panel (kc x MR)^T B panel (kc x NR), in 12 AVX registers.
+    /// C (MR x NR, row stride ldc) = [C +] [bias +] A (MR x kc; element (i, kk) at
+    /// `a + i ia + kk ka`) B (kc x NR, row stride ldb), in 12 AVX registers.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel(
+        kc: usize,
+        a: *const f32,
+        ia: usize,
+        ka: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+        bias: Option<&[f32]>,
+    ) {
         let z = _mm256_setzero_ps();
         let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
         let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
+        let (a0, a1, a2) = (a, a.add(ia), a.add(2 * ia));
+        let (a3, a4, a5) = (a.add(3 * ia), a.add(4 * ia), a.add(5 * ia));
         for kk in 0..kc {
-            let b0 = _mm256_loadu_ps(b.add(kk * NR));
-            let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
-            let ak = a.add(kk * MR);
-            let x = _mm256_broadcast_ss(&*ak);
+            let bk = b.add(kk * ldb);
+            let b0 = _mm256_loadu_ps(bk);
+            let b1 = _mm256_loadu_ps(bk.add(8));
+            let o = kk * ka;
+            let x = _mm256_broadcast_ss(&*a0.add(o));
             c00 = _mm256_fmadd_ps(x, b0, c00);
             c01 = _mm256_fmadd_ps(x, b1, c01);
-            let x = _mm256_broadcast_ss(&*ak.add(1));
+            let x = _mm256_broadcast_ss(&*a1.add(o));
             c10 = _mm256_fmadd_ps(x, b0, c10);
             c11 = _mm256_fmadd_ps(x, b1, c11);
-            let x = _mm256_broadcast_ss(&*ak.add(2));
+            let x = _mm256_broadcast_ss(&*a2.add(o));
             c20 = _mm256_fmadd_ps(x, b0, c20);
             c21 = _mm256_fmadd_ps(x, b1, c21);
-            let x = _mm256_broadcast_ss(&*ak.add(3));
+            let x = _mm256_broadcast_ss(&*a3.add(o));
             c30 = _mm256_fmadd_ps(x, b0, c30);
             c31 = _mm256_fmadd_ps(x, b1, c31);
-            let x = _mm256_broadcast_ss(&*ak.add(4));
+            let x = _mm256_broadcast_ss(&*a4.add(o));
             c40 = _mm256_fmadd_ps(x, b0, c40);
             c41 = _mm256_fmadd_ps(x, b1, c41);
-            let x = _mm256_broadcast_ss(&*ak.add(5));
+            let x = _mm256_broadcast_ss(&*a5.add(o));
             c50 = _mm256_fmadd_ps(x, b0, c50);
             c51 = _mm256_fmadd_ps(x, b1, c51);
         }
+        let (bias0, bias1) = match bias {
+            Some(b) => (_mm256_loadu_ps(b.as_ptr()), _mm256_loadu_ps(b.as_ptr().add(8))),
+            None => (z, z),
+        };
         for (i, (lo, hi)) in [(c00, c01), (c10, c11), (c20, c21), (c30, c31), (c40, c41), (c50, c51)]
             .into_iter()
             .enumerate()
         {
             let row = c.add(i * ldc);
-            _mm256_storeu_ps(row, _mm256_add_ps(_mm256_loadu_ps(row), lo));
-            _mm256_storeu_ps(row.add(8), _mm256_add_ps(_mm256_loadu_ps(row.add(8)), hi));
+            let (lo, hi) = if acc {
+                (_mm256_add_ps(_mm256_loadu_ps(row), lo), _mm256_add_ps(_mm256_loadu_ps(row.add(8)), hi))
+            } else if bias.is_some() {
+                // bias + sum, the order of the reference.
+                (_mm256_add_ps(bias0, lo), _mm256_add_ps(bias1, hi))
+            } else {
+                (lo, hi)
+            };
+            _mm256_storeu_ps(row, lo);
+            _mm256_storeu_ps(row.add(8), hi);
         }
     }
+}
+
+/// Column sums of a row-major (rows, d) slice (a bias gradient), deterministic:
+/// partial sums over fixed blocks of rows in parallel, then the partials added in
+/// block order. The bits do not depend on the thread count.
+pub fn column_sums(x: &[f32], d: usize) -> Vec<f32> {
+    const ROWS: usize = 64;
+    let d = d.max(1);
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(ROWS * d)
+        .map(|blk| {
+            let mut s = vec![0f32; d];
+            for row in blk.chunks_exact(d) {
+                for (o, v) in s.iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+            s
+        })
+        .collect();
+    let mut out = vec![0f32; d];
+    for p in &partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -302,8 +636,8 @@ mod tests {
     use crate::model::ops::tests::max_abs_diff;
     use candle_core::{Device, Var};
 
-    /// Odd sizes (partial MR/NR tiles, several KC and NC blocks, both thread splits)
-    /// and transposed operands, against candle's matmul; values and gradients.
+    /// Odd sizes (partial MR/NR tiles, several KC blocks and row blocks) and
+    /// transposed operands, against candle's matmul; values and gradients.
     #[test]
     fn matches_candle_matmul_values_and_gradients() -> Result<()> {
         let dev = Device::Cpu;
@@ -335,5 +669,51 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// The kernel against the triple loop, every init mode, and the same bits
+    /// for 1 thread and for several (rows split, never the reduction).
+    #[test]
+    fn kernel_matches_reference_and_thread_count() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (m, k, n) in [(1, 3, 1), (150, 257, 40), (73, 64, 197), (300, 19, 33)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let start: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for (name, init) in [("zero", Init::Zero), ("bias", Init::Bias(&bias)), ("acc", Init::Accumulate)] {
+                // A transposed (column-major view) and B row-major, as in dW = g^T x.
+                let at = Mat::cols(&a, 0, m);
+                let bm = Mat::rows(&b, 0, n);
+                let mut want = start.clone();
+                gemm_reference(m, n, k, at, bm, &mut want, n, init);
+                let mut serial = start.clone();
+                gemm(m, n, k, at, bm, &mut serial, n, init, false);
+                let mut par = start.clone();
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("pool");
+                pool.install(|| gemm(m, n, k, at, bm, &mut par, n, init, true));
+                let err = want.iter().zip(&serial).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n} {name}: {err}");
+                assert!(
+                    serial.iter().zip(&par).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{m}x{k}x{n} {name}: threads changed the bits"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn column_sums_are_exact_sums_and_thread_independent() {
+        let x: Vec<f32> = (0..1000 * 7).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("pool");
+        let a = one.install(|| column_sums(&x, 7));
+        let b = three.install(|| column_sums(&x, 7));
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        for j in 0..7 {
+            let want: f64 = x.chunks(7).map(|r| r[j] as f64).sum();
+            assert!((a[j] as f64 - want).abs() < 1e-3, "column {j}");
+        }
     }
 }

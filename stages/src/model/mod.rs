@@ -1,9 +1,10 @@
 //! The CrossMAE model in candle: ViT backbone, drawing head, predictor, losses.
 //!
 //! DESIGN.md "The CrossMAE model" is the specification; [`crossmae`] reads like
-//! MAE's `models_mae.py`. Only differentiable ops are used ([`ops`] replaces
-//! candle-nn's LayerNorm and softmax, which have no backward), and a test checks
-//! that every parameter moves after one optimizer step.
+//! MAE's `models_mae.py`. The layers run on [`ops`], fused ops with their own
+//! backward (candle-nn's LayerNorm, softmax and sdpa have none), each beside the
+//! basic-op composition it is tested against (`model.reference_ops: true` runs
+//! those); a test checks that every parameter moves after one optimizer step.
 //!
 //! Parameter names: the backbone under `backbone.` with timm's names (strip the
 //! prefix to export), the drawing head under `draw.`, the predictor `predictor.`,
@@ -92,6 +93,11 @@ pub struct ModelConfig {
     pub pred_on: PredOn,
     /// Weight of L_pred in L = L_draw + lambda * L_pred.
     pub lambda: f64,
+    /// Run every op as its basic-op reference composition instead of the fused op
+    /// (`ops`): for comparisons. How to compute, not what: a checkpoint resumes
+    /// either way (not in the config hash), and it is left out of the config when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reference_ops: bool,
 }
 
 impl Default for ModelConfig {
@@ -105,6 +111,7 @@ impl Default for ModelConfig {
             target_dim: 36,
             pred_on: PredOn::All,
             lambda: 0.1,
+            reference_ops: false,
         }
     }
 }

@@ -18,10 +18,8 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use super::autocast;
-use super::matmul::matmul;
 use super::ops;
-use super::patch::{patchify_conv, pos_embed_2d};
+use super::patch::pos_embed_2d;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -168,17 +166,9 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
 }
 
 impl Module for Linear {
-    /// (.., in) -> (.., out), as one 2-D matmul.
+    /// (.., in) -> (.., out) (see [`ops::linear`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let k = dims.last().copied().unwrap_or(0);
-        let rows = x.elem_count() / k.max(1);
-        let y = matmul(&x.reshape((rows, k))?, &self.weight.t()?)?;
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
-        }
-        ops::add_bias(&y, &self.bias)?.reshape(out_dims)
+        ops::linear(x, &self.weight, &self.bias)
     }
 }
 
@@ -222,16 +212,14 @@ impl PatchEmbed {
 
     /// (B, N, C*P*P) patches in conv order (c, row, col) -> (B, N, D) tokens.
     pub fn forward_patches(&self, patches: &Tensor) -> Result<Tensor> {
-        let (b, n, k) = patches.dims3()?;
+        let k = patches.dim(2)?;
         let d = self.weight.dim(0)?;
-        let w = self.weight.reshape((d, k))?;
-        let y = matmul(&patches.reshape((b * n, k))?, &w.t()?)?;
-        ops::add_bias(&y, &self.bias)?.reshape((b, n, d))
+        ops::linear(patches, &self.weight.reshape((d, k))?, &self.bias)
     }
 
     /// (B, C, H, W) images -> (B, N, D) tokens, as the stride-P conv would.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
-        self.forward_patches(&patchify_conv(images, self.patch)?)
+        self.forward_patches(&ops::pixels::patchify_conv_order(images, self.patch)?)
     }
 }
 
@@ -257,24 +245,10 @@ impl Attention {
         })
     }
 
-    /// (B, T, D) -> (B, T, D).
+    /// (B, T, D) -> (B, T, D): qkv, the attention core on the packed heads, proj.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let h = self.num_heads;
-        // (B, T, 3D) -> (3, B, H, T, D/H), timm's layout.
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, t, 3, h, d / h))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * self.scale)?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = ops::softmax_last(&autocast::gemm(&q, &k.t()?, |a, b| a.matmul(b))?)?;
-        let out = autocast::gemm(&attn, &v, |a, b| a.matmul(b))?
-            .transpose(1, 2)?
-            .reshape((b, t, d))?;
-        self.proj.forward(&out)
+        let qkv = self.qkv.forward(x)?;
+        self.proj.forward(&ops::attention(&qkv, self.num_heads, self.scale)?)
     }
 }
 

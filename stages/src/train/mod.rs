@@ -435,6 +435,7 @@ impl Trainer {
     /// The batch as model inputs on the device (EMA targets computed here).
     pub fn inputs(&self, batch: &Batch) -> Result<Inputs, TrainError> {
         let _precision = autocast::scoped(self.train_cfg.precision);
+        let _ops = crate::model::ops::scoped_reference(self.model_cfg.reference_ops);
         self.inputs_from(self.uploader().upload(batch, self.position)?)
     }
 
@@ -470,6 +471,7 @@ impl Trainer {
     /// [`Trainer::step`] on a batch already on the device (see [`Uploader`]).
     pub fn step_uploaded(&mut self, up: Uploaded) -> Result<StepStats, TrainError> {
         let _precision = autocast::scoped(self.train_cfg.precision);
+        let _ops = crate::model::ops::scoped_reference(self.model_cfg.reference_ops);
         let step = self.optim.steps();
         let epoch = up.epoch;
         self.mark("start")?;
@@ -553,7 +555,11 @@ impl Trainer {
             precision: Precision::default(),
             ..self.train_cfg.clone()
         };
-        checkpoint::config_hash(&(&self.model_cfg, &train))
+        let model = ModelConfig {
+            reference_ops: false,
+            ..self.model_cfg.clone()
+        };
+        checkpoint::config_hash(&(&model, &train))
     }
 
     /// Writes a checkpoint to `dir` atomically. Only between optimizer steps.

@@ -15,9 +15,18 @@
 //! The groups follow MAE (`optim_factory.add_weight_decay`): no decay for
 //! parameters with one dimension or a name ending in `.bias`; everything else
 //! (cls and mask tokens included, as in MAE) decays.
+//!
+//! On the CPU each parameter takes one fused pass ([`FusedUpdate`]: decay,
+//! moments, bias correction and update per element, parallel over fixed chunks,
+//! the parameter updated in place). It runs the f32 operations of the basic-op
+//! version ([`AdamW::step_reference`], which other devices run) in the same
+//! order, so both give the same bits (tested).
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor, Var};
+use crate::model::ops::with_slices;
+use rayon::prelude::*;
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 /// Whether a parameter is in the weight-decay group.
 pub fn decays(name: &str, dims: &[usize]) -> bool {
@@ -106,31 +115,55 @@ impl AdamW {
     /// (a missing gradient counts as zero).
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
         self.t += 1;
-        let AdamWParams {
-            beta1: b1,
-            beta2: b2,
-            eps,
-            weight_decay,
-        } = self.params;
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2_sqrt = (1.0 - b2.powi(self.t as i32)).sqrt();
-        let step_size = lr / bc1;
+        let c = Coefficients::new(&self.params, self.t, lr);
         for s in &mut self.slots {
             let g = match grads.get(&s.name) {
                 Some(g) => g.clone(),
                 None => s.m.zeros_like()?,
             };
-            let mut p = s.var.as_tensor().detach();
-            if s.decay && weight_decay != 0.0 {
-                p = (p * (1.0 - lr * weight_decay))?;
+            let fused = !crate::model::ops::reference()
+                && s.var.device().is_cpu()
+                && [s.var.dtype(), g.dtype(), s.m.dtype()].iter().all(|d| *d == DType::F32);
+            if fused {
+                let op = FusedUpdate {
+                    g: g.contiguous()?,
+                    m: s.m.contiguous()?,
+                    v: s.v.contiguous()?,
+                    decay: s.decay,
+                    c,
+                    moments: Mutex::new(None),
+                };
+                s.var.as_tensor().inplace_op1(&op)?;
+                let (m, v) = op
+                    .moments
+                    .into_inner()
+                    .map_err(|_| candle_core::Error::Msg("adamw: poisoned".into()))?
+                    .ok_or_else(|| candle_core::Error::Msg(format!("adamw: no update for {}", s.name)))?;
+                s.m = Tensor::from_vec(m, s.var.shape(), s.var.device())?;
+                s.v = Tensor::from_vec(v, s.var.shape(), s.var.device())?;
+            } else {
+                Self::slot_reference(s, &g, &c)?;
             }
-            s.m = (&s.m + ((&g - &s.m)? * (1.0 - b1))?)?;
-            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((s.v.sqrt()? / bc2_sqrt)? + eps)?;
-            let p = (p - ((&s.m / denom)? * step_size)?)?;
-            s.var.set(&p)?;
         }
         Ok(())
+    }
+
+    /// [`AdamW::step`] from candle's basic ops, on any device.
+    pub fn step_reference(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        let _r = crate::model::ops::scoped_reference(true);
+        self.step(grads, lr)
+    }
+
+    fn slot_reference(s: &mut Slot, g: &Tensor, c: &Coefficients) -> Result<()> {
+        let mut p = s.var.as_tensor().detach();
+        if s.decay && c.weight_decay_on {
+            p = (p * c.decay_factor)?;
+        }
+        s.m = (&s.m + ((g - &s.m)? * c.one_minus_b1)?)?;
+        s.v = ((&s.v * c.b2)? + (g.sqr()? * c.one_minus_b2)?)?;
+        let denom = ((s.v.sqrt()? / c.bc2_sqrt)? + c.eps)?;
+        let p = (p - ((&s.m / denom)? * c.step_size)?)?;
+        s.var.set(&p)
     }
 
     /// The moments as `m.NAME` / `v.NAME`, for the checkpoint.
@@ -162,6 +195,109 @@ impl AdamW {
             }
         }
         self.t = t;
+        Ok(())
+    }
+}
+
+/// The scalars of one update (f64, as the basic ops take them).
+#[derive(Debug, Clone, Copy)]
+struct Coefficients {
+    /// 1 - lr * wd.
+    decay_factor: f64,
+    /// wd != 0.
+    weight_decay_on: bool,
+    one_minus_b1: f64,
+    b2: f64,
+    one_minus_b2: f64,
+    bc2_sqrt: f64,
+    eps: f64,
+    /// lr / (1 - b1^t).
+    step_size: f64,
+}
+
+impl Coefficients {
+    fn new(p: &AdamWParams, t: u64, lr: f64) -> Self {
+        Self {
+            decay_factor: 1.0 - lr * p.weight_decay,
+            weight_decay_on: p.weight_decay != 0.0,
+            one_minus_b1: 1.0 - p.beta1,
+            b2: p.beta2,
+            one_minus_b2: 1.0 - p.beta2,
+            bc2_sqrt: (1.0 - p.beta2.powi(t as i32)).sqrt(),
+            eps: p.eps,
+            step_size: lr / (1.0 - p.beta1.powi(t as i32)),
+        }
+    }
+}
+
+/// One parameter's update in one pass: the parameter in place, new moments out.
+///
+/// Each line is one basic op of [`AdamW::slot_reference`] as candle's CPU backend
+/// computes it (`x * mul + add` in f32 for a scalar op), so the bits agree.
+struct FusedUpdate {
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+    c: Coefficients,
+    moments: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl InplaceOp1 for FusedUpdate {
+    fn name(&self) -> &'static str {
+        "crossmae-adamw"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("adamw: f32 parameters only")
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("adamw: the parameter must be contiguous")
+        };
+        let p = &mut data[a..b];
+        let c = self.c;
+        let f = |x: f64| x as f32;
+        let (decay, om1, b2, om2, inv_bc2, eps, ss) = (
+            self.decay && c.weight_decay_on,
+            f(c.one_minus_b1),
+            f(c.b2),
+            f(c.one_minus_b2),
+            f(1.0 / c.bc2_sqrt),
+            f(c.eps),
+            f(c.step_size),
+        );
+        let decay_factor = f(c.decay_factor);
+        const CHUNK: usize = 1 << 14;
+        let (m, v) = with_slices([&self.g, &self.m, &self.v], "adamw", |[g, m, v]| {
+            if g.len() != p.len() || m.len() != p.len() || v.len() != p.len() {
+                candle_core::bail!("adamw: gradient of {} values for a parameter of {}", g.len(), p.len())
+            }
+            let (mut m2, mut v2) = (vec![0f32; p.len()], vec![0f32; p.len()]);
+            p.par_chunks_mut(CHUNK)
+                .zip(m2.par_chunks_mut(CHUNK).zip(v2.par_chunks_mut(CHUNK)))
+                .zip(g.par_chunks(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))))
+                .for_each(|((p, (m2, v2)), (g, (m, v)))| {
+                    for i in 0..p.len() {
+                        let mut pi = p[i];
+                        if decay {
+                            pi = pi * decay_factor + 0.0;
+                        }
+                        let gi = g[i];
+                        let mi = m[i] + ((gi - m[i]) * om1 + 0.0);
+                        let vi = (v[i] * b2 + 0.0) + ((gi * gi) * om2 + 0.0);
+                        let denom = (vi.sqrt() * inv_bc2 + 0.0) * 1.0 + eps;
+                        p[i] = pi - ((mi / denom) * ss + 0.0);
+                        m2[i] = mi;
+                        v2[i] = vi;
+                    }
+                });
+            Ok((m2, v2))
+        })?;
+        *self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("adamw: poisoned".into()))? = Some((m, v));
         Ok(())
     }
 }

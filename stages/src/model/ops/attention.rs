@@ -1,0 +1,253 @@
+//! The attention core, `softmax(q k^T * scale) v` for every head, as one op.
+//!
+//! The input is the qkv projection as it comes out of its Linear layer, (B, T, 3D)
+//! with D = H d: q, k and v of head h are the (T, d) column blocks at `h d`,
+//! `D + h d` and `2D + h d`, read through strides, so no q / k / v copies are made
+//! (forward), and the backward writes dq, dk, dv straight into one (B, T, 3D)
+//! gradient (no gradient scatter through candle's narrow / permute). The output
+//! is (B, T, D), heads side by side: what the output projection takes.
+//!
+//! One rayon task per (sample, head). The forward keeps the logsumexp of each row
+//! of scores (B, H, T), not the (T, T) probabilities; the backward recomputes
+//! `P = exp(S * scale - lse)` from q and k (FlashAttention's recipe, and what a GPU
+//! kernel wants: no (B, H, T, T) tensor is saved). With dO the output gradient:
+//! dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)) scale, dQ = dS K, dK = dS^T Q.
+
+use super::cpu::{exp, f32_slice, tensor, with_slices, SharedMut};
+use crate::model::autocast;
+use crate::model::matmul::{gemm, gemm_ptr, Init, Mat};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Multi-head attention on packed `qkv (B, T, 3 H d)` -> (B, T, H d).
+pub fn attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, t, three_d) = qkv.dims3()?;
+    if num_heads == 0 || three_d % (3 * num_heads) != 0 {
+        candle_core::bail!("attention: qkv width {three_d} is not 3 x {num_heads} heads")
+    }
+    if super::fused(qkv) && autocast::gemm_dtype() == DType::F32 {
+        let d = three_d / 3;
+        autocast::add_flops(4 * (b * t * t * d) as u64);
+        let op = Attention {
+            heads: num_heads,
+            scale: scale as f32,
+            lse: OnceLock::new(),
+        };
+        qkv.contiguous()?.apply_op1(op)
+    } else {
+        attention_reference(qkv, num_heads, scale)
+    }
+}
+
+/// The basic-op twin: timm's layout and candle's differentiable softmax.
+pub fn attention_reference(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, t, three_d) = qkv.dims3()?;
+    let (h, d) = (num_heads, three_d / 3);
+    // (B, T, 3D) -> (3, B, H, T, D/H).
+    let qkv = qkv.reshape((b, t, 3, h, d / h))?.permute((2, 0, 3, 1, 4))?;
+    let q = (qkv.get(0)?.contiguous()? * scale)?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let scores = autocast::gemm(&q, &k.t()?, |a, b| a.matmul(b))?;
+    let attn = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+    autocast::gemm(&attn, &v, |a, b| a.matmul(b))?
+        .transpose(1, 2)?
+        .reshape((b, t, d))
+}
+
+struct Attention {
+    heads: usize,
+    scale: f32,
+    /// (B, H, T): logsumexp of each row of scaled scores, set by the forward.
+    lse: OnceLock<Tensor>,
+}
+
+/// Where head h of sample b lives in packed qkv (B, T, 3D).
+struct HeadView {
+    t: usize,
+    d: usize,
+    hd: usize,
+    /// Offset of sample b's first row.
+    row0: usize,
+    /// Offset of the head's columns.
+    col: usize,
+}
+
+impl HeadView {
+    fn q<'a>(&self, qkv: &'a [f32]) -> Mat<'a> {
+        Mat::rows(qkv, self.row0 + self.col, 3 * self.d)
+    }
+    fn k<'a>(&self, qkv: &'a [f32]) -> Mat<'a> {
+        Mat::rows(qkv, self.row0 + self.d + self.col, 3 * self.d)
+    }
+    fn k_t<'a>(&self, qkv: &'a [f32]) -> Mat<'a> {
+        Mat::cols(qkv, self.row0 + self.d + self.col, 3 * self.d)
+    }
+    fn v<'a>(&self, qkv: &'a [f32]) -> Mat<'a> {
+        Mat::rows(qkv, self.row0 + 2 * self.d + self.col, 3 * self.d)
+    }
+    fn v_t<'a>(&self, qkv: &'a [f32]) -> Mat<'a> {
+        Mat::cols(qkv, self.row0 + 2 * self.d + self.col, 3 * self.d)
+    }
+}
+
+impl Attention {
+    fn view(&self, t: usize, d: usize, task: usize) -> HeadView {
+        let (b, h) = (task / self.heads, task % self.heads);
+        let hd = d / self.heads;
+        HeadView {
+            t,
+            d,
+            hd,
+            row0: b * t * 3 * d,
+            col: h * hd,
+        }
+    }
+
+    /// Scores S = q k^T of one head into `s` (T, T).
+    fn scores(&self, qkv: &[f32], hv: &HeadView, s: &mut [f32]) {
+        gemm(hv.t, hv.t, hv.hd, hv.q(qkv), hv.k_t(qkv), s, hv.t, Init::Zero, false);
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "crossmae-attention"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(st, l, "attention qkv")?;
+        let (b, t, three_d) = l.shape().dims3()?;
+        let d = three_d / 3;
+        let mut out = vec![0f32; b * t * d];
+        let mut lse = vec![0f32; b * self.heads * t];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        lse.par_chunks_mut(t).enumerate().for_each(|(task, lse)| {
+            let hv = self.view(t, d, task);
+            let mut p = vec![0f32; t * t];
+            self.scores(qkv, &hv, &mut p);
+            for (row, l) in p.chunks_exact_mut(t).zip(lse.iter_mut()) {
+                *l = softmax_row(row, self.scale);
+            }
+            let o_off = (task / self.heads) * t * d + hv.col;
+            // SAFETY: this task alone writes the head's (T, d) column block of `out`.
+            unsafe {
+                let out_ptr = out_ptr;
+                gemm_ptr(t, hv.hd, t, Mat::rows(&p, 0, t), hv.v(qkv), out_ptr.0.add(o_off), d, Init::Zero, false)
+            };
+        });
+        let _ = self.lse.set(tensor(lse, (b, self.heads, t))?);
+        Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let Some(lse) = self.lse.get() else {
+            candle_core::bail!("attention backward before its forward")
+        };
+        let (b, t, three_d) = qkv.dims3()?;
+        let d = three_d / 3;
+        with_slices([qkv, out, g, lse], "attention backward", |[qkv, out, g, lse]| {
+            let mut dqkv = vec![0f32; b * t * three_d];
+            let dptr = SharedMut(dqkv.as_mut_ptr());
+            lse.par_chunks(t).enumerate().for_each(|(task, lse)| {
+                let hv = self.view(t, d, task);
+                let o_off = (task / self.heads) * t * d + hv.col;
+                let d_o = Mat::rows(g, o_off, d);
+                let mut p = vec![0f32; t * t];
+                self.scores(qkv, &hv, &mut p);
+                for (row, &l) in p.chunks_exact_mut(t).zip(lse) {
+                    for s in row.iter_mut() {
+                        *s = exp(*s * self.scale - l);
+                    }
+                }
+                let dptr = dptr;
+                // SAFETY (the three writes below): this task alone writes head h's dq, dk
+                // and dv column blocks of sample b in dqkv.
+                unsafe {
+                    let dv = dptr.0.add(hv.row0 + 2 * d + hv.col);
+                    gemm_ptr(t, hv.hd, t, Mat::cols(&p, 0, t), d_o, dv, three_d, Init::Zero, false);
+                }
+                let mut ds = vec![0f32; t * t];
+                gemm(t, t, hv.hd, d_o, hv.v_t(qkv), &mut ds, t, Init::Zero, false);
+                for i in 0..t {
+                    let (go, o) = (&g[o_off + i * d..][..hv.hd], &out[o_off + i * d..][..hv.hd]);
+                    let di: f32 = go.iter().zip(o).map(|(a, b)| a * b).sum();
+                    for (s, &pv) in ds[i * t..(i + 1) * t].iter_mut().zip(&p[i * t..(i + 1) * t]) {
+                        *s = pv * (*s - di) * self.scale;
+                    }
+                }
+                unsafe {
+                    let dq = dptr.0.add(hv.row0 + hv.col);
+                    gemm_ptr(t, hv.hd, t, Mat::rows(&ds, 0, t), hv.k(qkv), dq, three_d, Init::Zero, false);
+                    let dk = dptr.0.add(hv.row0 + d + hv.col);
+                    gemm_ptr(t, hv.hd, t, Mat::cols(&ds, 0, t), hv.q(qkv), dk, three_d, Init::Zero, false);
+                }
+            });
+            Ok(Some(tensor(dqkv, (b, t, three_d))?))
+        })
+    }
+}
+
+/// Row of scores -> its softmax of `row * scale`, in place; returns the logsumexp.
+#[inline]
+fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
+    let mut max = f32::NEG_INFINITY;
+    for s in row.iter_mut() {
+        *s *= scale;
+        max = max.max(*s);
+    }
+    let mut acc = [0f32; 8];
+    for (i, s) in row.iter_mut().enumerate() {
+        *s = exp(*s - max);
+        acc[i % 8] += *s;
+    }
+    let sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    let inv = 1.0 / sum;
+    for s in row.iter_mut() {
+        *s *= inv;
+    }
+    max + sum.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::tests::{compare_with_reference, finite_difference_check, seeded};
+
+    /// Values and the gradient of packed qkv against the composition, and central
+    /// differences; N = 197 with d = 64 (ViT at 224 px), odd T, batch 1.
+    #[test]
+    fn attention_matches_reference_and_finite_differences() -> Result<()> {
+        for (b, t, heads, hd) in [(1, 197, 2, 64), (3, 50, 3, 8), (2, 7, 1, 5)] {
+            let d = heads * hd;
+            let scale = 1.0 / (hd as f64).sqrt();
+            let inputs = [seeded(&[b, t, 3 * d], 1, 1.0)?];
+            compare_with_reference("attention", &inputs, &[0], 2e-5, |v| attention(&v[0], heads, scale))?;
+            let last = b * t * 3 * d - 1;
+            finite_difference_check("attention", &inputs, 0, &[0, hd, d + 1, 2 * d + 3, last], 2e-3, |x| {
+                attention(&x[0], heads, scale)
+            })?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_bits_do_not_depend_on_threads() -> Result<()> {
+        let x = candle_core::Var::from_tensor(&seeded(&[3, 41, 3 * 24], 2, 1.0)?)?;
+        let r = seeded(&[3, 41, 24], 3, 1.0)?;
+        let run = |threads: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+            pool.install(|| {
+                let y = attention(&x, 3, 0.3)?;
+                let g = (&y * &r)?.sum_all()?.backward()?;
+                Ok((y.flatten_all()?.to_vec1()?, g.get(&x).expect("grad").flatten_all()?.to_vec1()?))
+            })
+        };
+        let (a, b) = (run(1)?, run(3)?);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.0), bits(&b.0));
+        assert_eq!(bits(&a.1), bits(&b.1));
+        Ok(())
+    }
+}

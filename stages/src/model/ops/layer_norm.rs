@@ -1,0 +1,239 @@
+//! LayerNorm over the last dimension, `(x - mean) / sqrt(var + eps) * gamma + beta`
+//! (biased variance, as PyTorch), with its backward. The forward saves mean and
+//! rstd per row; the backward makes, per row, with xh = (x - mean) rstd and gh = g gamma,
+//! `dx = rstd (gh - mean(gh) - xh mean(gh xh))`, and dgamma = sum g xh, dbeta = sum g
+//! over rows as fixed-block partials (thread-independent bits).
+
+use super::cpu::{f32_slice, sum_partials, tensor, with_slices, ROWS_PER_TASK};
+use crate::simd::multiversion;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// LayerNorm of `x (.., d)` with `weight`, `bias (d)`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::fused(x) {
+        let op = LayerNormOp {
+            eps: eps as f32,
+            stats: OnceLock::new(),
+        };
+        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+    } else {
+        layer_norm_reference(x, weight, bias, eps)
+    }
+}
+
+/// The basic-op twin.
+pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    normalize_reference(x, eps)?.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension, from basic ops.
+pub fn normalize_reference(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / d)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / d)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+struct LayerNormOp {
+    eps: f32,
+    /// (rows, 2): mean and rstd of each row, set by the forward.
+    stats: OnceLock<Tensor>,
+}
+
+/// Sum of a slice in 8 independent lanes (vectorizes without reassociation), lanes added in order.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += f(c[i]);
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for &v in tail {
+        s += f(v);
+    }
+    s
+}
+
+multiversion! {
+    /// Rows of x -> rows of y and (mean, rstd) per row.
+    fn forward_rows / forward_rows_scalar(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32], stats: &mut [f32]) {
+        let d = w.len();
+        for ((xr, yr), st) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(stats.chunks_exact_mut(2)) {
+            let mean = lane_sum(xr, |v| v) / d as f32;
+            let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *o = (v - mean) * rstd * w + b;
+            }
+            st[0] = mean;
+            st[1] = rstd;
+        }
+    }
+}
+
+multiversion! {
+    /// dx for rows of (x, g); adds this block's dgamma and dbeta into `dw`, `db`.
+    fn backward_rows / backward_rows_scalar(x: &[f32], g: &[f32], w: &[f32], stats: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+        let d = w.len();
+        for (((xr, gr), o), st) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(stats.chunks_exact(2)) {
+            let (mean, rstd) = (st[0], st[1]);
+            let (mut sg, mut sgx) = ([0f32; 8], [0f32; 8]);
+            for i in 0..d {
+                let xh = (xr[i] - mean) * rstd;
+                let gh = gr[i] * w[i];
+                sg[i % 8] += gh;
+                sgx[i % 8] += gh * xh;
+                dw[i] += gr[i] * xh;
+                db[i] += gr[i];
+            }
+            let lanes = |a: [f32; 8]| ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+            let (mg, mgx) = (lanes(sg) / d as f32, lanes(sgx) / d as f32);
+            for i in 0..d {
+                let xh = (xr[i] - mean) * rstd;
+                o[i] = rstd * (gr[i] * w[i] - mg - xh * mgx);
+            }
+        }
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "crossmae-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer-norm x")?;
+        let (w, b) = (
+            f32_slice(s2, l2, "layer-norm weight")?,
+            f32_slice(s3, l3, "layer-norm bias")?,
+        );
+        let d = w.len().max(1);
+        if l1.dims().last() != Some(&w.len()) || b.len() != w.len() {
+            candle_core::bail!("layer-norm: x {:?}, weight {}, bias {}", l1.dims(), w.len(), b.len())
+        }
+        let rows = x.len() / d;
+        let mut y = vec![0f32; x.len()];
+        let mut stats = vec![0f32; 2 * rows];
+        y.par_chunks_mut(ROWS_PER_TASK * d)
+            .zip(stats.par_chunks_mut(ROWS_PER_TASK * 2))
+            .zip(x.par_chunks(ROWS_PER_TASK * d))
+            .for_each(|((y, st), x)| forward_rows(x, w, b, self.eps, y, st));
+        let _ = self.stats.set(tensor(stats, (rows, 2))?);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(stats) = self.stats.get() else {
+            candle_core::bail!("layer-norm backward before its forward")
+        };
+        let d = w.elem_count().max(1);
+        with_slices([x, w, g, stats], "layer-norm backward", |[xs, ws, gs, st]| {
+            let mut dx = vec![0f32; xs.len()];
+            let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+                .par_chunks_mut(ROWS_PER_TASK * d)
+                .zip(xs.par_chunks(ROWS_PER_TASK * d))
+                .zip(gs.par_chunks(ROWS_PER_TASK * d))
+                .zip(st.par_chunks(ROWS_PER_TASK * 2))
+                .map(|(((dx, x), g), st)| {
+                    let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                    backward_rows(x, g, ws, st, dx, &mut dw, &mut db);
+                    (dw, db)
+                })
+                .collect();
+            let (dws, dbs): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partials.into_iter().unzip();
+            Ok((
+                Some(tensor(dx, x.shape().clone())?),
+                Some(tensor(sum_partials(&dws, d), w.shape().clone())?),
+                Some(tensor(sum_partials(&dbs, d), w.shape().clone())?),
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::tests::{compare_with_reference, finite_difference_check, seeded};
+
+    #[test]
+    fn layer_norm_matches_reference_and_finite_differences() -> Result<()> {
+        for dims in [vec![1, 1, 7], vec![3, 197, 64], vec![2, 5, 192]] {
+            let d = dims[2];
+            let x = (seeded(&dims, 1, 2.0)? + 0.5)?;
+            let inputs = [x, (seeded(&[d], 2, 0.5)? + 1.0)?, seeded(&[d], 3, 0.5)?];
+            compare_with_reference("layer-norm", &inputs, &[0, 1, 2], 5e-5, |v| {
+                layer_norm(&v[0], &v[1], &v[2], 1e-6)
+            })?;
+            for i in 0..3 {
+                finite_difference_check("layer-norm", &inputs, i, &[0, d - 1], 2e-3, |t| {
+                    layer_norm(&t[0], &t[1], &t[2], 1e-6)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// dgamma / dbeta sum over row blocks: the same bits on 1 and on 3 threads,
+    /// and the scalar and AVX2 versions of the row loops agree bitwise.
+    #[test]
+    fn layer_norm_bits_do_not_depend_on_threads_or_simd() -> Result<()> {
+        let x = Var::from_tensor(&seeded(&[7, 131, 48], 4, 1.0)?)?;
+        let w = Var::from_tensor(&(seeded(&[48], 5, 0.3)? + 1.0)?)?;
+        let b = Var::from_tensor(&seeded(&[48], 6, 0.3)?)?;
+        let r = seeded(&[7, 131, 48], 7, 1.0)?;
+        let run = |threads: usize| -> Result<Vec<Vec<u32>>> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+            pool.install(|| {
+                let y = layer_norm(&x, &w, &b, 1e-6)?;
+                let g = (&y * &r)?.sum_all()?.backward()?;
+                [y, g.get(&x).cloned().expect("dx"), g.get(&w).cloned().expect("dw"), g.get(&b).cloned().expect("db")]
+                    .iter()
+                    .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect()))
+                    .collect()
+            })
+        };
+        assert_eq!(run(1)?, run(3)?, "layer-norm bits depend on the thread count");
+        let (xs, ws, bs) = (
+            x.flatten_all()?.to_vec1::<f32>()?,
+            w.to_vec1::<f32>()?,
+            b.to_vec1::<f32>()?,
+        );
+        let rows = xs.len() / 48;
+        let (mut y1, mut y2) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+        let (mut s1, mut s2) = (vec![0f32; 2 * rows], vec![0f32; 2 * rows]);
+        forward_rows(&xs, &ws, &bs, 1e-6, &mut y1, &mut s1);
+        forward_rows_scalar(&xs, &ws, &bs, 1e-6, &mut y2, &mut s2);
+        assert!(y1.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let g = r.flatten_all()?.to_vec1::<f32>()?;
+        let (mut d1, mut d2) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+        let (mut w1, mut w2, mut b1, mut b2) = (vec![0f32; 48], vec![0f32; 48], vec![0f32; 48], vec![0f32; 48]);
+        backward_rows(&xs, &g, &ws, &s1, &mut d1, &mut w1, &mut b1);
+        backward_rows_scalar(&xs, &g, &ws, &s1, &mut d2, &mut w2, &mut b2);
+        assert!(d1.iter().chain(&w1).chain(&b1).zip(d2.iter().chain(&w2).chain(&b2)).all(|(a, b)| a.to_bits() == b.to_bits()));
+        Ok(())
+    }
+
+    use candle_core::Var;
+}
