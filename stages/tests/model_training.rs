@@ -606,3 +606,108 @@ fn u8_batches_train_like_f32_batches() -> Result<(), TrainError> {
     assert!(worst < 1e-3, "largest relative loss difference {worst}");
     Ok(())
 }
+
+/// The modes of [`every_parameter_changes_after_one_step_in_every_mode`] that the
+/// fused ops meet differently: coarse / original drawing, the baseline, EMA targets, masked L_pred.
+fn op_modes() -> Vec<ModelConfig> {
+    let mut out = vec![];
+    for (draw, noise, predictor, target, pred_on) in [
+        (DrawMode::Coarse, NoiseMode::Mapping, PredictorMode::Linear, TargetSource::Batch, PredOn::All),
+        (DrawMode::Original, NoiseMode::Concat, PredictorMode::Linear, TargetSource::Batch, PredOn::Masked),
+        (DrawMode::None, NoiseMode::None, PredictorMode::Linear, TargetSource::Batch, PredOn::Masked),
+        (DrawMode::Coarse, NoiseMode::Mapping, PredictorMode::None, TargetSource::Ema, PredOn::All),
+    ] {
+        let mut cfg = tiny_model();
+        // Odd sizes: 3 heads of 8, 13 patches per row... N = 49, T = 50 with cls.
+        cfg.backbone.img_size = 28;
+        cfg.backbone.embed_dim = 24;
+        cfg.backbone.num_heads = 3;
+        cfg.draw.mode = draw;
+        cfg.noise = noise;
+        cfg.predictor = predictor;
+        cfg.target = target;
+        cfg.pred_on = pred_on;
+        out.push(cfg);
+    }
+    out
+}
+
+/// The gradient of every parameter from the fused ops equals the basic-op
+/// reference's (`model.reference_ops: true`), within 1e-4 of the tensor's largest
+/// gradient, in every mode of [`op_modes`].
+#[test]
+fn fused_ops_gradients_match_the_reference_ops_gradients() -> Result<(), TrainError> {
+    for cfg in op_modes() {
+        let label = format!("{:?}/{:?}/{:?}", cfg.draw.mode, cfg.noise, cfg.target);
+        let t = Trainer::new(&cfg, &train_cfg(3), &Device::Cpu, 5, 10)?;
+        let inputs = t.inputs(&batch(&cfg, 3, 7, 0))?;
+        let grads = |reference: bool| -> Result<(f64, HashMap<String, Vec<f32>>), TrainError> {
+            let _ops = stages::model::ops::scoped_reference(reference);
+            let losses = t.model().forward(&inputs)?;
+            let g = losses.loss.backward()?;
+            let mut out = HashMap::new();
+            for (name, var) in t.varmap().data().lock().expect("varmap").iter() {
+                let gv = g.get(var).unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
+                out.insert(name.clone(), gv.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Ok((losses.loss.to_scalar::<f32>()? as f64, out))
+        };
+        let ((lf, gf), (lr, gr)) = (grads(false)?, grads(true)?);
+        assert!((lf - lr).abs() < 1e-5 * lr.abs(), "{label}: loss {lf} vs reference {lr}");
+        for (name, want) in &gr {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = gf[name].iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-4 * scale + 1e-9, "{label}: d {name} differs by {err} (largest gradient {scale})");
+        }
+    }
+    Ok(())
+}
+
+/// A training run with the fused ops tracks the reference-ops run: the same
+/// first loss, and losses over 20 steps within 1e-3 relative.
+#[test]
+fn fused_ops_training_tracks_the_reference_ops() -> Result<(), TrainError> {
+    for cfg in op_modes() {
+        let label = format!("{:?}/{:?}/{:?}", cfg.draw.mode, cfg.noise, cfg.target);
+        let reference = ModelConfig {
+            reference_ops: true,
+            ..cfg.clone()
+        };
+        let mut fast = Trainer::new(&cfg, &train_cfg(3), &Device::Cpu, 5, 10)?;
+        let mut slow = Trainer::new(&reference, &train_cfg(3), &Device::Cpu, 5, 10)?;
+        assert_eq!(snapshot(&fast), snapshot(&slow), "{label}: same init");
+        let mut worst = 0f64;
+        for step in 0..20 {
+            let b = batch(&cfg, 3, 100 + step, 0);
+            let (a, r) = (fast.step(&b)?, slow.step(&b)?);
+            let rel = |x: f64, y: f64| (x - y).abs() / y.abs().max(1e-3);
+            if step == 0 {
+                assert!(rel(a.loss, r.loss) < 1e-5, "{label}: step 0 loss {} vs reference {}", a.loss, r.loss);
+            }
+            worst = worst.max(rel(a.loss, r.loss));
+        }
+        // Over 20 steps the rounding differences grow through AdamW; stated bound 1e-3.
+        assert!(worst < 1e-3, "{label}: losses over 20 steps differ by up to {worst} relative");
+    }
+    Ok(())
+}
+
+/// The same loss bits with 1 and with 2 (and 3) threads: every fused op and the
+/// GEMM split work into fixed chunks, never by the thread count.
+#[test]
+fn losses_do_not_depend_on_the_thread_count() -> Result<(), TrainError> {
+    let cfg = &op_modes()[0];
+    let run = |threads: usize| -> Result<Vec<u64>, TrainError> {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+        pool.install(|| {
+            let mut t = Trainer::new(cfg, &train_cfg(8), &Device::Cpu, 9, 10)?;
+            (0..4)
+                .map(|s| Ok(t.step(&batch(cfg, 8, 40 + s, 0))?.loss.to_bits()))
+                .collect()
+        })
+    };
+    let one = run(1)?;
+    assert_eq!(one, run(2)?, "1 vs 2 threads");
+    assert_eq!(one, run(3)?, "1 vs 3 threads");
+    Ok(())
+}

@@ -18,15 +18,14 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if let Some(last) = out_dims.last_mut() {
         *last = n;
     }
-    let x2 = x.reshape((rows, k))?;
-    let y = if super::fused(x) && autocast::gemm_dtype() == DType::F32 {
+    if super::fused(x) && autocast::gemm_dtype() == DType::F32 {
         autocast::add_flops(2 * (rows * k * n) as u64);
-        x2.contiguous()?
-            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp)?
+        // Any rank in and out: a reshape node would cost two passes in candle's backward.
+        x.contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp)
     } else {
-        linear_reference(&x2, weight, bias)?
-    };
-    y.reshape(out_dims)
+        linear_reference(&x.reshape((rows, k))?, weight, bias)?.reshape(out_dims)
+    }
 }
 
 /// The basic-op twin: a matmul, then a broadcast add.
@@ -53,14 +52,19 @@ impl CustomOp3 for LinearOp {
         let x = f32_slice(s1, l1, "linear x")?;
         let w = f32_slice(s2, l2, "linear weight")?;
         let b = f32_slice(s3, l3, "linear bias")?;
-        let (rows, k) = l1.shape().dims2()?;
+        let k = l1.dims().last().copied().unwrap_or(0);
+        let rows = x.len() / k.max(1);
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 || b.len() != n {
             candle_core::bail!("linear: x {:?}, weight {:?}, bias {}", l1.dims(), l2.dims(), b.len())
         }
         let mut y = vec![0f32; rows * n];
         gemm(rows, n, k, Mat::rows(x, 0, k), Mat::cols(w, 0, k), &mut y, n, Init::Bias(b), true);
-        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(
@@ -71,14 +75,15 @@ impl CustomOp3 for LinearOp {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, k) = x.dims2()?;
+        let k = w.dim(1)?;
+        let rows = x.elem_count() / k.max(1);
         let n = w.dim(0)?;
         let want_dx = x.track_op();
         with_slices([x, w, g], "linear backward", |[xs, ws, gs]| {
             let dx = if want_dx {
                 let mut dx = vec![0f32; rows * k];
                 gemm(rows, k, n, Mat::rows(gs, 0, n), Mat::rows(ws, 0, k), &mut dx, k, Init::Zero, true);
-                Some(tensor(dx, (rows, k))?)
+                Some(tensor(dx, x.shape().clone())?)
             } else {
                 None
             };
