@@ -194,7 +194,7 @@ pub(crate) mod tests {
         let flat = base[i].flatten_all()?.to_vec1::<f64>()?;
         for &p in positions {
             let h = 1e-4 * (1.0 + flat[p].abs());
-            let mut at = |delta: f64| -> Result<f64> {
+            let at = |delta: f64| -> Result<f64> {
                 let mut v = flat.clone();
                 v[p] += delta;
                 let mut xs = base.clone();
