@@ -111,6 +111,9 @@ export LIBRARY_PATH="$cuda_root/lib:$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export CARGO_TARGET_DIR="$target_dir"
 
 echo "== nvcc: $(nvcc --version | tail -2 | head -1)"
+# The carried binary must not need libopenblas on the GPU machine (which has none):
+# its CPU GEMM uses our own kernel.
+export CROSSMAE_NO_OPENBLAS=1
 echo "== cargo build --release -p pipeline --features cuda (CUDA_COMPUTE_CAP=$compute_cap, target $target_dir)"
 start=$(date +%s)
 nice -n "$nice_level" cargo build --release -p pipeline --features cuda
