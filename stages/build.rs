@@ -40,6 +40,8 @@ fn openblas() {
     }
     match pkg_config::Config::new().print_system_libs(false).probe("openblas") {
         Ok(_) => println!("cargo::rustc-cfg=openblas"),
-        Err(e) => println!("cargo::warning=OpenBLAS not found by pkg-config ({e}); the training GEMM uses its own kernel"),
+        Err(e) => {
+            println!("cargo::warning=OpenBLAS not found by pkg-config ({e}); the training GEMM uses its own kernel")
+        }
     }
 }

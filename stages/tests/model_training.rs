@@ -612,10 +612,34 @@ fn u8_batches_train_like_f32_batches() -> Result<(), TrainError> {
 fn op_modes() -> Vec<ModelConfig> {
     let mut out = vec![];
     for (draw, noise, predictor, target, pred_on) in [
-        (DrawMode::Coarse, NoiseMode::Mapping, PredictorMode::Linear, TargetSource::Batch, PredOn::All),
-        (DrawMode::Original, NoiseMode::Concat, PredictorMode::Linear, TargetSource::Batch, PredOn::Masked),
-        (DrawMode::None, NoiseMode::None, PredictorMode::Linear, TargetSource::Batch, PredOn::Masked),
-        (DrawMode::Coarse, NoiseMode::Mapping, PredictorMode::None, TargetSource::Ema, PredOn::All),
+        (
+            DrawMode::Coarse,
+            NoiseMode::Mapping,
+            PredictorMode::Linear,
+            TargetSource::Batch,
+            PredOn::All,
+        ),
+        (
+            DrawMode::Original,
+            NoiseMode::Concat,
+            PredictorMode::Linear,
+            TargetSource::Batch,
+            PredOn::Masked,
+        ),
+        (
+            DrawMode::None,
+            NoiseMode::None,
+            PredictorMode::Linear,
+            TargetSource::Batch,
+            PredOn::Masked,
+        ),
+        (
+            DrawMode::Coarse,
+            NoiseMode::Mapping,
+            PredictorMode::None,
+            TargetSource::Ema,
+            PredOn::All,
+        ),
     ] {
         let mut cfg = tiny_model();
         // Odd sizes: 3 heads of 8, 13 patches per row... N = 49, T = 50 with cls.
@@ -653,11 +677,17 @@ fn fused_ops_gradients_match_the_reference_ops_gradients() -> Result<(), TrainEr
             Ok((losses.loss.to_scalar::<f32>()? as f64, out))
         };
         let ((lf, gf), (lr, gr)) = (grads(false)?, grads(true)?);
-        assert!((lf - lr).abs() < 1e-5 * lr.abs(), "{label}: loss {lf} vs reference {lr}");
+        assert!(
+            (lf - lr).abs() < 1e-5 * lr.abs(),
+            "{label}: loss {lf} vs reference {lr}"
+        );
         for (name, want) in &gr {
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let err = gf[name].iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err <= 1e-4 * scale + 1e-9, "{label}: d {name} differs by {err} (largest gradient {scale})");
+            assert!(
+                err <= 1e-4 * scale + 1e-9,
+                "{label}: d {name} differs by {err} (largest gradient {scale})"
+            );
         }
     }
     Ok(())
@@ -682,12 +712,20 @@ fn fused_ops_training_tracks_the_reference_ops() -> Result<(), TrainError> {
             let (a, r) = (fast.step(&b)?, slow.step(&b)?);
             let rel = |x: f64, y: f64| (x - y).abs() / y.abs().max(1e-3);
             if step == 0 {
-                assert!(rel(a.loss, r.loss) < 1e-5, "{label}: step 0 loss {} vs reference {}", a.loss, r.loss);
+                assert!(
+                    rel(a.loss, r.loss) < 1e-5,
+                    "{label}: step 0 loss {} vs reference {}",
+                    a.loss,
+                    r.loss
+                );
             }
             worst = worst.max(rel(a.loss, r.loss));
         }
         // Over 20 steps the rounding differences grow through AdamW; stated bound 1e-3.
-        assert!(worst < 1e-3, "{label}: losses over 20 steps differ by up to {worst} relative");
+        assert!(
+            worst < 1e-3,
+            "{label}: losses over 20 steps differ by up to {worst} relative"
+        );
     }
     Ok(())
 }
@@ -698,7 +736,10 @@ fn fused_ops_training_tracks_the_reference_ops() -> Result<(), TrainError> {
 fn losses_do_not_depend_on_the_thread_count() -> Result<(), TrainError> {
     let cfg = &op_modes()[0];
     let run = |threads: usize| -> Result<Vec<u64>, TrainError> {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
         pool.install(|| {
             let mut t = Trainer::new(cfg, &train_cfg(8), &Device::Cpu, 9, 10)?;
             (0..4)

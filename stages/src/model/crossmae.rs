@@ -117,7 +117,11 @@ impl CrossMae {
         };
         let p = self.cfg.backbone.patch_size;
         let (b, n) = mask.dims2()?;
-        head.forward(&ops::pixels::patchify_conv_order(images, p)?, &mask.reshape((b, n, 1))?, z)
+        head.forward(
+            &ops::pixels::patchify_conv_order(images, p)?,
+            &mask.reshape((b, n, 1))?,
+            z,
+        )
     }
 
     /// The drawing as an image, for viewing (the paper's Figure 3): images
@@ -127,7 +131,11 @@ impl CrossMae {
         let drawn = self.forward_draw(images, mask, z)?;
         let x_p = patchify(images, p)?;
         let mask = mask.unsqueeze(2)?;
-        unpatchify(&(drawn.broadcast_mul(&mask)? + x_p.broadcast_mul(&(1.0 - &mask)?)?)?, p, c)
+        unpatchify(
+            &(drawn.broadcast_mul(&mask)? + x_p.broadcast_mul(&(1.0 - &mask)?)?)?,
+            p,
+            c,
+        )
     }
 
     /// f_net on conv-ordered patches (B, N, C*P*P) -> patch tokens (B, N, D).

@@ -28,12 +28,22 @@ pub struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// A row-major (rows, cols) matrix starting at `off` with row stride `ld`.
     pub fn rows(data: &'a [f32], off: usize, ld: usize) -> Self {
-        Self { data, off, rs: ld, cs: 1 }
+        Self {
+            data,
+            off,
+            rs: ld,
+            cs: 1,
+        }
     }
 
     /// The transpose of a row-major matrix with row stride `ld` (element (i, j) = M[j, i]).
     pub fn cols(data: &'a [f32], off: usize, ld: usize) -> Self {
-        Self { data, off, rs: 1, cs: ld }
+        Self {
+            data,
+            off,
+            rs: 1,
+            cs: ld,
+        }
     }
 
     #[inline]
@@ -64,17 +74,7 @@ pub enum Init<'a> {
 /// C (m, n), row stride `ldc`, from `init` and A (m, k) B (k, n).
 /// `parallel`: split the rows of C over rayon's pool (same bits either way).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat,
-    b: Mat,
-    c: &mut [f32],
-    ldc: usize,
-    init: Init,
-    parallel: bool,
-) {
+pub fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: usize, init: Init, parallel: bool) {
     assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "gemm: C too small");
     // SAFETY: C holds the m rows of stride ldc, checked above, and is borrowed mutably.
     unsafe { gemm_ptr(m, n, k, a, b, c.as_mut_ptr(), ldc, init, parallel) }
@@ -222,7 +222,17 @@ mod blas {
     /// # Safety
     /// As [`super::gemm_ptr`].
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize, init: Init, parallel: bool) -> bool {
+    pub(super) unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat,
+        b: Mat,
+        c: *mut f32,
+        ldc: usize,
+        init: Init,
+        parallel: bool,
+    ) -> bool {
         static ONE_THREAD: std::sync::Once = std::sync::Once::new();
         let (Some((ta, lda)), Some((tb, ldb))) = (operand(&a, m, k), operand(&b, k, n)) else {
             return false;
@@ -492,7 +502,11 @@ mod x86 {
             if full_rows < m {
                 for kk in 0..kc {
                     for i in 0..MR {
-                        edge_a[kk * MR + i] = if full_rows + i < m { a.at(full_rows + i, pc + kk) } else { 0.0 };
+                        edge_a[kk * MR + i] = if full_rows + i < m {
+                            a.at(full_rows + i, pc + kk)
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }
@@ -514,7 +528,18 @@ mod x86 {
                         (edge_a.as_ptr(), 1, MR)
                     };
                     if rows == MR && cols == NR {
-                        kernel(kc, pa, ia, ka, pb, b.ld, c0, ldc, matches!(mode, Init::Accumulate), bias);
+                        kernel(
+                            kc,
+                            pa,
+                            ia,
+                            ka,
+                            pb,
+                            b.ld,
+                            c0,
+                            ldc,
+                            matches!(mode, Init::Accumulate),
+                            bias,
+                        );
                     } else {
                         // Edge tile: into a scratch tile, then what fits into C.
                         kernel(kc, pa, ia, ka, pb, b.ld, tmp.as_mut_ptr(), NR, false, None);
@@ -590,7 +615,10 @@ mod x86 {
         {
             let row = c.add(i * ldc);
             let (lo, hi) = if acc {
-                (_mm256_add_ps(_mm256_loadu_ps(row), lo), _mm256_add_ps(_mm256_loadu_ps(row.add(8)), hi))
+                (
+                    _mm256_add_ps(_mm256_loadu_ps(row), lo),
+                    _mm256_add_ps(_mm256_loadu_ps(row.add(8)), hi),
+                )
             } else if bias.is_some() {
                 // bias + sum, the order of the reference.
                 (_mm256_add_ps(bias0, lo), _mm256_add_ps(bias1, hi))
@@ -682,7 +710,11 @@ mod tests {
             let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let start: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            for (name, init) in [("zero", Init::Zero), ("bias", Init::Bias(&bias)), ("acc", Init::Accumulate)] {
+            for (name, init) in [
+                ("zero", Init::Zero),
+                ("bias", Init::Bias(&bias)),
+                ("acc", Init::Accumulate),
+            ] {
                 // A transposed (column-major view) and B row-major, as in dW = g^T x.
                 let at = Mat::cols(&a, 0, m);
                 let bm = Mat::rows(&b, 0, n);
@@ -693,7 +725,11 @@ mod tests {
                 let mut par = start.clone();
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("pool");
                 pool.install(|| gemm(m, n, k, at, bm, &mut par, n, init, true));
-                let err = want.iter().zip(&serial).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let err = want
+                    .iter()
+                    .zip(&serial)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
                 assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n} {name}: {err}");
                 assert!(
                     serial.iter().zip(&par).all(|(a, b)| a.to_bits() == b.to_bits()),

@@ -22,8 +22,8 @@
 //! version ([`AdamW::step_reference`], which other devices run) in the same
 //! order, so both give the same bits (tested).
 
-use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor, Var};
 use crate::model::ops::with_slices;
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -391,7 +391,10 @@ mod tests {
         let make = || -> Result<(Var, Var, AdamW)> {
             let w = Var::from_tensor(&Tensor::from_vec(w0.clone(), (37, 41), &dev)?)?;
             let b = Var::from_tensor(&Tensor::from_vec(b0.clone(), 41, &dev)?)?;
-            let opt = AdamW::new(vec![("l.weight".into(), w.clone()), ("l.bias".into(), b.clone())], AdamWParams::default())?;
+            let opt = AdamW::new(
+                vec![("l.weight".into(), w.clone()), ("l.bias".into(), b.clone())],
+                AdamWParams::default(),
+            )?;
             Ok((w, b, opt))
         };
         let (wf, bf, mut fused) = make()?;

@@ -134,7 +134,17 @@ impl CustomOp1 for Attention {
             // SAFETY: this task alone writes the head's (T, d) column block of `out`.
             unsafe {
                 let out_ptr = out_ptr;
-                gemm_ptr(t, hv.hd, t, Mat::rows(&p, 0, t), hv.v(qkv), out_ptr.0.add(o_off), d, Init::Zero, false)
+                gemm_ptr(
+                    t,
+                    hv.hd,
+                    t,
+                    Mat::rows(&p, 0, t),
+                    hv.v(qkv),
+                    out_ptr.0.add(o_off),
+                    d,
+                    Init::Zero,
+                    false,
+                )
             };
         });
         let _ = self.lse.set(tensor(lse, (b, self.heads, t))?);
@@ -179,9 +189,29 @@ impl CustomOp1 for Attention {
                 }
                 unsafe {
                     let dq = dptr.0.add(hv.row0 + hv.col);
-                    gemm_ptr(t, hv.hd, t, Mat::rows(&ds, 0, t), hv.k(qkv), dq, three_d, Init::Zero, false);
+                    gemm_ptr(
+                        t,
+                        hv.hd,
+                        t,
+                        Mat::rows(&ds, 0, t),
+                        hv.k(qkv),
+                        dq,
+                        three_d,
+                        Init::Zero,
+                        false,
+                    );
                     let dk = dptr.0.add(hv.row0 + d + hv.col);
-                    gemm_ptr(t, hv.hd, t, Mat::cols(&ds, 0, t), hv.q(qkv), dk, three_d, Init::Zero, false);
+                    gemm_ptr(
+                        t,
+                        hv.hd,
+                        t,
+                        Mat::cols(&ds, 0, t),
+                        hv.q(qkv),
+                        dk,
+                        three_d,
+                        Init::Zero,
+                        false,
+                    );
                 }
             });
             Ok(Some(tensor(dqkv, (b, t, three_d))?))
@@ -237,11 +267,17 @@ mod tests {
         let x = candle_core::Var::from_tensor(&seeded(&[3, 41, 3 * 24], 2, 1.0)?)?;
         let r = seeded(&[3, 41, 24], 3, 1.0)?;
         let run = |threads: usize| -> Result<(Vec<f32>, Vec<f32>)> {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
             pool.install(|| {
                 let y = attention(&x, 3, 0.3)?;
                 let g = (&y * &r)?.sum_all()?.backward()?;
-                Ok((y.flatten_all()?.to_vec1()?, g.get(&x).expect("grad").flatten_all()?.to_vec1()?))
+                Ok((
+                    y.flatten_all()?.to_vec1()?,
+                    g.get(&x).expect("grad").flatten_all()?.to_vec1()?,
+                ))
             })
         };
         let (a, b) = (run(1)?, run(3)?);

@@ -55,9 +55,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+        + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
     f32::from_bits(((n as i32 + 127) << 23) as u32) * p
 }
 
@@ -122,7 +120,8 @@ mod tests {
         } else {
             // erfc's asymptotic series, three terms: at |x| >= 3 the next is below 1e-7.
             let z = x.abs();
-            let erfc = (-z * z).exp() / (z * std::f64::consts::PI.sqrt()) * (1.0 - 1.0 / (2.0 * z * z) + 3.0 / (4.0 * z.powi(4)));
+            let erfc = (-z * z).exp() / (z * std::f64::consts::PI.sqrt())
+                * (1.0 - 1.0 / (2.0 * z * z) + 3.0 / (4.0 * z.powi(4)));
             (1.0 - erfc).copysign(x)
         }
     }

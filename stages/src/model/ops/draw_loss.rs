@@ -55,7 +55,11 @@ impl DrawLoss {
         let (b2, c, h, w) = l_t.shape().dims4()?;
         let p = self.p;
         if b != b2 || p == 0 || h % p != 0 || w % p != 0 || n != (h / p) * (w / p) || k != p * p * c {
-            candle_core::bail!("draw loss: drawn {:?} does not match target {:?} in {p} px patches", l_drawn.dims(), l_t.dims())
+            candle_core::bail!(
+                "draw loss: drawn {:?} does not match target {:?} in {p} px patches",
+                l_drawn.dims(),
+                l_t.dims()
+            )
         }
         Ok((b, n, k, c, h, w))
     }
@@ -151,8 +155,13 @@ mod tests {
             let mask_v: Vec<f32> = (0..b * n).map(|i| ((i * 5) % 4 != 0) as u8 as f32).collect();
             let mask = Tensor::from_vec(mask_v, (b, n), &candle_core::Device::Cpu)?;
             let inputs = [seeded(&[b, n, p * p * c], 2, 1.0)?];
-            compare_with_reference("draw loss", &inputs, &[0], 1e-5, |v| draw_loss(&v[0], &target, &mask, p))?;
-            let (t64, m64) = (target.to_dtype(candle_core::DType::F64)?, mask.to_dtype(candle_core::DType::F64)?);
+            compare_with_reference("draw loss", &inputs, &[0], 1e-5, |v| {
+                draw_loss(&v[0], &target, &mask, p)
+            })?;
+            let (t64, m64) = (
+                target.to_dtype(candle_core::DType::F64)?,
+                mask.to_dtype(candle_core::DType::F64)?,
+            );
             finite_difference_check("draw loss", &inputs, 0, &[0, 1, p * p * c + 2], 2e-3, |x| {
                 if x[0].dtype() == candle_core::DType::F64 {
                     draw_loss(&x[0], &t64, &m64, p)

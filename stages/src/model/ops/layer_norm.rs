@@ -17,7 +17,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             eps: eps as f32,
             stats: OnceLock::new(),
         };
-        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+        x.contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
     } else {
         layer_norm_reference(x, weight, bias, eps)
     }
@@ -204,14 +205,22 @@ mod tests {
         let b = Var::from_tensor(&seeded(&[48], 6, 0.3)?)?;
         let r = seeded(&[7, 131, 48], 7, 1.0)?;
         let run = |threads: usize| -> Result<Vec<Vec<u32>>> {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
             pool.install(|| {
                 let y = layer_norm(&x, &w, &b, 1e-6)?;
                 let g = (&y * &r)?.sum_all()?.backward()?;
-                [y, g.get(&x).cloned().expect("dx"), g.get(&w).cloned().expect("dw"), g.get(&b).cloned().expect("db")]
-                    .iter()
-                    .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect()))
-                    .collect()
+                [
+                    y,
+                    g.get(&x).cloned().expect("dx"),
+                    g.get(&w).cloned().expect("dw"),
+                    g.get(&b).cloned().expect("db"),
+                ]
+                .iter()
+                .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect()))
+                .collect()
             })
         };
         assert_eq!(run(1)?, run(3)?, "layer-norm bits depend on the thread count");
@@ -231,7 +240,12 @@ mod tests {
         let (mut w1, mut w2, mut b1, mut b2) = (vec![0f32; 48], vec![0f32; 48], vec![0f32; 48], vec![0f32; 48]);
         backward_rows(&xs, &g, &ws, &s1, &mut d1, &mut w1, &mut b1);
         backward_rows_scalar(&xs, &g, &ws, &s1, &mut d2, &mut w2, &mut b2);
-        assert!(d1.iter().chain(&w1).chain(&b1).zip(d2.iter().chain(&w2).chain(&b2)).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(d1
+            .iter()
+            .chain(&w1)
+            .chain(&b1)
+            .zip(d2.iter().chain(&w2).chain(&b2))
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
         Ok(())
     }
 

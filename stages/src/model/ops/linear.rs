@@ -59,7 +59,17 @@ impl CustomOp3 for LinearOp {
             candle_core::bail!("linear: x {:?}, weight {:?}, bias {}", l1.dims(), l2.dims(), b.len())
         }
         let mut y = vec![0f32; rows * n];
-        gemm(rows, n, k, Mat::rows(x, 0, k), Mat::cols(w, 0, k), &mut y, n, Init::Bias(b), true);
+        gemm(
+            rows,
+            n,
+            k,
+            Mat::rows(x, 0, k),
+            Mat::cols(w, 0, k),
+            &mut y,
+            n,
+            Init::Bias(b),
+            true,
+        );
         let mut dims = l1.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;
@@ -82,13 +92,33 @@ impl CustomOp3 for LinearOp {
         with_slices([x, w, g], "linear backward", |[xs, ws, gs]| {
             let dx = if want_dx {
                 let mut dx = vec![0f32; rows * k];
-                gemm(rows, k, n, Mat::rows(gs, 0, n), Mat::rows(ws, 0, k), &mut dx, k, Init::Zero, true);
+                gemm(
+                    rows,
+                    k,
+                    n,
+                    Mat::rows(gs, 0, n),
+                    Mat::rows(ws, 0, k),
+                    &mut dx,
+                    k,
+                    Init::Zero,
+                    true,
+                );
                 Some(tensor(dx, x.shape().clone())?)
             } else {
                 None
             };
             let mut dw = vec![0f32; n * k];
-            gemm(n, k, rows, Mat::cols(gs, 0, n), Mat::rows(xs, 0, k), &mut dw, k, Init::Zero, true);
+            gemm(
+                n,
+                k,
+                rows,
+                Mat::cols(gs, 0, n),
+                Mat::rows(xs, 0, k),
+                &mut dw,
+                k,
+                Init::Zero,
+                true,
+            );
             let db = column_sums(gs, n);
             Ok((dx, Some(tensor(dw, (n, k))?), Some(tensor(db, n)?)))
         })
@@ -104,7 +134,11 @@ mod tests {
     fn linear_matches_reference_and_finite_differences() -> Result<()> {
         // Rows not a multiple of the tile, batch 1, odd widths.
         for (rows, k, n) in [(1, 5, 3), (197, 64, 37), (75, 300, 20)] {
-            let inputs = [seeded(&[rows, k], 1, 1.0)?, seeded(&[n, k], 2, 0.3)?, seeded(&[n], 3, 0.5)?];
+            let inputs = [
+                seeded(&[rows, k], 1, 1.0)?,
+                seeded(&[n, k], 2, 0.3)?,
+                seeded(&[n], 3, 0.5)?,
+            ];
             compare_with_reference("linear", &inputs, &[0, 1, 2], 2e-5, |v| linear(&v[0], &v[1], &v[2]))?;
             for i in 0..3 {
                 finite_difference_check("linear", &inputs, i, &[0, 2], 2e-3, |t| linear(&t[0], &t[1], &t[2]))?;

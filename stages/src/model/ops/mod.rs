@@ -146,7 +146,10 @@ pub(crate) mod tests {
         for ((i, a), b) in check.iter().zip(&g_fast).zip(&g_ref) {
             assert_eq!(a.dims(), b.dims(), "{name}: gradient {i} shape");
             let e = max_rel_diff(a, b);
-            assert!(e < tol, "{name}: gradient of input {i} differs by {e} (tolerance {tol})");
+            assert!(
+                e < tol,
+                "{name}: gradient of input {i} differs by {e} (tolerance {tol})"
+            );
         }
         Ok(())
     }

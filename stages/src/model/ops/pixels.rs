@@ -127,7 +127,11 @@ impl CustomOp3 for Compose {
         let (b, g) = Grid::new(l2, self.p)?;
         let (n, k, p, c) = (g.patches(), g.k(), g.p, g.c);
         if drawn.len() != b * n * k || mask.len() != b * n {
-            candle_core::bail!("compose: drawn {:?}, mask {:?} for {b} x {n} patches of {k}", l1.dims(), l3.dims())
+            candle_core::bail!(
+                "compose: drawn {:?}, mask {:?} for {b} x {n} patches of {k}",
+                l1.dims(),
+                l3.dims()
+            )
         }
         let img = c * g.h * g.w;
         let mut out = vec![0f32; b * n * k];

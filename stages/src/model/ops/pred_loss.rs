@@ -70,7 +70,12 @@ impl CustomOp3 for PredLoss {
         let w = f32_slice(s3, l3, "pred loss weight")?;
         let dt = l1.dims().last().copied().unwrap_or(1).max(1);
         if t.len() != p.len() || w.len() * dt != p.len() {
-            candle_core::bail!("pred loss: pred {:?}, target {:?}, weight {:?}", l1.dims(), l2.dims(), l3.dims())
+            candle_core::bail!(
+                "pred loss: pred {:?}, target {:?}, weight {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
         }
         let partials: Vec<(f32, f32)> = p
             .par_chunks(ROWS_PER_TASK * dt)
