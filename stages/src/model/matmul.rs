@@ -60,6 +60,21 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// A raw pointer that rayon tasks writing disjoint parts of one buffer share
+/// (the GEMM's row blocks, the attention heads' column blocks).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: users hand each task a disjoint set of elements.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
+    pub(crate) fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// What C starts from.
 #[derive(Debug, Clone, Copy)]
 pub enum Init<'a> {
@@ -167,7 +182,7 @@ pub fn backend() -> Backend {
 /// our kernel. OpenBLAS's own threads are switched off (they would fight rayon's).
 #[cfg(openblas)]
 mod blas {
-    use super::{Init, Mat};
+    use super::{Init, Mat, SendPtr};
     use rayon::prelude::*;
     use std::os::raw::c_int;
 
@@ -204,16 +219,6 @@ mod blas {
             Some((TRANS, x.cs))
         } else {
             None
-        }
-    }
-
-    struct SendPtr(*mut f32);
-    // SAFETY: only hands disjoint row blocks of one C buffer to rayon tasks.
-    unsafe impl Sync for SendPtr {}
-    unsafe impl Send for SendPtr {}
-    impl SendPtr {
-        fn get(&self) -> *mut f32 {
-            self.0
         }
     }
 
@@ -358,7 +363,7 @@ mod x86 {
     //! much as the kernel. B is copied to a zero-padded row-major buffer when it is
     //! transposed (W^T, K^T) or ragged; A's last partial panel is packed.
 
-    use super::{Init, Mat};
+    use super::{Init, Mat, SendPtr};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
@@ -367,18 +372,6 @@ mod x86 {
     const KC: usize = 256;
     /// Rows of C per task: fixed, so the split never depends on the thread count.
     const MC: usize = 72;
-
-    struct SendPtr(*mut f32);
-    // SAFETY: only hands disjoint row blocks of one C buffer to rayon tasks.
-    unsafe impl Sync for SendPtr {}
-    unsafe impl Send for SendPtr {}
-
-    impl SendPtr {
-        /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
-        fn get(&self) -> *mut f32 {
-            self.0
-        }
-    }
 
     /// B as the kernel reads it: row-major rows of stride `ld`, at least `round_up(n, NR)` wide.
     struct RowMajorB<'a> {

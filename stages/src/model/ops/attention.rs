@@ -13,9 +13,9 @@
 //! kernel wants: no (B, H, T, T) tensor is saved). With dO the output gradient:
 //! dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)) scale, dQ = dS K, dK = dS^T Q.
 
-use super::cpu::{exp, f32_slice, tensor, with_slices, SharedMut};
+use super::cpu::{exp, f32_slice, tensor, with_slices};
 use crate::model::autocast;
-use crate::model::matmul::{gemm, gemm_ptr, Init, Mat};
+use crate::model::matmul::{gemm, gemm_ptr, Init, Mat, SendPtr};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -122,7 +122,7 @@ impl CustomOp1 for Attention {
         let d = three_d / 3;
         let mut out = vec![0f32; b * t * d];
         let mut lse = vec![0f32; b * self.heads * t];
-        let out_ptr = SharedMut(out.as_mut_ptr());
+        let out_ptr = SendPtr(out.as_mut_ptr());
         lse.par_chunks_mut(t).enumerate().for_each(|(task, lse)| {
             let hv = self.view(t, d, task);
             let mut p = vec![0f32; t * t];
@@ -140,7 +140,7 @@ impl CustomOp1 for Attention {
                     t,
                     Mat::rows(&p, 0, t),
                     hv.v(qkv),
-                    out_ptr.0.add(o_off),
+                    out_ptr.get().add(o_off),
                     d,
                     Init::Zero,
                     false,
@@ -159,7 +159,7 @@ impl CustomOp1 for Attention {
         let d = three_d / 3;
         with_slices([qkv, out, g, lse], "attention backward", |[qkv, out, g, lse]| {
             let mut dqkv = vec![0f32; b * t * three_d];
-            let dptr = SharedMut(dqkv.as_mut_ptr());
+            let dptr = SendPtr(dqkv.as_mut_ptr());
             lse.par_chunks(t).enumerate().for_each(|(task, lse)| {
                 let hv = self.view(t, d, task);
                 let o_off = (task / self.heads) * t * d + hv.col;
@@ -175,7 +175,7 @@ impl CustomOp1 for Attention {
                 // SAFETY (the three writes below): this task alone writes head h's dq, dk
                 // and dv column blocks of sample b in dqkv.
                 unsafe {
-                    let dv = dptr.0.add(hv.row0 + 2 * d + hv.col);
+                    let dv = dptr.get().add(hv.row0 + 2 * d + hv.col);
                     gemm_ptr(t, hv.hd, t, Mat::cols(&p, 0, t), d_o, dv, three_d, Init::Zero, false);
                 }
                 let mut ds = vec![0f32; t * t];
@@ -188,7 +188,7 @@ impl CustomOp1 for Attention {
                     }
                 }
                 unsafe {
-                    let dq = dptr.0.add(hv.row0 + hv.col);
+                    let dq = dptr.get().add(hv.row0 + hv.col);
                     gemm_ptr(
                         t,
                         hv.hd,
@@ -200,7 +200,7 @@ impl CustomOp1 for Attention {
                         Init::Zero,
                         false,
                     );
-                    let dk = dptr.0.add(hv.row0 + d + hv.col);
+                    let dk = dptr.get().add(hv.row0 + d + hv.col);
                     gemm_ptr(
                         t,
                         hv.hd,

@@ -68,13 +68,6 @@ pub(crate) fn erf_with(x: f32, exp_neg_x2: f32) -> f32 {
     (1.0 - poly * exp_neg_x2).copysign(x)
 }
 
-/// A raw pointer that rayon tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut(pub *mut f32);
-// SAFETY: users hand each task a disjoint set of elements.
-unsafe impl Sync for SharedMut {}
-unsafe impl Send for SharedMut {}
-
 /// Sums per-block partials in block order: the deterministic end of a parallel reduction.
 pub(crate) fn sum_partials(partials: &[Vec<f32>], d: usize) -> Vec<f32> {
     let mut out = vec![0f32; d];

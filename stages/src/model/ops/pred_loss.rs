@@ -110,9 +110,6 @@ impl CustomOp3 for PredLoss {
                 .zip(t.chunks_exact(dt))
                 .zip(w)
                 .map(|((p, t), &w)| row_terms(p, t, w).0)
-                .collect::<Vec<_>>()
-                .chunks(ROWS_PER_TASK)
-                .map(|c| c.iter().sum::<f32>())
                 .sum();
             let coef = -2.0 * g[0] / count.max(1.0);
             let mut dp = vec![0f32; p.len()];
