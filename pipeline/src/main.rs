@@ -115,22 +115,34 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Keep freed memory in the process. Each sample allocates a few buffers of
-/// 0.2 to 1 MB (decoded region, normalized view, x̂); glibc serves those with
-/// mmap and gives them back on free (and trims the worker threads' arenas),
-/// so every sample paid page faults and kernel zeroing: 21% of the data
-/// chain's time in a profile (`perf record`, `bench data --only chain`).
-/// A fixed threshold also turns off glibc's adaptive one. glibc refuses an
-/// mmap threshold above half its arena heap size (32 MiB on 64-bit): 64 MiB
-/// was silently ignored, leaving the 128 kB default with the adaptive one
-/// off, so the result is checked.
+/// 0.2 to 1 MB (decoded region, normalized view, x̂), and a training step
+/// allocates and frees tensors of up to 40 MB (a (64, 196, 768) f32 patch
+/// tensor at 224 px) and a few hundred MB in all. glibc serves large blocks with
+/// mmap and unmaps them on free, and it trims the heap top past its threshold,
+/// so every such buffer paid page faults and kernel zeroing: 21% of the data
+/// chain's time (`bench data --only chain`), and half the near-zero-FLOP
+/// 224 px training step (`bench train`: 409-425 ms with these settings, 778-840
+/// without, in one interleaved run).
+/// - No mmap at all: glibc refuses an mmap threshold above 32 MiB (64 MiB was
+///   silently ignored once, so the results are checked), and the step's
+///   tensors are larger. Thread arenas still map blocks over their 64 MiB heap.
+/// - Trim only past 2 GiB free at the top of the heap: a step frees more than
+///   the old 256 MiB between its forward and its next upload.
+///
+/// jemalloc was tried: it zeroes a reused large block for calloc (candle's
+/// `zeros`) with `madvise(DONTNEED)`, so the page faults stayed.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
     unsafe {
-        let mmap = libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        let trim = libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-        if mmap != 1 || trim != 1 {
-            eprintln!("warning: mallopt refused the allocator settings (mmap {mmap}, trim {trim})");
+        let threshold = libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        let no_mmap = libc::mallopt(libc::M_MMAP_MAX, 0);
+        let trim = libc::mallopt(libc::M_TRIM_THRESHOLD, 2 << 30);
+        if threshold != 1 || no_mmap != 1 || trim != 1 {
+            eprintln!(
+                "warning: mallopt refused the allocator settings \
+                 (mmap threshold {threshold}, mmap max {no_mmap}, trim {trim})"
+            );
         }
     }
 }
