@@ -187,6 +187,7 @@ mod blas {
     use std::os::raw::c_int;
 
     const ROW_MAJOR: c_int = 101;
+    const MIN_ROWS: usize = 256;
     const NO_TRANS: c_int = 111;
     const TRANS: c_int = 112;
 
@@ -247,7 +248,7 @@ mod blas {
         }
         ONE_THREAD.call_once(|| openblas_set_num_threads(1));
         // Blocks of rows: about 8 per product, a multiple of 16, from the shape alone.
-        let rows = (m.div_ceil(8).div_ceil(16) * 16).max(64);
+        let rows = (m.div_ceil(8).div_ceil(16) * 16).max(MIN_ROWS);
         let c_ptr = SendPtr(c);
         let task = |i0: usize| {
             let mb = rows.min(m - i0);

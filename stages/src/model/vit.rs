@@ -294,10 +294,31 @@ impl Block {
     }
 }
 
+impl Block {
+    /// The weights in [`ops::block::NAMES`] order.
+    fn weights(&self) -> [&Tensor; 12] {
+        [
+            &self.norm1.weight,
+            &self.norm1.bias,
+            &self.attn.qkv.weight,
+            &self.attn.qkv.bias,
+            &self.attn.proj.weight,
+            &self.attn.proj.bias,
+            &self.norm2.weight,
+            &self.norm2.bias,
+            &self.mlp.fc1.weight,
+            &self.mlp.fc1.bias,
+            &self.mlp.fc2.weight,
+            &self.mlp.fc2.bias,
+        ]
+    }
+}
+
 impl Module for Block {
+    /// `x + attn(norm1(x))`, then `x + mlp(norm2(x))`, as one op ([`ops::block`];
+    /// its twin `block_reference` is this composition of the layers above).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&x.apply(&self.norm1)?)?)?;
-        &x + x.apply(&self.norm2)?.apply(&self.mlp)?
+        ops::block(x, self.weights(), self.attn.num_heads, 1e-6)
     }
 }
 

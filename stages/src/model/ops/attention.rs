@@ -16,6 +16,7 @@
 use super::cpu::{exp, f32_slice, tensor, with_slices};
 use crate::model::autocast;
 use crate::model::matmul::{gemm, gemm_ptr, Init, Mat, SendPtr};
+use crate::simd::multiversion;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -30,8 +31,10 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
         let d = three_d / 3;
         autocast::add_flops(4 * (b * t * t * d) as u64);
         let op = Attention {
-            heads: num_heads,
-            scale: scale as f32,
+            core: Core {
+                heads: num_heads,
+                scale: scale as f32,
+            },
             lse: OnceLock::new(),
         };
         qkv.contiguous()?.apply_op1(op)
@@ -57,10 +60,16 @@ pub fn attention_reference(qkv: &Tensor, num_heads: usize, scale: f64) -> Result
 }
 
 struct Attention {
-    heads: usize,
-    scale: f32,
+    core: Core,
     /// (B, H, T): logsumexp of each row of scaled scores, set by the forward.
     lse: OnceLock<Tensor>,
+}
+
+/// The heads and the score scale: what the slice-level kernels need (also run
+/// inside the fused transformer block, `block.rs`).
+pub(crate) struct Core {
+    pub(crate) heads: usize,
+    pub(crate) scale: f32,
 }
 
 /// Where head h of sample b lives in packed qkv (B, T, 3D).
@@ -92,7 +101,7 @@ impl HeadView {
     }
 }
 
-impl Attention {
+impl Core {
     fn view(&self, t: usize, d: usize, task: usize) -> HeadView {
         let (b, h) = (task / self.heads, task % self.heads);
         let hd = d / self.heads;
@@ -121,15 +130,35 @@ impl CustomOp1 for Attention {
         let (b, t, three_d) = l.shape().dims3()?;
         let d = three_d / 3;
         let mut out = vec![0f32; b * t * d];
-        let mut lse = vec![0f32; b * self.heads * t];
+        let mut lse = vec![0f32; b * self.core.heads * t];
+        self.core.forward_into(qkv, t, d, &mut out, &mut lse);
+        let _ = self.lse.set(tensor(lse, (b, self.core.heads, t))?);
+        Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let Some(lse) = self.lse.get() else {
+            candle_core::bail!("attention backward before its forward")
+        };
+        let (b, t, three_d) = qkv.dims3()?;
+        with_slices([qkv, out, g, lse], "attention backward", |[qkv, out, g, lse]| {
+            let mut dqkv = vec![0f32; b * t * three_d];
+            self.core.backward_into(qkv, out, g, lse, t, three_d / 3, &mut dqkv);
+            Ok(Some(tensor(dqkv, (b, t, three_d))?))
+        })
+    }
+}
+
+impl Core {
+    /// The forward on slices: packed `qkv` (B, T, 3D) into `out` (B, T, D) and the
+    /// logsumexp of every row of scores into `lse` (B, H, T).
+    pub(crate) fn forward_into(&self, qkv: &[f32], t: usize, d: usize, out: &mut [f32], lse: &mut [f32]) {
         let out_ptr = SendPtr(out.as_mut_ptr());
-        lse.par_chunks_mut(t).enumerate().for_each(|(task, lse)| {
+        lse.par_chunks_mut(t.max(1)).enumerate().for_each(|(task, lse)| {
             let hv = self.view(t, d, task);
             let mut p = vec![0f32; t * t];
             self.scores(qkv, &hv, &mut p);
-            for (row, l) in p.chunks_exact_mut(t).zip(lse.iter_mut()) {
-                *l = softmax_row(row, self.scale);
-            }
+            softmax_rows(&mut p, t, self.scale, lse);
             let o_off = (task / self.heads) * t * d + hv.col;
             // SAFETY: this task alone writes the head's (T, d) column block of `out`.
             unsafe {
@@ -147,80 +176,98 @@ impl CustomOp1 for Attention {
                 )
             };
         });
-        let _ = self.lse.set(tensor(lse, (b, self.heads, t))?);
-        Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
     }
 
-    fn bwd(&self, qkv: &Tensor, out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let Some(lse) = self.lse.get() else {
-            candle_core::bail!("attention backward before its forward")
-        };
-        let (b, t, three_d) = qkv.dims3()?;
-        let d = three_d / 3;
-        with_slices([qkv, out, g, lse], "attention backward", |[qkv, out, g, lse]| {
-            let mut dqkv = vec![0f32; b * t * three_d];
-            let dptr = SendPtr(dqkv.as_mut_ptr());
-            lse.par_chunks(t).enumerate().for_each(|(task, lse)| {
-                let hv = self.view(t, d, task);
-                let o_off = (task / self.heads) * t * d + hv.col;
-                let d_o = Mat::rows(g, o_off, d);
-                let mut p = vec![0f32; t * t];
-                self.scores(qkv, &hv, &mut p);
-                for (row, &l) in p.chunks_exact_mut(t).zip(lse) {
-                    for s in row.iter_mut() {
-                        *s = exp(*s * self.scale - l);
-                    }
+    /// The backward on slices: from qkv, the forward's `out` and `lse`, and the
+    /// output gradient `g`, writes every element of `dqkv` (B, T, 3D).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_into(
+        &self,
+        qkv: &[f32],
+        out: &[f32],
+        g: &[f32],
+        lse: &[f32],
+        t: usize,
+        d: usize,
+        dqkv: &mut [f32],
+    ) {
+        let three_d = 3 * d;
+        let dptr = SendPtr(dqkv.as_mut_ptr());
+        lse.par_chunks(t.max(1)).enumerate().for_each(|(task, lse)| {
+            let hv = self.view(t, d, task);
+            let o_off = (task / self.heads) * t * d + hv.col;
+            let d_o = Mat::rows(g, o_off, d);
+            let mut p = vec![0f32; t * t];
+            self.scores(qkv, &hv, &mut p);
+            probabilities(&mut p, t, self.scale, lse);
+            let dptr = dptr;
+            // SAFETY (the three writes below): this task alone writes head h's dq, dk
+            // and dv column blocks of sample b in dqkv.
+            unsafe {
+                let dv = dptr.get().add(hv.row0 + 2 * d + hv.col);
+                gemm_ptr(t, hv.hd, t, Mat::cols(&p, 0, t), d_o, dv, three_d, Init::Zero, false);
+            }
+            let mut ds = vec![0f32; t * t];
+            gemm(t, t, hv.hd, d_o, hv.v_t(qkv), &mut ds, t, Init::Zero, false);
+            for i in 0..t {
+                let (go, o) = (&g[o_off + i * d..][..hv.hd], &out[o_off + i * d..][..hv.hd]);
+                let di: f32 = go.iter().zip(o).map(|(a, b)| a * b).sum();
+                for (s, &pv) in ds[i * t..(i + 1) * t].iter_mut().zip(&p[i * t..(i + 1) * t]) {
+                    *s = pv * (*s - di) * self.scale;
                 }
-                let dptr = dptr;
-                // SAFETY (the three writes below): this task alone writes head h's dq, dk
-                // and dv column blocks of sample b in dqkv.
-                unsafe {
-                    let dv = dptr.get().add(hv.row0 + 2 * d + hv.col);
-                    gemm_ptr(t, hv.hd, t, Mat::cols(&p, 0, t), d_o, dv, three_d, Init::Zero, false);
-                }
-                let mut ds = vec![0f32; t * t];
-                gemm(t, t, hv.hd, d_o, hv.v_t(qkv), &mut ds, t, Init::Zero, false);
-                for i in 0..t {
-                    let (go, o) = (&g[o_off + i * d..][..hv.hd], &out[o_off + i * d..][..hv.hd]);
-                    let di: f32 = go.iter().zip(o).map(|(a, b)| a * b).sum();
-                    for (s, &pv) in ds[i * t..(i + 1) * t].iter_mut().zip(&p[i * t..(i + 1) * t]) {
-                        *s = pv * (*s - di) * self.scale;
-                    }
-                }
-                unsafe {
-                    let dq = dptr.get().add(hv.row0 + hv.col);
-                    gemm_ptr(
-                        t,
-                        hv.hd,
-                        t,
-                        Mat::rows(&ds, 0, t),
-                        hv.k(qkv),
-                        dq,
-                        three_d,
-                        Init::Zero,
-                        false,
-                    );
-                    let dk = dptr.get().add(hv.row0 + d + hv.col);
-                    gemm_ptr(
-                        t,
-                        hv.hd,
-                        t,
-                        Mat::cols(&ds, 0, t),
-                        hv.q(qkv),
-                        dk,
-                        three_d,
-                        Init::Zero,
-                        false,
-                    );
-                }
-            });
-            Ok(Some(tensor(dqkv, (b, t, three_d))?))
-        })
+            }
+            unsafe {
+                let dq = dptr.get().add(hv.row0 + hv.col);
+                gemm_ptr(
+                    t,
+                    hv.hd,
+                    t,
+                    Mat::rows(&ds, 0, t),
+                    hv.k(qkv),
+                    dq,
+                    three_d,
+                    Init::Zero,
+                    false,
+                );
+                let dk = dptr.get().add(hv.row0 + d + hv.col);
+                gemm_ptr(
+                    t,
+                    hv.hd,
+                    t,
+                    Mat::cols(&ds, 0, t),
+                    hv.q(qkv),
+                    dk,
+                    three_d,
+                    Init::Zero,
+                    false,
+                );
+            }
+        });
+    }
+}
+
+multiversion! {
+    /// Rows (width t) of scores -> their softmax of `row * scale` in place, and each row's logsumexp.
+    fn softmax_rows / softmax_rows_scalar(p: &mut [f32], t: usize, scale: f32, lse: &mut [f32]) {
+        for (row, l) in p.chunks_exact_mut(t).zip(lse.iter_mut()) {
+            *l = softmax_row(row, scale);
+        }
+    }
+}
+
+multiversion! {
+    /// Rows of scores -> the probabilities `exp(S * scale - lse)` again, in place.
+    fn probabilities / probabilities_scalar(p: &mut [f32], t: usize, scale: f32, lse: &[f32]) {
+        for (row, &l) in p.chunks_exact_mut(t).zip(lse) {
+            for s in row.iter_mut() {
+                *s = exp(*s * scale - l);
+            }
+        }
     }
 }
 
 /// Row of scores -> its softmax of `row * scale`, in place; returns the logsumexp.
-#[inline]
+#[inline(always)]
 fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
     let mut max = f32::NEG_INFINITY;
     for s in row.iter_mut() {

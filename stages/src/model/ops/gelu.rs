@@ -47,6 +47,32 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `g *= GELU'(x)`: the backward in place on the output gradient.
+    fn backward_chunk_in_place / backward_chunk_in_place_scalar(x: &[f32], g: &mut [f32]) {
+        for (g, &v) in g.iter_mut().zip(x) {
+            let u = v * FRAC_1_SQRT_2;
+            let e = exp(-u * u);
+            let cdf = 0.5 * (1.0 + erf_with(u, e));
+            *g *= cdf + v * FRAC_1_SQRT_2PI * e;
+        }
+    }
+}
+
+/// The forward on slices, `y = GELU(x)`, parallel over fixed chunks.
+pub(crate) fn forward_into(x: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| forward_chunk(x, y));
+}
+
+/// The backward on slices, in place: `g` (the output gradient) becomes dx.
+pub(crate) fn backward_in_place(x: &[f32], g: &mut [f32]) {
+    g.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(g, x)| backward_chunk_in_place(x, g));
+}
+
 struct Gelu;
 
 impl CustomOp1 for Gelu {
@@ -57,9 +83,7 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| forward_chunk(x, y));
+        forward_into(x, &mut y);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 

@@ -81,7 +81,8 @@ multiversion! {
 
 multiversion! {
     /// dx for rows of (x, g); adds this block's dgamma and dbeta into `dw`, `db`.
-    fn backward_rows / backward_rows_scalar(x: &[f32], g: &[f32], w: &[f32], stats: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+    /// With `accumulate`, dx is added to what `dx` holds (a residual's gradient).
+    fn backward_rows / backward_rows_scalar(x: &[f32], g: &[f32], w: &[f32], stats: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32], accumulate: bool) {
         let d = w.len();
         for (((xr, gr), o), st) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(stats.chunks_exact(2)) {
             let (mean, rstd) = (st[0], st[1]);
@@ -96,12 +97,53 @@ multiversion! {
             }
             let lanes = |a: [f32; 8]| ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
             let (mg, mgx) = (lanes(sg) / d as f32, lanes(sgx) / d as f32);
-            for i in 0..d {
-                let xh = (xr[i] - mean) * rstd;
-                o[i] = rstd * (gr[i] * w[i] - mg - xh * mgx);
+            if accumulate {
+                for i in 0..d {
+                    let xh = (xr[i] - mean) * rstd;
+                    o[i] += rstd * (gr[i] * w[i] - mg - xh * mgx);
+                }
+            } else {
+                for i in 0..d {
+                    let xh = (xr[i] - mean) * rstd;
+                    o[i] = rstd * (gr[i] * w[i] - mg - xh * mgx);
+                }
             }
         }
     }
+}
+
+/// The forward on slices: rows of `x` (width `w.len()`) into `y`, (mean, rstd) per row into `stats`.
+pub(crate) fn forward_into(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32], stats: &mut [f32]) {
+    let d = w.len().max(1);
+    y.par_chunks_mut(ROWS_PER_TASK * d)
+        .zip(stats.par_chunks_mut(ROWS_PER_TASK * 2))
+        .zip(x.par_chunks(ROWS_PER_TASK * d))
+        .for_each(|((y, st), x)| forward_rows(x, w, b, eps, y, st));
+}
+
+/// The backward on slices: dx into `dx` (added to it with `accumulate`), and (dgamma, dbeta).
+pub(crate) fn backward_into(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    stats: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len().max(1);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(ROWS_PER_TASK * d)
+        .zip(x.par_chunks(ROWS_PER_TASK * d))
+        .zip(g.par_chunks(ROWS_PER_TASK * d))
+        .zip(stats.par_chunks(ROWS_PER_TASK * 2))
+        .map(|(((dx, x), g), st)| {
+            let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+            backward_rows(x, g, w, st, dx, &mut dw, &mut db, accumulate);
+            (dw, db)
+        })
+        .collect();
+    let (dws, dbs): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partials.into_iter().unzip();
+    (sum_partials(&dws, d), sum_partials(&dbs, d))
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -130,10 +172,7 @@ impl CustomOp3 for LayerNormOp {
         let rows = x.len() / d;
         let mut y = vec![0f32; x.len()];
         let mut stats = vec![0f32; 2 * rows];
-        y.par_chunks_mut(ROWS_PER_TASK * d)
-            .zip(stats.par_chunks_mut(ROWS_PER_TASK * 2))
-            .zip(x.par_chunks(ROWS_PER_TASK * d))
-            .for_each(|((y, st), x)| forward_rows(x, w, b, self.eps, y, st));
+        forward_into(x, w, b, self.eps, &mut y, &mut stats);
         let _ = self.stats.set(tensor(stats, (rows, 2))?);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -149,25 +188,13 @@ impl CustomOp3 for LayerNormOp {
         let Some(stats) = self.stats.get() else {
             candle_core::bail!("layer-norm backward before its forward")
         };
-        let d = w.elem_count().max(1);
         with_slices([x, w, g, stats], "layer-norm backward", |[xs, ws, gs, st]| {
             let mut dx = vec![0f32; xs.len()];
-            let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-                .par_chunks_mut(ROWS_PER_TASK * d)
-                .zip(xs.par_chunks(ROWS_PER_TASK * d))
-                .zip(gs.par_chunks(ROWS_PER_TASK * d))
-                .zip(st.par_chunks(ROWS_PER_TASK * 2))
-                .map(|(((dx, x), g), st)| {
-                    let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-                    backward_rows(x, g, ws, st, dx, &mut dw, &mut db);
-                    (dw, db)
-                })
-                .collect();
-            let (dws, dbs): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partials.into_iter().unzip();
+            let (dw, db) = backward_into(xs, gs, ws, st, &mut dx, false);
             Ok((
                 Some(tensor(dx, x.shape().clone())?),
-                Some(tensor(sum_partials(&dws, d), w.shape().clone())?),
-                Some(tensor(sum_partials(&dbs, d), w.shape().clone())?),
+                Some(tensor(dw, w.shape().clone())?),
+                Some(tensor(db, w.shape().clone())?),
             ))
         })
     }
@@ -238,8 +265,8 @@ mod tests {
         let g = r.flatten_all()?.to_vec1::<f32>()?;
         let (mut d1, mut d2) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
         let (mut w1, mut w2, mut b1, mut b2) = (vec![0f32; 48], vec![0f32; 48], vec![0f32; 48], vec![0f32; 48]);
-        backward_rows(&xs, &g, &ws, &s1, &mut d1, &mut w1, &mut b1);
-        backward_rows_scalar(&xs, &g, &ws, &s1, &mut d2, &mut w2, &mut b2);
+        backward_rows(&xs, &g, &ws, &s1, &mut d1, &mut w1, &mut b1, false);
+        backward_rows_scalar(&xs, &g, &ws, &s1, &mut d2, &mut w2, &mut b2, false);
         assert!(d1
             .iter()
             .chain(&w1)

@@ -12,6 +12,7 @@
 //! | [`layer_norm`] | LayerNorm (x, gamma, beta) | mean, rstd per row |
 //! | [`attention`] | `softmax(q k^T * scale) v` per head, on packed qkv | logsumexp per row (P is recomputed) |
 //! | [`gelu`] | exact (erf) GELU | the input |
+//! | [`block`] | a whole pre-norm transformer block, on the kernels above | both norms' outputs and stats, qkv, attention output and logsumexp, x1, fc1's output and GELU |
 //! | [`pixels`] | patchify in conv order; compose `mask * drawn + (1 - mask) * x` in conv order | the mask |
 //! | [`draw_loss`] | masked MSE of the drawing to x̂ (read from the image) | the inputs |
 //! | [`pred_loss`] | masked `2 - 2 cos` | the inputs |
@@ -36,6 +37,7 @@
 
 pub mod attention;
 pub mod basic;
+pub mod block;
 mod cpu;
 pub mod draw_loss;
 pub mod gelu;
@@ -46,6 +48,7 @@ pub mod pred_loss;
 
 pub use attention::attention;
 pub use basic::leaky_relu;
+pub use block::block;
 pub(crate) use cpu::with_slices;
 pub use draw_loss::draw_loss;
 pub use gelu::gelu;

@@ -1,0 +1,516 @@
+//! A whole pre-norm transformer block as one op:
+//! `x1 = x + proj(attention(qkv(norm1(x))))`, `y = x1 + fc2(GELU(fc1(norm2(x1))))`.
+//!
+//! Why one op and not the composition of the ops beside it: candle's backward
+//! gives every input of every node its own zero-filled gradient buffer and adds
+//! the node's gradient into it (`GradStore::or_insert`, then `add`). A block
+//! built from ten nodes paid about twenty of those passes over (B, T, D) to
+//! (B, T, 4D) activations in every backward, and its two residual adds were
+//! passes of their own, forward and backward. Here the backward is written out:
+//! - one buffer per gradient; the residual's gradient is accumulated by the
+//!   LayerNorm backward kernels (no add pass);
+//! - the residual adds are the initial C of the proj and fc2 products;
+//! - the independent products of each layer (dW and dx) run side by side.
+//!
+//! The arithmetic is the ops' own: the same GEMM, LayerNorm, attention and GELU
+//! kernels on slices, so [`block_reference`] (the composition, which the model
+//! ran before) is the twin it is tested against, and the split into fixed row
+//! blocks keeps the bits independent of the thread count.
+//!
+//! The twelve weights enter as one flat tensor, concatenated in [`NAMES`] order:
+//! candle's custom ops take at most three inputs. The concatenation and its
+//! backward cost a few passes over the weights, small beside the activations.
+//!
+//! Saved for the backward (CPU vectors in the op): both LayerNorms' outputs and
+//! (mean, rstd), qkv, the attention output and its logsumexp, x1, fc1's output
+//! and its GELU. No (B, H, T, T) tensor.
+
+use super::attention::Core;
+use super::cpu::{f32_slice, tensor, with_slices, ROWS_PER_TASK};
+use super::{attention, gelu, layer_norm, linear};
+use crate::model::autocast;
+use crate::model::matmul::{column_sums, gemm, Init, Mat};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// The weights [`block`] takes, in order (timm's names inside a block).
+pub const NAMES: [&str; 12] = [
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+];
+
+/// Element counts of the weights, in [`NAMES`] order, for width `d` and MLP width `h`.
+fn sizes(d: usize, h: usize) -> [usize; 12] {
+    [d, d, 3 * d * d, 3 * d, d * d, d, d, d, h * d, h, d * h, d]
+}
+
+/// Shapes of the weights, in [`NAMES`] order.
+fn shapes(d: usize, h: usize) -> [Vec<usize>; 12] {
+    [
+        vec![d],
+        vec![d],
+        vec![3 * d, d],
+        vec![3 * d],
+        vec![d, d],
+        vec![d],
+        vec![d],
+        vec![d],
+        vec![h, d],
+        vec![h],
+        vec![d, h],
+        vec![d],
+    ]
+}
+
+/// A transformer block on `x (B, T, D)` with `heads` heads, LayerNorm eps `eps`.
+pub fn block(x: &Tensor, weights: [&Tensor; 12], heads: usize, eps: f64) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let h = weights[8].dim(0)?;
+    if heads == 0 || d % heads != 0 {
+        candle_core::bail!("block: {heads} heads do not divide width {d}")
+    }
+    for ((w, want), name) in weights.iter().zip(shapes(d, h)).zip(NAMES) {
+        if w.dims() != want.as_slice() {
+            candle_core::bail!("block: {name} is {:?}, expected {want:?} (width {d})", w.dims())
+        }
+    }
+    if !(super::fused(x) && autocast::gemm_dtype() == DType::F32) {
+        return block_reference(x, weights, heads, eps);
+    }
+    let r = b * t;
+    // As the composition counts them: the four products, then the attention core.
+    autocast::add_flops((2 * r * (3 * d * d + d * d + 2 * d * h) + 4 * b * t * t * d) as u64);
+    let flat = weights.iter().map(|w| w.flatten_all()).collect::<Result<Vec<_>>>()?;
+    let packed = Tensor::cat(&flat, 0)?;
+    let op = BlockOp {
+        d,
+        h,
+        core: Core {
+            heads,
+            scale: scale(d, heads) as f32,
+        },
+        eps: eps as f32,
+        saved: OnceLock::new(),
+    };
+    x.contiguous()?.apply_op2(&packed, op)
+}
+
+/// The attention's score scale, 1 / sqrt(head width).
+fn scale(d: usize, heads: usize) -> f64 {
+    1.0 / ((d / heads) as f64).sqrt()
+}
+
+/// The twin: the block composed of the ops beside it (each its own graph node).
+pub fn block_reference(x: &Tensor, w: [&Tensor; 12], heads: usize, eps: f64) -> Result<Tensor> {
+    let d = x.dim(2)?;
+    let qkv = linear(&layer_norm(x, w[0], w[1], eps)?, w[2], w[3])?;
+    let x1 = (x + linear(&attention(&qkv, heads, scale(d, heads))?, w[4], w[5])?)?;
+    let hidden = gelu(&linear(&layer_norm(&x1, w[6], w[7], eps)?, w[8], w[9])?)?;
+    &x1 + linear(&hidden, w[10], w[11])?
+}
+
+struct BlockOp {
+    d: usize,
+    h: usize,
+    core: Core,
+    eps: f32,
+    saved: OnceLock<Saved>,
+}
+
+/// What the forward keeps for the backward.
+struct Saved {
+    t: usize,
+    ln1: Vec<f32>,
+    stats1: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    lse: Vec<f32>,
+    x1: Vec<f32>,
+    ln2: Vec<f32>,
+    stats2: Vec<f32>,
+    /// fc1's output, before the GELU.
+    pre: Vec<f32>,
+    /// GELU(pre): fc2's input.
+    act: Vec<f32>,
+}
+
+/// `p` cut into the twelve weights.
+fn split<'a>(mut p: &'a [f32], sizes: [usize; 12]) -> [&'a [f32]; 12] {
+    sizes.map(|n| {
+        let (a, rest) = p.split_at(n);
+        p = rest;
+        a
+    })
+}
+
+/// `p` cut into the twelve weight gradients.
+fn split_mut(mut p: &mut [f32], sizes: [usize; 12]) -> [&mut [f32]; 12] {
+    sizes.map(|n| {
+        let (a, rest) = std::mem::take(&mut p).split_at_mut(n);
+        p = rest;
+        a
+    })
+}
+
+/// Rows of `x` plus the row `b`: the initial C of a product that adds a residual.
+fn residual_plus_bias(x: &[f32], b: &[f32]) -> Vec<f32> {
+    let n = b.len().max(1);
+    let mut c = vec![0f32; x.len()];
+    c.par_chunks_mut(ROWS_PER_TASK * n)
+        .zip(x.par_chunks(ROWS_PER_TASK * n))
+        .for_each(|(c, x)| {
+            for (cr, xr) in c.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                for ((o, &v), &bv) in cr.iter_mut().zip(xr).zip(b) {
+                    *o = v + bv;
+                }
+            }
+        });
+    c
+}
+
+impl CustomOp2 for BlockOp {
+    fn name(&self) -> &'static str {
+        "crossmae-block"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "block x")?;
+        let p = f32_slice(s2, l2, "block weights")?;
+        let (b, t, d) = l1.shape().dims3()?;
+        let (h, r) = (self.h, b * t);
+        if d != self.d || p.len() != sizes(d, h).iter().sum::<usize>() {
+            candle_core::bail!(
+                "block: x {:?} and {} weight values for width {}",
+                l1.dims(),
+                p.len(),
+                self.d
+            )
+        }
+        let [n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b] = split(p, sizes(d, h));
+
+        let (mut ln1, mut stats1) = (vec![0f32; r * d], vec![0f32; 2 * r]);
+        layer_norm::forward_into(x, n1w, n1b, self.eps, &mut ln1, &mut stats1);
+        let mut qkv = vec![0f32; r * 3 * d];
+        let ln1_m = Mat::rows(&ln1, 0, d);
+        gemm(
+            r,
+            3 * d,
+            d,
+            ln1_m,
+            Mat::cols(qkv_w, 0, d),
+            &mut qkv,
+            3 * d,
+            Init::Bias(qkv_b),
+            true,
+        );
+        let (mut attn, mut lse) = (vec![0f32; r * d], vec![0f32; b * self.core.heads * t]);
+        self.core.forward_into(&qkv, t, d, &mut attn, &mut lse);
+        let mut x1 = residual_plus_bias(x, proj_b);
+        let attn_m = Mat::rows(&attn, 0, d);
+        gemm(
+            r,
+            d,
+            d,
+            attn_m,
+            Mat::cols(proj_w, 0, d),
+            &mut x1,
+            d,
+            Init::Accumulate,
+            true,
+        );
+
+        let (mut ln2, mut stats2) = (vec![0f32; r * d], vec![0f32; 2 * r]);
+        layer_norm::forward_into(&x1, n2w, n2b, self.eps, &mut ln2, &mut stats2);
+        let mut pre = vec![0f32; r * h];
+        let ln2_m = Mat::rows(&ln2, 0, d);
+        gemm(
+            r,
+            h,
+            d,
+            ln2_m,
+            Mat::cols(fc1_w, 0, d),
+            &mut pre,
+            h,
+            Init::Bias(fc1_b),
+            true,
+        );
+        let mut act = vec![0f32; r * h];
+        gelu::forward_into(&pre, &mut act);
+        let mut y = residual_plus_bias(&x1, fc2_b);
+        gemm(
+            r,
+            d,
+            h,
+            Mat::rows(&act, 0, h),
+            Mat::cols(fc2_w, 0, h),
+            &mut y,
+            d,
+            Init::Accumulate,
+            true,
+        );
+
+        let saved = Saved {
+            t,
+            ln1,
+            stats1,
+            qkv,
+            attn,
+            lse,
+            x1,
+            ln2,
+            stats2,
+            pre,
+            act,
+        };
+        let _ = self.saved.set(saved);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, p: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(s) = self.saved.get() else {
+            candle_core::bail!("block backward before its forward")
+        };
+        let (d, h) = (self.d, self.h);
+        with_slices([x, p, g], "block backward", |[xs, ps, dy]| {
+            let r = xs.len() / d;
+            let [n1w, _, qkv_w, _, proj_w, _, n2w, _, fc1_w, _, fc2_w, _] = split(ps, sizes(d, h));
+            let mut dp = vec![0f32; ps.len()];
+            let [dn1w, dn1b, dqkv_w, dqkv_b, dproj_w, dproj_b, dn2w, dn2b, dfc1_w, dfc1_b, dfc2_w, dfc2_b] =
+                split_mut(&mut dp, sizes(d, h));
+
+            // fc2, then the GELU in place: dpre.
+            let mut dpre = vec![0f32; r * h];
+            let dy_m = Mat::rows(dy, 0, d);
+            rayon::join(
+                || {
+                    gemm(
+                        d,
+                        h,
+                        r,
+                        Mat::cols(dy, 0, d),
+                        Mat::rows(&s.act, 0, h),
+                        dfc2_w,
+                        h,
+                        Init::Zero,
+                        true,
+                    )
+                },
+                || gemm(r, h, d, dy_m, Mat::rows(fc2_w, 0, h), &mut dpre, h, Init::Zero, true),
+            );
+            dfc2_b.copy_from_slice(&column_sums(dy, d));
+            gelu::backward_in_place(&s.pre, &mut dpre);
+
+            // fc1, then norm2 with the residual: dx1 = dy + norm2's dx.
+            let mut dln2 = vec![0f32; r * d];
+            let dpre_m = Mat::rows(&dpre, 0, h);
+            rayon::join(
+                || {
+                    gemm(
+                        h,
+                        d,
+                        r,
+                        Mat::cols(&dpre, 0, h),
+                        Mat::rows(&s.ln2, 0, d),
+                        dfc1_w,
+                        d,
+                        Init::Zero,
+                        true,
+                    )
+                },
+                || gemm(r, d, h, dpre_m, Mat::rows(fc1_w, 0, d), &mut dln2, d, Init::Zero, true),
+            );
+            dfc1_b.copy_from_slice(&column_sums(&dpre, h));
+            drop(dpre);
+            let mut dx1 = dy.to_vec();
+            let (gw, gb) = layer_norm::backward_into(&s.x1, &dln2, n2w, &s.stats2, &mut dx1, true);
+            dn2w.copy_from_slice(&gw);
+            dn2b.copy_from_slice(&gb);
+
+            // proj (its output gradient is dx1), then the attention core.
+            let mut dattn = dln2;
+            let dx1_m = Mat::rows(&dx1, 0, d);
+            rayon::join(
+                || {
+                    gemm(
+                        d,
+                        d,
+                        r,
+                        Mat::cols(&dx1, 0, d),
+                        Mat::rows(&s.attn, 0, d),
+                        dproj_w,
+                        d,
+                        Init::Zero,
+                        true,
+                    )
+                },
+                || gemm(r, d, d, dx1_m, Mat::rows(proj_w, 0, d), &mut dattn, d, Init::Zero, true),
+            );
+            dproj_b.copy_from_slice(&column_sums(&dx1, d));
+            let mut dqkv = vec![0f32; r * 3 * d];
+            self.core
+                .backward_into(&s.qkv, &s.attn, &dattn, &s.lse, s.t, d, &mut dqkv);
+
+            // qkv, then norm1 with the residual: dx = dx1 + norm1's dx.
+            let mut dln1 = dattn;
+            let dqkv_m = Mat::rows(&dqkv, 0, 3 * d);
+            rayon::join(
+                || {
+                    let a = Mat::cols(&dqkv, 0, 3 * d);
+                    gemm(3 * d, d, r, a, Mat::rows(&s.ln1, 0, d), dqkv_w, d, Init::Zero, true)
+                },
+                || {
+                    gemm(
+                        r,
+                        d,
+                        3 * d,
+                        dqkv_m,
+                        Mat::rows(qkv_w, 0, d),
+                        &mut dln1,
+                        d,
+                        Init::Zero,
+                        true,
+                    )
+                },
+            );
+            dqkv_b.copy_from_slice(&column_sums(&dqkv, 3 * d));
+            drop(dqkv);
+            let mut dx = dx1;
+            let (gw, gb) = layer_norm::backward_into(xs, &dln1, n1w, &s.stats1, &mut dx, true);
+            dn1w.copy_from_slice(&gw);
+            dn1b.copy_from_slice(&gb);
+
+            Ok((
+                Some(tensor(dx, x.shape().clone())?),
+                Some(tensor(dp, p.shape().clone())?),
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::tests::{compare_with_reference, finite_difference_check, max_rel_diff, seeded};
+    use candle_core::Var;
+
+    /// Inputs: x, then the twelve weights (LayerNorm gains near 1).
+    fn inputs(b: usize, t: usize, d: usize, h: usize) -> Result<Vec<Tensor>> {
+        let mut v = vec![seeded(&[b, t, d], 1, 1.0)?];
+        for (i, shape) in shapes(d, h).iter().enumerate() {
+            let w = seeded(shape, 10 + i as u64, 0.1)?;
+            v.push(if NAMES[i].starts_with("norm") && NAMES[i].ends_with("weight") {
+                (w + 1.0)?
+            } else {
+                w
+            });
+        }
+        Ok(v)
+    }
+
+    fn run(v: &[Tensor], heads: usize) -> Result<Tensor> {
+        let w: [&Tensor; 12] = std::array::from_fn(|i| &v[i + 1]);
+        block(&v[0], w, heads, 1e-6)
+    }
+
+    /// The same on variables (their tensors keep the variables' ids).
+    fn run_vars(v: &[Var], heads: usize) -> Result<Tensor> {
+        run(&v.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>(), heads)
+    }
+
+    /// Values and the gradients of x and all twelve weights against the basic-op
+    /// composition, and central differences in f64; T = 197 with head width 64
+    /// (ViT at 224 px), odd T and widths, batch 1.
+    #[test]
+    fn block_matches_reference_and_finite_differences() -> Result<()> {
+        for (b, t, heads, hd) in [(1, 197, 2, 64), (3, 50, 3, 8), (2, 7, 1, 5)] {
+            let d = heads * hd;
+            let h = 4 * d;
+            let v = inputs(b, t, d, h)?;
+            let all: Vec<usize> = (0..13).collect();
+            compare_with_reference("block", &v, &all, 1e-4, |v| run_vars(v, heads))?;
+            for (i, positions) in [
+                (0, vec![0, d + 1, b * t * d - 1]),
+                (3, vec![0, 3 * d * d - 1]),
+                (9, vec![1]),
+                (7, vec![0]),
+            ] {
+                finite_difference_check("block", &v, i, &positions, 3e-3, |t| run(t, heads))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused block against the composition of the fused ops (what it replaces), tightly.
+    #[test]
+    fn block_matches_the_composition_of_the_fused_ops() -> Result<()> {
+        let (b, t, heads, d) = (4, 50, 3, 48);
+        let v: Vec<Var> = inputs(b, t, d, 4 * d)?
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<Result<_>>()?;
+        let w: [&Tensor; 12] = std::array::from_fn(|i| v[i + 1].as_tensor());
+        let r = seeded(&[b, t, d], 99, 1.0)?;
+        let fused = block(&v[0], w, heads, 1e-6)?;
+        let composed = block_reference(&v[0], w, heads, 1e-6)?;
+        assert!(max_rel_diff(&fused, &composed) < 1e-5, "block value");
+        let gf = (&fused * &r)?.sum_all()?.backward()?;
+        let gc = (&composed * &r)?.sum_all()?.backward()?;
+        for (i, var) in v.iter().enumerate() {
+            let (a, c) = (gf.get(var).expect("fused grad"), gc.get(var).expect("composed grad"));
+            let e = max_rel_diff(a, c);
+            assert!(
+                e < 5e-5,
+                "block: gradient of input {i} differs from the composition by {e}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn block_bits_do_not_depend_on_threads() -> Result<()> {
+        let (b, t, heads, d) = (3, 41, 2, 24);
+        let v: Vec<Var> = inputs(b, t, d, 4 * d)?
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<Result<_>>()?;
+        let r = seeded(&[b, t, d], 7, 1.0)?;
+        let go = |threads: usize| -> Result<Vec<Vec<u32>>> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            pool.install(|| {
+                let w: [&Tensor; 12] = std::array::from_fn(|i| v[i + 1].as_tensor());
+                let y = block(&v[0], w, heads, 1e-6)?;
+                let g = (&y * &r)?.sum_all()?.backward()?;
+                let mut out = vec![y];
+                out.extend(v.iter().map(|var| g.get(var).cloned().expect("grad")));
+                out.iter()
+                    .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect()))
+                    .collect()
+            })
+        };
+        assert_eq!(go(1)?, go(3)?, "block bits depend on the thread count");
+        Ok(())
+    }
+
+    #[test]
+    fn block_names_a_misshapen_weight() -> Result<()> {
+        let mut v = inputs(1, 5, 8, 32)?;
+        v[10] = seeded(&[31], 1, 1.0)?; // mlp.fc1.bias (v[0] is x)
+        let err = run(&v, 2).expect_err("bad shape accepted");
+        assert!(err.to_string().contains("mlp.fc1.bias"), "{err}");
+        Ok(())
+    }
+}
