@@ -13,7 +13,7 @@
 //! kernel wants: no (B, H, T, T) tensor is saved). With dO the output gradient:
 //! dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)) scale, dQ = dS K, dK = dS^T Q.
 
-use super::cpu::{exp, f32_slice, tensor, with_slices};
+use super::cpu::{exp, f32_slice, output_vec, tensor, with_slices};
 use crate::model::autocast;
 use crate::model::matmul::{gemm, gemm_ptr, Init, Mat, SendPtr};
 use crate::simd::multiversion;
@@ -129,8 +129,8 @@ impl CustomOp1 for Attention {
         let qkv = f32_slice(st, l, "attention qkv")?;
         let (b, t, three_d) = l.shape().dims3()?;
         let d = three_d / 3;
-        let mut out = vec![0f32; b * t * d];
-        let mut lse = vec![0f32; b * self.core.heads * t];
+        let mut out = output_vec(b * t * d);
+        let mut lse = output_vec(b * self.core.heads * t);
         self.core.forward_into(qkv, t, d, &mut out, &mut lse);
         let _ = self.lse.set(tensor(lse, (b, self.core.heads, t))?);
         Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
@@ -142,7 +142,7 @@ impl CustomOp1 for Attention {
         };
         let (b, t, three_d) = qkv.dims3()?;
         with_slices([qkv, out, g, lse], "attention backward", |[qkv, out, g, lse]| {
-            let mut dqkv = vec![0f32; b * t * three_d];
+            let mut dqkv = output_vec(b * t * three_d);
             self.core.backward_into(qkv, out, g, lse, t, three_d / 3, &mut dqkv);
             Ok(Some(tensor(dqkv, (b, t, three_d))?))
         })
@@ -156,7 +156,7 @@ impl Core {
         let out_ptr = SendPtr(out.as_mut_ptr());
         lse.par_chunks_mut(t.max(1)).enumerate().for_each(|(task, lse)| {
             let hv = self.view(t, d, task);
-            let mut p = vec![0f32; t * t];
+            let mut p = output_vec(t * t);
             self.scores(qkv, &hv, &mut p);
             softmax_rows(&mut p, t, self.scale, lse);
             let o_off = (task / self.heads) * t * d + hv.col;
@@ -197,7 +197,7 @@ impl Core {
             let hv = self.view(t, d, task);
             let o_off = (task / self.heads) * t * d + hv.col;
             let d_o = Mat::rows(g, o_off, d);
-            let mut p = vec![0f32; t * t];
+            let mut p = output_vec(t * t);
             self.scores(qkv, &hv, &mut p);
             probabilities(&mut p, t, self.scale, lse);
             let dptr = dptr;
@@ -207,15 +207,9 @@ impl Core {
                 let dv = dptr.get().add(hv.row0 + 2 * d + hv.col);
                 gemm_ptr(t, hv.hd, t, Mat::cols(&p, 0, t), d_o, dv, three_d, Init::Zero, false);
             }
-            let mut ds = vec![0f32; t * t];
+            let mut ds = output_vec(t * t);
             gemm(t, t, hv.hd, d_o, hv.v_t(qkv), &mut ds, t, Init::Zero, false);
-            for i in 0..t {
-                let (go, o) = (&g[o_off + i * d..][..hv.hd], &out[o_off + i * d..][..hv.hd]);
-                let di: f32 = go.iter().zip(o).map(|(a, b)| a * b).sum();
-                for (s, &pv) in ds[i * t..(i + 1) * t].iter_mut().zip(&p[i * t..(i + 1) * t]) {
-                    *s = pv * (*s - di) * self.scale;
-                }
-            }
+            softmax_backward_rows(&mut ds, &p, t, g, out, o_off, d, hv.hd, self.scale);
             unsafe {
                 let dq = dptr.get().add(hv.row0 + hv.col);
                 gemm_ptr(
@@ -267,17 +261,33 @@ multiversion! {
 }
 
 /// Row of scores -> its softmax of `row * scale`, in place; returns the logsumexp.
+/// Sums run in 8 lanes (element i into lane i % 8), added in a fixed order: the
+/// loops vectorize without reassociating anything.
 #[inline(always)]
 fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
-    let mut max = f32::NEG_INFINITY;
-    for s in row.iter_mut() {
-        *s *= scale;
-        max = max.max(*s);
+    let (chunks, tail) = row.as_chunks_mut::<8>();
+    let mut m = [f32::NEG_INFINITY; 8];
+    for c in chunks.iter_mut() {
+        for i in 0..8 {
+            c[i] *= scale;
+            m[i] = m[i].max(c[i]);
+        }
     }
+    for (i, s) in tail.iter_mut().enumerate() {
+        *s *= scale;
+        m[i] = m[i].max(*s);
+    }
+    let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut acc = [0f32; 8];
-    for (i, s) in row.iter_mut().enumerate() {
+    for c in chunks.iter_mut() {
+        for i in 0..8 {
+            c[i] = exp(c[i] - max);
+            acc[i] += c[i];
+        }
+    }
+    for (i, s) in tail.iter_mut().enumerate() {
         *s = exp(*s - max);
-        acc[i % 8] += *s;
+        acc[i] += *s;
     }
     let sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     let inv = 1.0 / sum;
@@ -285,6 +295,31 @@ fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
         *s *= inv;
     }
     max + sum.ln()
+}
+
+multiversion! {
+    /// dS = P (dP - rowsum(dO O)) scale, in place on `ds` (which holds dP = dO V^T),
+    /// rows of width t; dO and O rows (width hd) at `o_off + i * ld`.
+    fn softmax_backward_rows / softmax_backward_rows_scalar(ds: &mut [f32], p: &[f32], t: usize, g: &[f32], out: &[f32], o_off: usize, ld: usize, hd: usize, scale: f32) {
+        for (i, (dsr, pr)) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
+            let (go, o) = (&g[o_off + i * ld..][..hd], &out[o_off + i * ld..][..hd]);
+            let mut acc = [0f32; 8];
+            let (gc, gt) = go.as_chunks::<8>();
+            let (oc, ot) = o.as_chunks::<8>();
+            for (a, b) in gc.iter().zip(oc) {
+                for l in 0..8 {
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            for (l, (a, b)) in gt.iter().zip(ot).enumerate() {
+                acc[l] += a * b;
+            }
+            let di = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            for (s, &pv) in dsr.iter_mut().zip(pr) {
+                *s = pv * (*s - di) * scale;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

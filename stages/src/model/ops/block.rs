@@ -26,7 +26,7 @@
 //! and its GELU. No (B, H, T, T) tensor.
 
 use super::attention::Core;
-use super::cpu::{f32_slice, tensor, with_slices, ROWS_PER_TASK};
+use super::cpu::{f32_slice, output_vec, tensor, with_slices, ROWS_PER_TASK};
 use super::{attention, gelu, layer_norm, linear};
 use crate::model::autocast;
 use crate::model::matmul::{column_sums, gemm, Init, Mat};
@@ -166,7 +166,7 @@ fn split_mut(mut p: &mut [f32], sizes: [usize; 12]) -> [&mut [f32]; 12] {
 /// Rows of `x` plus the row `b`: the initial C of a product that adds a residual.
 fn residual_plus_bias(x: &[f32], b: &[f32]) -> Vec<f32> {
     let n = b.len().max(1);
-    let mut c = vec![0f32; x.len()];
+    let mut c = output_vec(x.len());
     c.par_chunks_mut(ROWS_PER_TASK * n)
         .zip(x.par_chunks(ROWS_PER_TASK * n))
         .for_each(|(c, x)| {
@@ -199,9 +199,9 @@ impl CustomOp2 for BlockOp {
         }
         let [n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b] = split(p, sizes(d, h));
 
-        let (mut ln1, mut stats1) = (vec![0f32; r * d], vec![0f32; 2 * r]);
+        let (mut ln1, mut stats1) = (output_vec(r * d), output_vec(2 * r));
         layer_norm::forward_into(x, n1w, n1b, self.eps, &mut ln1, &mut stats1);
-        let mut qkv = vec![0f32; r * 3 * d];
+        let mut qkv = output_vec(r * 3 * d);
         let ln1_m = Mat::rows(&ln1, 0, d);
         gemm(
             r,
@@ -214,7 +214,7 @@ impl CustomOp2 for BlockOp {
             Init::Bias(qkv_b),
             true,
         );
-        let (mut attn, mut lse) = (vec![0f32; r * d], vec![0f32; b * self.core.heads * t]);
+        let (mut attn, mut lse) = (output_vec(r * d), output_vec(b * self.core.heads * t));
         self.core.forward_into(&qkv, t, d, &mut attn, &mut lse);
         let mut x1 = residual_plus_bias(x, proj_b);
         let attn_m = Mat::rows(&attn, 0, d);
@@ -230,9 +230,9 @@ impl CustomOp2 for BlockOp {
             true,
         );
 
-        let (mut ln2, mut stats2) = (vec![0f32; r * d], vec![0f32; 2 * r]);
+        let (mut ln2, mut stats2) = (output_vec(r * d), output_vec(2 * r));
         layer_norm::forward_into(&x1, n2w, n2b, self.eps, &mut ln2, &mut stats2);
-        let mut pre = vec![0f32; r * h];
+        let mut pre = output_vec(r * h);
         let ln2_m = Mat::rows(&ln2, 0, d);
         gemm(
             r,
@@ -245,7 +245,7 @@ impl CustomOp2 for BlockOp {
             Init::Bias(fc1_b),
             true,
         );
-        let mut act = vec![0f32; r * h];
+        let mut act = output_vec(r * h);
         gelu::forward_into(&pre, &mut act);
         let mut y = residual_plus_bias(&x1, fc2_b);
         gemm(
@@ -285,12 +285,12 @@ impl CustomOp2 for BlockOp {
         with_slices([x, p, g], "block backward", |[xs, ps, dy]| {
             let r = xs.len() / d;
             let [n1w, _, qkv_w, _, proj_w, _, n2w, _, fc1_w, _, fc2_w, _] = split(ps, sizes(d, h));
-            let mut dp = vec![0f32; ps.len()];
+            let mut dp = output_vec(ps.len());
             let [dn1w, dn1b, dqkv_w, dqkv_b, dproj_w, dproj_b, dn2w, dn2b, dfc1_w, dfc1_b, dfc2_w, dfc2_b] =
                 split_mut(&mut dp, sizes(d, h));
 
             // fc2, then the GELU in place: dpre.
-            let mut dpre = vec![0f32; r * h];
+            let mut dpre = output_vec(r * h);
             let dy_m = Mat::rows(dy, 0, d);
             rayon::join(
                 || {
@@ -312,7 +312,7 @@ impl CustomOp2 for BlockOp {
             gelu::backward_in_place(&s.pre, &mut dpre);
 
             // fc1, then norm2 with the residual: dx1 = dy + norm2's dx.
-            let mut dln2 = vec![0f32; r * d];
+            let mut dln2 = output_vec(r * d);
             let dpre_m = Mat::rows(&dpre, 0, h);
             rayon::join(
                 || {
@@ -357,7 +357,7 @@ impl CustomOp2 for BlockOp {
                 || gemm(r, d, d, dx1_m, Mat::rows(proj_w, 0, d), &mut dattn, d, Init::Zero, true),
             );
             dproj_b.copy_from_slice(&column_sums(&dx1, d));
-            let mut dqkv = vec![0f32; r * 3 * d];
+            let mut dqkv = output_vec(r * 3 * d);
             self.core
                 .backward_into(&s.qkv, &s.attn, &dattn, &s.lse, s.t, d, &mut dqkv);
 

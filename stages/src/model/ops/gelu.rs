@@ -2,7 +2,7 @@
 //! tanh form), with its exact derivative `Phi(x) + x phi(x)`, phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
 //! erf by Abramowitz & Stegun 7.1.26 on our vectorizable exp.
 
-use super::cpu::{erf_with, exp, f32_slice, tensor, with_slices};
+use super::cpu::{erf_with, exp, f32_slice, output_vec, tensor, with_slices};
 use crate::simd::multiversion;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -82,14 +82,14 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = output_vec(x.len());
         forward_into(x, &mut y);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         with_slices([x, g], "gelu backward", |[xs, gs]| {
-            let mut dx = vec![0f32; xs.len()];
+            let mut dx = output_vec(xs.len());
             dx.par_chunks_mut(CHUNK)
                 .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
                 .for_each(|(dx, (x, g))| backward_chunk(x, g, dx));

@@ -4,7 +4,7 @@
 //! `dx = rstd (gh - mean(gh) - xh mean(gh xh))`, and dgamma = sum g xh, dbeta = sum g
 //! over rows as fixed-block partials (thread-independent bits).
 
-use super::cpu::{f32_slice, sum_partials, tensor, with_slices, ROWS_PER_TASK};
+use super::cpu::{f32_slice, output_vec, sum_partials, tensor, with_slices, ROWS_PER_TASK};
 use crate::simd::multiversion;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -170,8 +170,8 @@ impl CustomOp3 for LayerNormOp {
             candle_core::bail!("layer-norm: x {:?}, weight {}, bias {}", l1.dims(), w.len(), b.len())
         }
         let rows = x.len() / d;
-        let mut y = vec![0f32; x.len()];
-        let mut stats = vec![0f32; 2 * rows];
+        let mut y = output_vec(x.len());
+        let mut stats = output_vec(2 * rows);
         forward_into(x, w, b, self.eps, &mut y, &mut stats);
         let _ = self.stats.set(tensor(stats, (rows, 2))?);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -189,7 +189,7 @@ impl CustomOp3 for LayerNormOp {
             candle_core::bail!("layer-norm backward before its forward")
         };
         with_slices([x, w, g, stats], "layer-norm backward", |[xs, ws, gs, st]| {
-            let mut dx = vec![0f32; xs.len()];
+            let mut dx = output_vec(xs.len());
             let (dw, db) = backward_into(xs, gs, ws, st, &mut dx, false);
             Ok((
                 Some(tensor(dx, x.shape().clone())?),

@@ -3,7 +3,7 @@
 //! db = the column sums of g (fixed-block partials, thread-independent bits).
 //! dx is skipped when x needs no gradient (a stem on the images).
 
-use super::cpu::{f32_slice, tensor, with_slices};
+use super::cpu::{f32_slice, output_vec, tensor, with_slices};
 use crate::model::autocast;
 use crate::model::matmul::{column_sums, gemm, matmul, Init, Mat};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -58,7 +58,7 @@ impl CustomOp3 for LinearOp {
         if k != k2 || b.len() != n {
             candle_core::bail!("linear: x {:?}, weight {:?}, bias {}", l1.dims(), l2.dims(), b.len())
         }
-        let mut y = vec![0f32; rows * n];
+        let mut y = output_vec(rows * n);
         gemm(
             rows,
             n,
@@ -91,7 +91,7 @@ impl CustomOp3 for LinearOp {
         let want_dx = x.track_op();
         with_slices([x, w, g], "linear backward", |[xs, ws, gs]| {
             let dx = if want_dx {
-                let mut dx = vec![0f32; rows * k];
+                let mut dx = output_vec(rows * k);
                 gemm(
                     rows,
                     k,
@@ -107,7 +107,7 @@ impl CustomOp3 for LinearOp {
             } else {
                 None
             };
-            let mut dw = vec![0f32; n * k];
+            let mut dw = output_vec(n * k);
             gemm(
                 n,
                 k,
