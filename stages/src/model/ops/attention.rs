@@ -300,6 +300,7 @@ fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
 multiversion! {
     /// dS = P (dP - rowsum(dO O)) scale, in place on `ds` (which holds dP = dO V^T),
     /// rows of width t; dO and O rows (width hd) at `o_off + i * ld`.
+    #[allow(clippy::too_many_arguments)]
     fn softmax_backward_rows / softmax_backward_rows_scalar(ds: &mut [f32], p: &[f32], t: usize, g: &[f32], out: &[f32], o_off: usize, ld: usize, hd: usize, scale: f32) {
         for (i, (dsr, pr)) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
             let (go, o) = (&g[o_off + i * ld..][..hd], &out[o_off + i * ld..][..hd]);

@@ -22,8 +22,9 @@
 //! backward cost a few passes over the weights, small beside the activations.
 //!
 //! Saved for the backward (CPU vectors in the op): both LayerNorms' outputs and
-//! (mean, rstd), qkv, the attention output and its logsumexp, x1, fc1's output
-//! and its GELU. No (B, H, T, T) tensor.
+//! (mean, rstd), qkv, the attention output and its logsumexp, x1, and the GELU's
+//! output and derivative at fc1's output (computed in one pass, so the backward
+//! does not evaluate erf and exp again). No (B, H, T, T) tensor.
 
 use super::attention::Core;
 use super::cpu::{f32_slice, output_vec, tensor, with_slices, ROWS_PER_TASK};
@@ -139,8 +140,8 @@ struct Saved {
     x1: Vec<f32>,
     ln2: Vec<f32>,
     stats2: Vec<f32>,
-    /// fc1's output, before the GELU.
-    pre: Vec<f32>,
+    /// GELU's derivative at fc1's output.
+    dact_dpre: Vec<f32>,
     /// GELU(pre): fc2's input.
     act: Vec<f32>,
 }
@@ -245,8 +246,9 @@ impl CustomOp2 for BlockOp {
             Init::Bias(fc1_b),
             true,
         );
-        let mut act = output_vec(r * h);
-        gelu::forward_into(&pre, &mut act);
+        let (mut act, mut dact_dpre) = (output_vec(r * h), output_vec(r * h));
+        gelu::forward_with_derivative_into(&pre, &mut act, &mut dact_dpre);
+        drop(pre);
         let mut y = residual_plus_bias(&x1, fc2_b);
         gemm(
             r,
@@ -270,7 +272,7 @@ impl CustomOp2 for BlockOp {
             x1,
             ln2,
             stats2,
-            pre,
+            dact_dpre,
             act,
         };
         let _ = self.saved.set(saved);
@@ -309,7 +311,7 @@ impl CustomOp2 for BlockOp {
                 || gemm(r, h, d, dy_m, Mat::rows(fc2_w, 0, h), &mut dpre, h, Init::Zero, true),
             );
             dfc2_b.copy_from_slice(&column_sums(dy, d));
-            gelu::backward_in_place(&s.pre, &mut dpre);
+            gelu::backward_with_derivative(&s.dact_dpre, &mut dpre);
 
             // fc1, then norm2 with the residual: dx1 = dy + norm2's dx.
             let mut dln2 = output_vec(r * d);

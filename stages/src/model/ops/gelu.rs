@@ -48,15 +48,34 @@ multiversion! {
 }
 
 multiversion! {
-    /// `g *= GELU'(x)`: the backward in place on the output gradient.
-    fn backward_chunk_in_place / backward_chunk_in_place_scalar(x: &[f32], g: &mut [f32]) {
-        for (g, &v) in g.iter_mut().zip(x) {
+    /// y = GELU(x) and its derivative at x, in one pass (the block saves the
+    /// derivative, so its backward is one multiply instead of a second erf and exp).
+    fn forward_with_derivative_chunk / forward_with_derivative_chunk_scalar(x: &[f32], y: &mut [f32], dy_dx: &mut [f32]) {
+        for ((o, dv), &v) in y.iter_mut().zip(dy_dx.iter_mut()).zip(x) {
             let u = v * FRAC_1_SQRT_2;
             let e = exp(-u * u);
-            let cdf = 0.5 * (1.0 + erf_with(u, e));
-            *g *= cdf + v * FRAC_1_SQRT_2PI * e;
+            let one_plus_erf = 1.0 + erf_with(u, e);
+            *o = 0.5 * v * one_plus_erf; // as forward_chunk, bit for bit
+            *dv = 0.5 * one_plus_erf + v * FRAC_1_SQRT_2PI * e;
         }
     }
+}
+
+/// `y = GELU(x)` and `dy_dx = GELU'(x)` on slices, parallel over fixed chunks.
+pub(crate) fn forward_with_derivative_into(x: &[f32], y: &mut [f32], dy_dx: &mut [f32]) {
+    y.par_chunks_mut(CHUNK)
+        .zip(dy_dx.par_chunks_mut(CHUNK))
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|((y, dv), x)| forward_with_derivative_chunk(x, y, dv));
+}
+
+/// The backward from a saved derivative, in place: `g *= dy_dx`.
+pub(crate) fn backward_with_derivative(dy_dx: &[f32], g: &mut [f32]) {
+    g.par_chunks_mut(CHUNK).zip(dy_dx.par_chunks(CHUNK)).for_each(|(g, d)| {
+        for (g, &d) in g.iter_mut().zip(d) {
+            *g *= d;
+        }
+    });
 }
 
 /// The forward on slices, `y = GELU(x)`, parallel over fixed chunks.
@@ -64,13 +83,6 @@ pub(crate) fn forward_into(x: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| forward_chunk(x, y));
-}
-
-/// The backward on slices, in place: `g` (the output gradient) becomes dx.
-pub(crate) fn backward_in_place(x: &[f32], g: &mut [f32]) {
-    g.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(g, x)| backward_chunk_in_place(x, g));
 }
 
 struct Gelu;
@@ -114,6 +126,15 @@ mod tests {
         forward_chunk(&x, &mut a);
         forward_chunk_scalar(&x, &mut b);
         assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        // The one-pass value and derivative are the forward's and the backward's bits.
+        let (mut y, mut dy_dx) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        forward_with_derivative_into(&x, &mut y, &mut dy_dx);
+        let g: Vec<f32> = (0..x.len()).map(|i| (i % 7) as f32 - 3.0).collect();
+        let (mut dx, mut dx_saved) = (vec![0f32; x.len()], g.clone());
+        backward_chunk(&x, &g, &mut dx);
+        backward_with_derivative(&dy_dx, &mut dx_saved);
+        assert!(y.iter().zip(&a).all(|(p, q)| p.to_bits() == q.to_bits()));
+        assert!(dx.iter().zip(&dx_saved).all(|(p, q)| p.to_bits() == q.to_bits()));
         Ok(())
     }
 }
