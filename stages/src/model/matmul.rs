@@ -247,45 +247,57 @@ mod blas {
             return false;
         }
         ONE_THREAD.call_once(|| openblas_set_num_threads(1));
-        // Blocks of rows: about 8 per product, a multiple of 16, from the shape alone.
-        let rows = (m.div_ceil(8).div_ceil(16) * 16).max(MIN_ROWS);
+        // Blocks of C from the shape alone, never the thread count, so the bits do not
+        // depend on it. Each call packs the operand it does not split again, so blocks
+        // stay large: about 4 row blocks of at least MIN_ROWS rows, or, when C has too
+        // few rows for two blocks and columns to spare (a dW = g^T x with a narrow
+        // output), column blocks. `examples/gemm_speed.rs` on the tiny preset's shapes,
+        // 2 threads: 8 row blocks 152-174 GFLOP/s forward, 4 blocks 172-177; fc2's dW
+        // (192 x 768, k 3200) 85-93 in one block.
+        let (row_block, col_block) = if m < 2 * MIN_ROWS && n >= 2 * MIN_ROWS {
+            (m, (n.div_ceil(4).div_ceil(16) * 16).max(MIN_ROWS))
+        } else {
+            ((m.div_ceil(4).div_ceil(16) * 16).max(MIN_ROWS), n)
+        };
         let c_ptr = SendPtr(c);
-        let task = |i0: usize| {
-            let mb = rows.min(m - i0);
-            let c0 = c_ptr.get().add(i0 * ldc);
+        let task = |(i0, j0): (usize, usize)| {
+            let (mb, nb) = (row_block.min(m - i0), col_block.min(n - j0));
+            let c0 = c_ptr.get().add(i0 * ldc + j0);
             let beta = match init {
                 Init::Zero => 0.0,
                 Init::Accumulate => 1.0,
                 Init::Bias(bias) => {
                     for i in 0..mb {
-                        std::slice::from_raw_parts_mut(c0.add(i * ldc), n).copy_from_slice(&bias[..n]);
+                        std::slice::from_raw_parts_mut(c0.add(i * ldc), nb).copy_from_slice(&bias[j0..j0 + nb]);
                     }
                     1.0
                 }
             };
-            let a0 = a.data.as_ptr().add(a.off + i0 * a.rs);
             cblas_sgemm(
                 ROW_MAJOR,
                 ta,
                 tb,
                 mb as c_int,
-                n as c_int,
+                nb as c_int,
                 k as c_int,
                 1.0,
-                a0,
+                a.data.as_ptr().add(a.off + i0 * a.rs),
                 lda as c_int,
-                b.data.as_ptr().add(b.off),
+                b.data.as_ptr().add(b.off + j0 * b.cs),
                 ldb as c_int,
                 beta,
                 c0,
                 ldc as c_int,
             );
         };
-        let starts: Vec<usize> = (0..m).step_by(rows).collect();
-        if parallel && starts.len() > 1 && m * n * k >= 1 << 18 {
-            starts.into_par_iter().for_each(task);
+        let blocks: Vec<(usize, usize)> = (0..m)
+            .step_by(row_block)
+            .flat_map(|i0| (0..n).step_by(col_block).map(move |j0| (i0, j0)))
+            .collect();
+        if parallel && blocks.len() > 1 && m * n * k >= 1 << 18 {
+            blocks.into_par_iter().for_each(task);
         } else {
-            starts.into_iter().for_each(task);
+            blocks.into_iter().for_each(task);
         }
         true
     }
@@ -694,12 +706,14 @@ mod tests {
     }
 
     /// The kernel against the triple loop, every init mode, and the same bits
-    /// for 1 thread and for several (rows split, never the reduction).
+    /// for 1 thread and for several (C split into blocks, never the reduction):
+    /// several row blocks with a ragged last one (600 rows), and column blocks
+    /// (100 x 700, where the bias is sliced per block).
     #[test]
     fn kernel_matches_reference_and_thread_count() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        for (m, k, n) in [(1, 3, 1), (150, 257, 40), (73, 64, 197), (300, 19, 33)] {
+        for (m, k, n) in [(1, 3, 1), (150, 257, 40), (73, 64, 197), (600, 19, 33), (100, 37, 700)] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
