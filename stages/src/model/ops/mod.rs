@@ -32,8 +32,10 @@
 //!
 //! **Designed for CUDA** (part 2): each op struct is the unit a kernel
 //! implements (`cuda_fwd` beside `cpu_fwd`, the same `bwd`); the saved state is a
-//! tensor on the op's device, and the layouts are the ones a kernel wants (packed
-//! qkv with the head split as strides, row-major rows for the norms).
+//! tensor on the op's device (the block, a CPU-only sequence of the other ops'
+//! kernels, keeps plain vectors; on CUDA it runs as the composition until its
+//! kernels exist), and the layouts are the ones a kernel wants (packed qkv with
+//! the head split as strides, row-major rows for the norms).
 
 pub mod attention;
 pub mod basic;
