@@ -314,15 +314,40 @@ fn run_skips_bad_input_with_counts_or_fails_naming_shard_and_key() {
     let run_dir = dir.path().join("run");
     // The damaged data and its single lane stay; one epoch of the tiny model.
     let quick = ["--set", "train.epochs=1"].iter().chain(TINY_MODEL);
+    // One bad sample in about 16 is past the default data.max_skip_fraction (1%):
+    // the run stops, saying how many were skipped and why.
     let out = pipeline()
         .arg("run")
         .arg(&config)
         .args(quick.clone())
         .args(["--set", "train.batch_size=2", "--set"])
+        .arg(format!("run.dir={}", dir.path().join("run-strict").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("were skipped as bad input") && err.contains("data.max_skip_fraction 0.01"),
+        "{err}"
+    );
+    let out = pipeline()
+        .arg("run")
+        .arg(&config)
+        .args(quick.clone())
+        .args([
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "data.max_skip_fraction=0.5",
+            "--set",
+        ])
         .arg(format!("run.dir={}", run_dir.display()))
         .output()
         .unwrap();
     let stdout = ok(out);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["skipped_samples"], 1, "{summary}");
     // Shard 0: 10 good. Shard 1, cut in half: its complete samples read, the
     // one in progress counted. Shard 2: missing, counted.
     assert!(stdout.contains("skipped: 1 samples, 1 shards"), "{stdout}");
@@ -356,4 +381,49 @@ fn run_skips_bad_input_with_counts_or_fails_naming_shard_and_key() {
         err.contains("d-000001.tar:train-") || err.contains("d-000002.tar"),
         "{err}"
     );
+}
+
+/// A run whose shards are all missing names them; a finished run resumed has
+/// nothing to train and says so: neither exits 0.
+#[test]
+fn runs_that_would_train_nothing_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = pipeline()
+        .args(["run", "configs/pretrain.yaml", "--set"])
+        .arg(format!("data.train=['{}/gone-{{0..2}}.tar']", dir.path().display()))
+        .arg("--set")
+        .arg(format!("run.dir={}", dir.path().join("run").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("none of the 3 shards exists") && err.contains("gone-0.tar"),
+        "{err}"
+    );
+
+    let run_dir = dir.path().join("done");
+    let quick = ["--set", "train.epochs=1"];
+    let out = pipeline()
+        .args(["run", "configs/pretrain.yaml"])
+        .args(quick)
+        .args(TINY_MODEL)
+        .args(["--set", "eval.after_run=false", "--set"])
+        .arg(format!("run.dir={}", run_dir.display()))
+        .output()
+        .unwrap();
+    ok(out);
+    let out = pipeline()
+        .args(["run", "configs/pretrain.yaml"])
+        .args(quick)
+        .args(TINY_MODEL)
+        .args(["--set", "eval.after_run=false", "--resume"])
+        .arg(&run_dir)
+        .arg("--set")
+        .arg(format!("run.dir={}", run_dir.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing to train"), "{err}");
 }

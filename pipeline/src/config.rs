@@ -86,6 +86,15 @@ pub struct DataConfig {
     /// What bad input does: `skip` (count, log, go on) or `fail`.
     #[serde(default)]
     pub on_error: shards::OnError,
+    /// Under `skip`, the run stops with an error once more than this fraction
+    /// of the samples seen were skipped: a few bad files are noise, most of the
+    /// data failing is a broken dataset or config.
+    #[serde(default = "default_max_skip_fraction")]
+    pub max_skip_fraction: f64,
+}
+
+fn default_max_skip_fraction() -> f64 {
+    0.01
 }
 
 fn default_lanes() -> usize {
@@ -178,6 +187,15 @@ impl RunConfig {
         if self.data.lanes == 0 {
             bail!("data.lanes: must be at least 1");
         }
+        if self.data.shuffle_buffer == 0 {
+            bail!("data.shuffle_buffer is 0: it must hold at least 1 sample (1 reads each lane in order)");
+        }
+        if !(0.0..=1.0).contains(&self.data.max_skip_fraction) {
+            bail!(
+                "data.max_skip_fraction {} must be in [0, 1]",
+                self.data.max_skip_fraction
+            );
+        }
         if self.run.window == 0 || self.run.log_every == 0 {
             bail!("run.window and run.log_every must be at least 1");
         }
@@ -188,6 +206,24 @@ impl RunConfig {
         let backbone = &self.model.backbone;
         if backbone.in_chans != 3 {
             bail!("model.backbone.in_chans is {}, but the data stages give RGB (grey images as three equal channels): set it to 3", backbone.in_chans);
+        }
+        if self.model.target == stages::model::TargetSource::Batch {
+            let kinds = &self.stages.targets.kinds;
+            let dims: usize = kinds.iter().map(|&k| crate::cache::target_dims(&self.stages, k)).sum();
+            if kinds.is_empty() {
+                bail!("stages.targets.kinds is empty, but the model predicts per-patch targets from the batch");
+            }
+            if dims != self.model.target_dim {
+                let each: Vec<String> = kinds
+                    .iter()
+                    .map(|&k| format!("{} {}", k.name(), crate::cache::target_dims(&self.stages, k)))
+                    .collect();
+                bail!(
+                    "model.target_dim is {}, but stages.targets.kinds give {dims} values per patch ({}): set model.target_dim={dims}",
+                    self.model.target_dim,
+                    each.join(" + ")
+                );
+            }
         }
         if backbone.img_size != self.stages.augment.size || backbone.patch_size != self.stages.patch {
             bail!(
@@ -261,6 +297,34 @@ mod tests {
             }
         }
         assert!(seen >= 4, "only {seen} configs in {}", dir.display());
+    }
+
+    /// Values that used to panic, hang or train nothing are refused before any
+    /// work, each naming its key and the allowed range.
+    #[test]
+    fn out_of_range_values_name_the_key_and_the_range() {
+        for (set, want) in [
+            ("train.epochs=0", "train.epochs is 0"),
+            ("data.shuffle_buffer=0", "data.shuffle_buffer is 0"),
+            ("stages.mask.ratio=1.5", "stages.mask.ratio 1.5 must be in [0, 1)"),
+            ("stages.mask.ratio=-0.1", "stages.mask.ratio -0.1 must be in [0, 1)"),
+            ("data.max_skip_fraction=2", "data.max_skip_fraction 2 must be in [0, 1]"),
+            ("train.warmup_epochs=-1", "train.warmup_epochs -1"),
+            (
+                "model.target_dim=100",
+                "model.target_dim is 100, but stages.targets.kinds give 108",
+            ),
+        ] {
+            let err = parse(MINIMAL, &[set.to_string()], Path::new("")).expect_err(set);
+            let msg = format!("{err:#}");
+            assert!(msg.contains(want), "{set}: {msg}");
+        }
+        // The shipped default's values pass, and two target kinds add up.
+        let two = [
+            "stages.targets.kinds=[hog, pixel]".to_string(),
+            "model.target_dim=156".to_string(),
+        ];
+        parse(MINIMAL, &two, Path::new("")).expect("hog 108 + pixel 48");
     }
 
     #[test]

@@ -75,6 +75,16 @@ impl Counters {
     }
 }
 
+/// Records each stage dropped as bad input, by stage name (those with any).
+pub fn skipped_by_stage(c: &Counters) -> Vec<(&'static str, u64)> {
+    STAGES
+        .iter()
+        .zip(&c.stages)
+        .map(|(&name, s)| (name, s.skipped.load(Ordering::Relaxed)))
+        .filter(|&(_, n)| n > 0)
+        .collect()
+}
+
 /// Counts at one moment: per stage [received, done, skipped, busy_ns].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Snapshot {

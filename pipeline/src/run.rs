@@ -219,6 +219,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             counters: counters.clone(),
             workers: args.cluster.workers,
             recycler: recycler.clone(),
+            skips: skips.clone(),
+            max_skip_fraction: cfg.data.max_skip_fraction,
         };
         let (trainer, start) = make_trainer(&setup)?;
         // One batch waits in the channel while the trainer works on the next.
@@ -241,8 +243,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         None => plan.total_batches(),
     };
     if start_batch >= stop_batch {
-        tracing::warn!(
-            "the run is already complete ({start_batch} of {} batches)",
+        bail!(
+            "nothing to train: the run starts at batch {start_batch} and stops at {stop_batch} (of {} batches); \
+             a run that trains nothing is an error (more epochs: --set train.epochs=N)",
             plan.total_batches()
         );
     }
@@ -328,6 +331,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         skips.by_reason()
     );
     if let Some(summary) = summary {
+        if summary.batches == 0 {
+            bail!(
+                "the run trained no batch ({} skipped samples); a run that trains nothing is an error",
+                summary.skipped_samples
+            );
+        }
         println!(
             "trained {} batches ({} samples) in {seconds:.1} s: {:.0} samples/s, loss {:.4} -> {:.4}, data wait {:.0}%",
             summary.batches,
@@ -352,6 +361,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 /// The batch layout of a run: counts the samples of the training shards.
 fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, Vec<u64>)> {
     let shard_paths = cfg.train_shards()?;
+    let missing: Vec<&PathBuf> = shard_paths.iter().filter(|p| !p.exists()).collect();
+    if missing.len() == shard_paths.len() {
+        let shown: Vec<String> = missing.iter().take(3).map(|p| p.display().to_string()).collect();
+        bail!(
+            "data.train: none of the {} shards exists ({}{}; patterns {:?})",
+            missing.len(),
+            shown.join(", "),
+            if missing.len() > 3 { ", ..." } else { "" },
+            cfg.data.train
+        );
+    }
     // Bad input found while counting is reported when the lanes read it.
     let counts = count_samples(&shard_paths, cfg.data.on_error, &Skips::quiet())?;
     let micro_batch = cfg.train.batch_size / cfg.train.accum_iter;

@@ -141,7 +141,7 @@ mod tests {
         std::fs::write(
             &config,
             format!(
-                "seed: 3\ndata:\n  train: ['{}']\nstages:\n  augment: {{size: 64}}\n  smooth: {{sigma: 2.0}}\n  targets: {{kinds: [pixel, hog]}}\nmodel:\n  backbone: {{img_size: 64, patch_size: 16, in_chans: 3}}\n",
+                "seed: 3\ndata:\n  train: ['{}']\nstages:\n  augment: {{size: 64}}\n  smooth: {{sigma: 2.0}}\n  targets: {{kinds: [pixel, hog]}}\nmodel:\n  backbone: {{img_size: 64, patch_size: 16, in_chans: 3}}\n  target_dim: 876\n",
                 shard.display()
             ),
         )

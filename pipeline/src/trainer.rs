@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use crossbeam::channel::Receiver;
 use serde_json::json;
 use stages::model::ModelConfig;
@@ -38,6 +38,19 @@ pub struct TrainerSetup {
     pub workers: usize,
     /// Where uploaded batches go back to the sink (see [`Recycler`]).
     pub recycler: Recycler,
+    /// Samples the shard readers skipped (this process's lanes).
+    pub skips: shards::Skips,
+    /// `data.max_skip_fraction`: the run stops past it.
+    pub max_skip_fraction: f64,
+}
+
+/// Samples skipped so far by the readers and the stages, and samples seen
+/// (skipped plus trained). Records still in flight are in neither.
+fn skip_counts(setup: &TrainerSetup, trained: u64) -> (u64, u64) {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let in_stages: u64 = setup.counters.stages.iter().map(|s| load(&s.skipped)).sum();
+    let skipped = setup.skips.total() + in_stages;
+    (skipped, skipped + trained)
 }
 
 /// What the run did.
@@ -50,6 +63,9 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// Fraction of the time the trainer waited for data.
     pub data_wait: f64,
+    /// Samples skipped as bad input (readers and stages), and their fraction of those seen.
+    pub skipped_samples: u64,
+    pub skipped_fraction: f64,
 }
 
 /// The checkpoint directory inside a run directory.
@@ -145,6 +161,19 @@ pub fn train_loop(
         summary.samples += samples;
         summary.first_loss.get_or_insert(stats.loss);
         summary.last_loss = Some(stats.loss);
+        let (skipped, seen) = skip_counts(&setup, summary.samples);
+        if skipped as f64 > setup.max_skip_fraction * seen as f64 {
+            metrics.flush()?;
+            bail!(
+                "{skipped} of the {seen} samples seen so far were skipped as bad input ({:.1}%), more than \
+                 data.max_skip_fraction {} allows (by reason: {:?}, stages {:?}); fix the data, or raise \
+                 data.max_skip_fraction if this much loss is expected",
+                100.0 * skipped as f64 / seen as f64,
+                setup.max_skip_fraction,
+                setup.skips.by_reason(),
+                crate::metrics::skipped_by_stage(&setup.counters),
+            );
+        }
         let line = json!({
             "kind": "step", "batch": ready.index, "epoch": ready.epoch, "step": stats.step,
             "loss": stats.loss, "loss_draw": stats.loss_draw, "loss_pred": stats.loss_pred,
@@ -204,5 +233,8 @@ pub fn train_loop(
     }
     summary.seconds = started.elapsed().as_secs_f64();
     summary.data_wait = waited / summary.seconds.max(1e-9);
+    let (skipped, seen) = skip_counts(&setup, summary.samples);
+    summary.skipped_samples = skipped;
+    summary.skipped_fraction = skipped as f64 / seen.max(1) as f64;
     Ok(summary)
 }

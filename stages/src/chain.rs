@@ -64,6 +64,12 @@ impl StagesConfig {
                 )));
             }
         }
+        if !(0.0..1.0).contains(&self.mask.ratio) {
+            return Err(StageError::Config(format!(
+                "stages.mask.ratio {} must be in [0, 1): it is the fraction of patches removed",
+                self.mask.ratio
+            )));
+        }
         if self.targets.kinds.contains(&targets::Kind::Hog) && p % 2 != 0 {
             return Err(StageError::Config(format!("hog needs an even stages.patch, got {p}")));
         }

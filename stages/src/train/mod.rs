@@ -110,6 +110,12 @@ impl TrainConfig {
 
     /// Rejects values that cannot train, naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        if self.epochs == 0 {
+            return Err("train.epochs is 0: a run must train at least 1 epoch".into());
+        }
+        if !(self.warmup_epochs >= 0.0 && self.warmup_epochs.is_finite()) {
+            return Err(format!("train.warmup_epochs {} must be 0 or more", self.warmup_epochs));
+        }
         if self.batch_size == 0 || self.accum_iter == 0 {
             return Err("train.batch_size and train.accum_iter must be positive".into());
         }
