@@ -401,6 +401,8 @@ fn runs_that_would_train_nothing_are_errors() {
         err.contains("none of the 3 shards exists") && err.contains("gone-0.tar"),
         "{err}"
     );
+    // A pipe gets no terminal colour codes.
+    assert!(!err.contains('\x1b'), "colour codes in piped output: {err:?}");
 
     let run_dir = dir.path().join("done");
     let quick = ["--set", "train.epochs=1"];

@@ -121,6 +121,9 @@ fn prefetch(
     Ok(rx)
 }
 
+/// metrics.jsonl is flushed at least this often (seconds), besides every `run.log_every` batches.
+const FLUSH_EVERY_S: f64 = 2.0;
+
 /// Train on every batch the sink sends until the channel closes.
 pub fn train_loop(
     setup: TrainerSetup,
@@ -148,6 +151,7 @@ pub fn train_loop(
     let mut checkpoint_due = false;
     let uploaded = prefetch(trainer.uploader(), batches, setup.recycler.clone())?;
     let mut wait_start = Instant::now();
+    let mut last_flush = Instant::now();
     for (ready, upload) in uploaded.iter() {
         let data_wait = wait_start.elapsed().as_secs_f64();
         waited += data_wait;
@@ -182,6 +186,12 @@ pub fn train_loop(
             "data_wait_s": data_wait, "step_s": step_s,
         });
         writeln!(metrics, "{line}")?;
+        // At least every few seconds, so the file can be followed live and a kill
+        // loses little (a ViT-S step on CPU takes ~10 s, log_every 20 of them).
+        if last_flush.elapsed().as_secs_f64() >= FLUSH_EVERY_S {
+            metrics.flush()?;
+            last_flush = Instant::now();
+        }
         if (ready.index + 1) % setup.log_every == 0 {
             let now = (setup.counters.snapshot(), Instant::now());
             let seconds = now.1.duration_since(last_counts.1).as_secs_f64();

@@ -106,7 +106,24 @@ fn rows_needed(vc: &Coeffs) -> (usize, usize) {
 /// Resize the `crop` of `img` to `out_w x out_h` with PIL's bicubic, mirrored
 /// left-right when `flip`. Equivalent to `img.crop(box).resize((w, h), BICUBIC)`
 /// followed by a horizontal flip, reading only the rows the crop needs.
+///
+/// # Panics
+/// When `crop` is empty or reaches outside `img` (a caller's bug: the augment
+/// stage draws crops inside the image). The AVX2 path reads through raw
+/// pointers, so this is checked here, for every caller, before it runs.
 pub fn resize_bicubic(img: &Rgb8, crop: CropBox, out_w: usize, out_h: usize, flip: bool) -> Rgb8 {
+    let inside = crop.width > 0
+        && crop.height > 0
+        && crop.left.checked_add(crop.width).is_some_and(|r| r <= img.width)
+        && crop.top.checked_add(crop.height).is_some_and(|b| b <= img.height)
+        && img.data.len() >= img.width * img.height * 3;
+    assert!(
+        inside,
+        "resize_bicubic: crop {crop:?} is empty or outside the {} x {} image ({} bytes)",
+        img.width,
+        img.height,
+        img.data.len()
+    );
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -298,6 +315,56 @@ mod avx2 {
             width: out_w,
             height: out_h,
             data,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crop outside the image is refused before the AVX2 path reads through
+    /// raw pointers; one that touches the border is fine.
+    #[test]
+    fn crops_outside_the_image_are_refused() {
+        let img = Rgb8::zeros(20, 10);
+        let edge = CropBox {
+            top: 2,
+            left: 5,
+            height: 8,
+            width: 15,
+        };
+        assert_eq!(resize_bicubic(&img, edge, 4, 4, false).data.len(), 4 * 4 * 3);
+        for bad in [
+            CropBox {
+                top: 3,
+                left: 5,
+                height: 8,
+                width: 15,
+            },
+            CropBox {
+                top: 0,
+                left: 6,
+                height: 8,
+                width: 15,
+            },
+            CropBox {
+                top: 0,
+                left: 0,
+                height: 0,
+                width: 4,
+            },
+            CropBox {
+                top: 0,
+                left: usize::MAX,
+                height: 1,
+                width: 2,
+            },
+        ] {
+            let caught = std::panic::catch_unwind(|| resize_bicubic(&img, bad, 4, 4, false));
+            let msg = caught.expect_err("crop accepted");
+            let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(msg.contains("outside the 20 x 10 image"), "{msg}");
         }
     }
 }
