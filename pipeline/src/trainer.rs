@@ -121,6 +121,27 @@ fn prefetch(
     Ok(rx)
 }
 
+/// On `--resume` from batch `start`: drops the lines of batches from `start` on
+/// (trained again now) and a line cut short by a kill, so metrics.jsonl reads as
+/// one uninterrupted run. Written to a temporary file, then renamed.
+fn keep_metrics_before(path: &std::path::Path, start: u64) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(()); // no metrics yet
+    };
+    let mut kept = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+        let batch = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("batch").and_then(|b| b.as_u64()));
+        if batch.is_none_or(|b| b < start) {
+            kept.push_str(line);
+        }
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
 /// metrics.jsonl is flushed at least this often (seconds), besides every `run.log_every` batches.
 const FLUSH_EVERY_S: f64 = 2.0;
 
@@ -132,6 +153,9 @@ pub fn train_loop(
     batches: Receiver<ReadyBatch>,
 ) -> anyhow::Result<TrainSummary> {
     let metrics_path = setup.run_dir.join("metrics.jsonl");
+    if start > 0 {
+        keep_metrics_before(&metrics_path, start)?;
+    }
     let file: File = OpenOptions::new()
         .create(true)
         .append(true)
@@ -216,6 +240,9 @@ pub fn train_loop(
         progress.set_message(format!("epoch {} loss {:.4}", ready.epoch, stats.loss));
         progress.inc(1);
         if setup.plan.offsets.get(ready.epoch as usize + 1) == Some(&(ready.index + 1)) {
+            checkpoint_due = true;
+        }
+        if stats.updated && setup.train.checkpoint_every.is_some_and(|n| stats.step % n == 0) {
             checkpoint_due = true;
         }
         // Checkpoints only between optimizer steps (never mid-accumulation).

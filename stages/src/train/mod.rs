@@ -79,6 +79,11 @@ pub struct TrainConfig {
     /// Matrix products in `f32`, `tf32` (CUDA tensor cores) or `bf16` (f32 master weights
     /// and optimizer state either way; see `model::autocast`).
     pub precision: Precision,
+    /// Also write the checkpoint every this many optimizer steps, besides each
+    /// epoch's end, so a killed run loses at most that many (`--resume` continues
+    /// at the exact data position). Not part of the config hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
 }
 
 impl Default for TrainConfig {
@@ -98,6 +103,7 @@ impl Default for TrainConfig {
             ema_momentum: 0.996,
             device: "cpu".into(),
             precision: Precision::F32,
+            checkpoint_every: None,
         }
     }
 }
@@ -110,6 +116,9 @@ impl TrainConfig {
 
     /// Rejects values that cannot train, naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        if self.checkpoint_every == Some(0) {
+            return Err("train.checkpoint_every is 0: give a step count of at least 1, or leave it out".into());
+        }
         if self.epochs == 0 {
             return Err("train.epochs is 0: a run must train at least 1 epoch".into());
         }
@@ -559,6 +568,7 @@ impl Trainer {
         let train = TrainConfig {
             device: TrainConfig::default().device,
             precision: Precision::default(),
+            checkpoint_every: None,
             ..self.train_cfg.clone()
         };
         let model = ModelConfig {
