@@ -121,6 +121,29 @@ fn prefetch(
     Ok(rx)
 }
 
+/// Samples seen before the skip fraction is checked during a run (one bad
+/// sample in the first batch is not a broken dataset); the end of the run
+/// checks it whatever the count.
+const MIN_SEEN_FOR_SKIP_CHECK: u64 = 1000;
+
+/// An error once more than `data.max_skip_fraction` of the samples seen were
+/// skipped (checked only from `min_seen` samples seen on).
+fn check_skips(setup: &TrainerSetup, trained: u64, min_seen: u64) -> anyhow::Result<()> {
+    let (skipped, seen) = skip_counts(setup, trained);
+    if seen < min_seen || skipped as f64 <= setup.max_skip_fraction * seen as f64 {
+        return Ok(());
+    }
+    bail!(
+        "{skipped} of the {seen} samples seen so far were skipped as bad input ({:.1}%), more than \
+         data.max_skip_fraction {} allows (by reason: {:?}, stages {:?}); fix the data, or raise \
+         data.max_skip_fraction if this much loss is expected",
+        100.0 * skipped as f64 / seen as f64,
+        setup.max_skip_fraction,
+        setup.skips.by_reason(),
+        crate::metrics::skipped_by_stage(&setup.counters),
+    )
+}
+
 /// On `--resume` from batch `start`: drops the lines of batches from `start` on
 /// (trained again now) and a line cut short by a kill, so metrics.jsonl reads as
 /// one uninterrupted run. Written to a temporary file, then renamed.
@@ -189,18 +212,9 @@ pub fn train_loop(
         summary.samples += samples;
         summary.first_loss.get_or_insert(stats.loss);
         summary.last_loss = Some(stats.loss);
-        let (skipped, seen) = skip_counts(&setup, summary.samples);
-        if skipped as f64 > setup.max_skip_fraction * seen as f64 {
+        if let Err(e) = check_skips(&setup, summary.samples, MIN_SEEN_FOR_SKIP_CHECK) {
             metrics.flush()?;
-            bail!(
-                "{skipped} of the {seen} samples seen so far were skipped as bad input ({:.1}%), more than \
-                 data.max_skip_fraction {} allows (by reason: {:?}, stages {:?}); fix the data, or raise \
-                 data.max_skip_fraction if this much loss is expected",
-                100.0 * skipped as f64 / seen as f64,
-                setup.max_skip_fraction,
-                setup.skips.by_reason(),
-                crate::metrics::skipped_by_stage(&setup.counters),
-            );
+            return Err(e);
         }
         let line = json!({
             "kind": "step", "batch": ready.index, "epoch": ready.epoch, "step": stats.step,
@@ -270,6 +284,7 @@ pub fn train_loop(
     }
     summary.seconds = started.elapsed().as_secs_f64();
     summary.data_wait = waited / summary.seconds.max(1e-9);
+    check_skips(&setup, summary.samples, 0)?;
     let (skipped, seen) = skip_counts(&setup, summary.samples);
     summary.skipped_samples = skipped;
     summary.skipped_fraction = skipped as f64 / seen.max(1) as f64;
