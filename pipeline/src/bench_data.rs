@@ -122,7 +122,7 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
         .iter()
         .zip(&keys)
         .filter_map(|(d, key)| {
-            let mut rng = shards::rng::stage_rng(seed, 0, key, chain::AUGMENT);
+            let mut rng = shards::rng::stage_rng(seed, 0, key, chain::AUGMENT_STREAM);
             augment::apply(&st.augment, d, &mut rng).ok().map(|(v, _)| v)
         })
         .collect();
@@ -133,7 +133,7 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!views.is_empty(), "none of the first {k} samples decodes");
 
     figure("augment", decoded.len(), &|i| {
-        let mut rng = shards::rng::stage_rng(seed, 0, keys[i], chain::AUGMENT);
+        let mut rng = shards::rng::stage_rng(seed, 0, keys[i], chain::AUGMENT_STREAM);
         std::hint::black_box(augment::apply(&st.augment, &decoded[i], &mut rng).ok());
     });
     figure("normalize", views.len(), &|i| {
@@ -141,7 +141,7 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     });
     let grid = size / patch;
     figure("mask", keys.len(), &|i| {
-        let mut rng = shards::rng::stage_rng(seed, 0, keys[i], chain::MASK);
+        let mut rng = shards::rng::stage_rng(seed, 0, keys[i], chain::MASK_STREAM);
         std::hint::black_box(mask::apply(&st.mask, grid * grid, &mut rng).ok());
     });
     figure("smooth", normalized.len(), &|i| {

@@ -28,7 +28,7 @@ use timely::dataflow::operators::{Input, Operator, Probe};
 use timely::dataflow::{InputHandleVec as InputHandle, ProbeHandle, Stream};
 use timely::worker::Worker;
 
-use crate::metrics::{Counters, AUGMENT, DECODE, MASK, SINK, SMOOTH, STAGES, TARGETS};
+use crate::metrics::{Counters, Stage};
 use crate::placement::{Placement, StageSets};
 use crate::plan::RunPlan;
 use crate::record::{self, Record};
@@ -99,26 +99,26 @@ type StageFn = Box<dyn Fn(Record) -> Result<Record, StageError>>;
 /// batch of records first: the decoded regions and views of hundreds of
 /// samples went out of cache between stages, and augment and smooth took
 /// twice as long in the graph as in `stages::chain` (`pipeline bench data`).
-fn fused_groups(stages: Vec<(usize, StageFn)>, sets: &StageSets) -> Vec<Vec<(usize, StageFn)>> {
-    let mut groups: Vec<Vec<(usize, StageFn)>> = Vec::new();
-    for (index, f) in stages {
+fn fused_groups(stages: Vec<(Stage, StageFn)>, sets: &StageSets) -> Vec<Vec<(Stage, StageFn)>> {
+    let mut groups: Vec<Vec<(Stage, StageFn)>> = Vec::new();
+    for (stage, f) in stages {
         match groups.last_mut() {
-            Some(group) if sets.of(index) == sets.before(index) => group.push((index, f)),
-            _ => groups.push(vec![(index, f)]),
+            Some(group) if sets.of(stage) == sets.before(stage) => group.push((stage, f)),
+            _ => groups.push(vec![(stage, f)]),
         }
     }
     groups
 }
 
-/// A group of stages (indices of [`STAGES`]) as one operator on `worker`:
+/// A group of consecutive stages as one operator on `worker`:
 /// records arrive by an exchange routed into the first stage's worker set,
 /// and each stage's function is applied in turn (timed per stage); bad input
 /// is a counted skip or, under `fail`, stops the run with shard, key and reason.
-fn stage_group<'s>(input: Records<'s>, group: Vec<(usize, StageFn)>, worker: usize, ctx: &GraphContext) -> Records<'s> {
+fn stage_group<'s>(input: Records<'s>, group: Vec<(Stage, StageFn)>, worker: usize, ctx: &GraphContext) -> Records<'s> {
     let first = group[0].0;
     let name = group
         .iter()
-        .map(|(index, _)| STAGES[*index])
+        .map(|(stage, _)| stage.name())
         .collect::<Vec<_>>()
         .join("+");
     let sets = &ctx.placement.sets;
@@ -128,7 +128,7 @@ fn stage_group<'s>(input: Records<'s>, group: Vec<(usize, StageFn)>, worker: usi
     // Without this, 16 workers with the default 4 lanes did the work of 4
     // (`bench data --only graph` on a 16-core machine: 1,050 to 1,710 images/s
     // where the chain alone gave 9,000).
-    let spread = first == DECODE && ctx.plan.lanes < sets.of(first).len();
+    let spread = first == Stage::Decode && ctx.plan.lanes < sets.of(first).len();
     let pact = route(sets.before(first), sets.of(first), worker, spread);
     let (policy, skips, counters, failure) = (ctx.policy, ctx.skips.clone(), ctx.counters.clone(), ctx.failure.clone());
     input.unary(Exchange::new(pact), &name, move |_capability, _info| {
@@ -136,15 +136,15 @@ fn stage_group<'s>(input: Records<'s>, group: Vec<(usize, StageFn)>, worker: usi
             input.for_each(|time, data| {
                 let mut session = output.session(&time);
                 'records: for mut r in data.drain(..) {
-                    for (index, f) in &group {
+                    for (stage, f) in &group {
                         let (shard, key) = (r.shard.clone(), r.key.clone());
                         let start = Instant::now();
                         let result = f(r);
-                        counters.record(*index, start.elapsed(), result.is_ok());
+                        counters.record(*stage, start.elapsed(), result.is_ok());
                         match result {
                             Ok(next) => r = next,
                             Err(e) => {
-                                let reason = format!("{}: {e}", STAGES[*index]);
+                                let reason = format!("{}: {e}", stage.name());
                                 match policy {
                                     OnError::Skip => skips.record(&shard, &key, &reason),
                                     OnError::Fail => fail(&failure, format!("{shard}:{key}: {reason}")),
@@ -202,7 +202,7 @@ fn sink<'s>(
                     let (epoch, _) = plan.locate(t);
                     let n = records.len() as u64;
                     let ready = assemble_batch(t, epoch, records, &shape, recycler.take());
-                    counters.record_many(SINK, n, start.elapsed());
+                    counters.record_many(Stage::Sink, n, start.elapsed());
                     match (ready, &to_trainer) {
                         (Ok(ready), Some(tx)) => {
                             // Blocks while the trainer is behind: this is where a
@@ -236,15 +236,15 @@ fn build(
         let (seed, c) = (ctx.seed, || ctx.clone());
         let (cd, cm, cs, ct) = (c(), c(), c(), c());
         let lanes = scope.input_from(&mut input);
-        let stages: Vec<(usize, StageFn)> = vec![
-            (DECODE, Box::new(move |r| record::decode(&cd.stages, seed, r))),
-            (AUGMENT, Box::new(record::augment)),
-            (MASK, Box::new(move |r| record::mask(&cm.stages, seed, r))),
-            (SMOOTH, Box::new(move |r| record::smooth(&cs.stages, r))),
+        let stages: Vec<(Stage, StageFn)> = vec![
+            (Stage::Decode, Box::new(move |r| record::decode(&cd.stages, seed, r))),
+            (Stage::Augment, Box::new(record::augment)),
+            (Stage::Mask, Box::new(move |r| record::mask(&cm.stages, seed, r))),
+            (Stage::Smooth, Box::new(move |r| record::smooth(&cs.stages, r))),
             // The last stage also seals the record with its digest, here on
             // the worker that ran it rather than in the one sink.
             (
-                TARGETS,
+                Stage::Targets,
                 Box::new(move |r| crate::cache::targets(&ct, r).map(record::seal)),
             ),
         ];

@@ -6,14 +6,50 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// The stages of the graph, in order; the constants below index it.
-pub const STAGES: [&str; 6] = ["decode", "augment", "mask", "smooth", "targets", "sink"];
-pub const DECODE: usize = 0;
-pub const AUGMENT: usize = 1;
-pub const MASK: usize = 2;
-pub const SMOOTH: usize = 3;
-pub const TARGETS: usize = 4;
-pub const SINK: usize = 5;
+/// The stages of the graph, in their order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Decode,
+    Augment,
+    Mask,
+    Smooth,
+    Targets,
+    Sink,
+}
+
+impl Stage {
+    /// Every stage, in graph order.
+    pub const ALL: [Stage; 6] = [
+        Stage::Decode,
+        Stage::Augment,
+        Stage::Mask,
+        Stage::Smooth,
+        Stage::Targets,
+        Stage::Sink,
+    ];
+
+    /// The name in logs, metrics.jsonl and the config (`placement.decode`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Augment => "augment",
+            Stage::Mask => "mask",
+            Stage::Smooth => "smooth",
+            Stage::Targets => "targets",
+            Stage::Sink => "sink",
+        }
+    }
+
+    /// The position in [`Stage::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The stage before this one (`None` for decode, which the lanes feed).
+    pub fn previous(self) -> Option<Stage> {
+        self.index().checked_sub(1).map(|i| Stage::ALL[i])
+    }
+}
 
 /// Counters of one stage.
 #[derive(Debug, Default)]
@@ -42,9 +78,9 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Count one call of stage `index`.
-    pub fn record(&self, index: usize, busy: Duration, passed: bool) {
-        let c = &self.stages[index];
+    /// Count one call of `stage`.
+    pub fn record(&self, stage: Stage, busy: Duration, passed: bool) {
+        let c = &self.stages[stage.index()];
         c.received.fetch_add(1, Ordering::Relaxed);
         c.busy_ns.fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
         if passed {
@@ -55,8 +91,8 @@ impl Counters {
     }
 
     /// Count `n` records through stage `index` that took `busy` together.
-    pub fn record_many(&self, index: usize, n: u64, busy: Duration) {
-        let c = &self.stages[index];
+    pub fn record_many(&self, stage: Stage, n: u64, busy: Duration) {
+        let c = &self.stages[stage.index()];
         c.received.fetch_add(n, Ordering::Relaxed);
         c.done.fetch_add(n, Ordering::Relaxed);
         c.busy_ns.fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
@@ -77,10 +113,10 @@ impl Counters {
 
 /// Records each stage dropped as bad input, by stage name (those with any).
 pub fn skipped_by_stage(c: &Counters) -> Vec<(&'static str, u64)> {
-    STAGES
+    Stage::ALL
         .iter()
         .zip(&c.stages)
-        .map(|(&name, s)| (name, s.skipped.load(Ordering::Relaxed)))
+        .map(|(stage, s)| (stage.name(), s.skipped.load(Ordering::Relaxed)))
         .filter(|&(_, n)| n > 0)
         .collect()
 }
@@ -107,11 +143,13 @@ pub struct StageRate {
 /// Rates between two snapshots taken `seconds` apart by a process with `workers` workers.
 pub fn rates(before: &Snapshot, after: &Snapshot, seconds: f64, workers: usize) -> Vec<StageRate> {
     let seconds = seconds.max(1e-9);
-    (0..STAGES.len())
-        .map(|i| {
+    Stage::ALL
+        .iter()
+        .map(|stage| {
+            let i = stage.index();
             let upstream_done = if i == 0 { after.sourced } else { after.stages[i - 1][1] };
             StageRate {
-                stage: STAGES[i],
+                stage: stage.name(),
                 records_per_s: (after.stages[i][0] - before.stages[i][0]) as f64 / seconds,
                 busy: (after.stages[i][3] - before.stages[i][3]) as f64 / 1e9 / seconds / workers.max(1) as f64,
                 queue: upstream_done.saturating_sub(after.stages[i][0]),

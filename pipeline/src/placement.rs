@@ -5,6 +5,7 @@
 //! trainer) or `all`. Each stage names the role whose workers run it; the
 //! sink runs on the first worker of the first process that trains.
 
+use crate::metrics::Stage;
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
@@ -72,17 +73,24 @@ pub struct StageSets {
 }
 
 impl StageSets {
-    /// The workers of stage `index` of [`crate::metrics::STAGES`] (decode = 0 ... targets = 4).
-    pub fn of(&self, index: usize) -> &[usize] {
-        [&self.decode, &self.augment, &self.mask, &self.smooth, &self.targets][index]
+    /// The workers of a data stage. The sink is not placed here (it runs where
+    /// the trainer is), so it has none.
+    pub fn of(&self, stage: Stage) -> &[usize] {
+        match stage {
+            Stage::Decode => &self.decode,
+            Stage::Augment => &self.augment,
+            Stage::Mask => &self.mask,
+            Stage::Smooth => &self.smooth,
+            Stage::Targets => &self.targets,
+            Stage::Sink => &[],
+        }
     }
 
-    /// The workers of the step before stage `index` (the lanes before decode).
-    pub fn before(&self, index: usize) -> &[usize] {
-        if index == 0 {
-            &self.source
-        } else {
-            self.of(index - 1)
+    /// The workers of the step before `stage` (the lanes before decode).
+    pub fn before(&self, stage: Stage) -> &[usize] {
+        match stage.previous() {
+            Some(previous) => self.of(previous),
+            None => &self.source,
         }
     }
 }

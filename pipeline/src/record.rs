@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use shards::rng::stage_rng;
-use stages::chain::MASK;
+use stages::chain::MASK_STREAM;
 use stages::sample::{Mask, Rgb8, StageError, Target, View};
 use stages::{augment, decode, mask, smooth, targets, StagesConfig};
 use xxhash_rust::xxh3::Xxh3;
@@ -122,7 +122,11 @@ pub fn augment(mut r: Record) -> Result<Record, StageError> {
 /// mask: MAE random masking of the patches.
 pub fn mask(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, StageError> {
     let grid = cfg.augment.size / cfg.patch;
-    let Mask { mask, .. } = mask::apply(&cfg.mask, grid * grid, &mut stage_rng(seed, r.epoch, &r.key, MASK))?;
+    let Mask { mask, .. } = mask::apply(
+        &cfg.mask,
+        grid * grid,
+        &mut stage_rng(seed, r.epoch, &r.key, MASK_STREAM),
+    )?;
     r.mask = mask;
     Ok(r)
 }

@@ -433,7 +433,7 @@ pub fn data_throughput(
     }
     let seconds = started.elapsed().as_secs_f64();
     let snapshot = counters.snapshot();
-    let delivered = snapshot.stages[crate::metrics::STAGES.len() - 1][1];
+    let delivered = snapshot.stages[crate::metrics::Stage::Sink.index()][1];
     Ok((
         crate::metrics::rates(&Default::default(), &snapshot, seconds, workers),
         delivered,

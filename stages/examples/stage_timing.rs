@@ -65,7 +65,7 @@ fn main() {
         std::hint::black_box(augment::normalize(&examples[i].pixels, a.mean, a.std));
     });
     best("mask", &mut |i| {
-        let mut rng = shards::rng::stage_rng(0, 0, &examples[i].key, chain::MASK);
+        let mut rng = shards::rng::stage_rng(0, 0, &examples[i].key, chain::MASK_STREAM);
         std::hint::black_box(mask::apply(&cfg.mask, 196, &mut rng).unwrap());
     });
     best("smooth", &mut |i| {

@@ -78,10 +78,10 @@ impl StagesConfig {
     }
 }
 
-/// rng stream names, one per stage that draws.
-pub const AUGMENT: &str = "augment";
-/// See [`AUGMENT`].
-pub const MASK: &str = "mask";
+/// The name of the augment stage's rng stream (`stage_rng(seed, epoch, key, name)`).
+pub const AUGMENT_STREAM: &str = "augment";
+/// The name of the mask stage's rng stream.
+pub const MASK_STREAM: &str = "mask";
 
 /// A stage failure, with the sample key and the stage's name.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -110,7 +110,7 @@ pub fn process(cfg: &StagesConfig, raw: &shards::Sample, run_seed: u64, epoch: u
     // only the rows and columns its crop needs.
     let bytes = decode::image_bytes(raw).map_err(err("decode"))?;
     let (width, height) = decode::image_size(bytes).map_err(err("decode"))?;
-    let mut rng = stage_rng(run_seed, epoch, key, AUGMENT);
+    let mut rng = stage_rng(run_seed, epoch, key, AUGMENT_STREAM);
     let view = augment::sample_view(&cfg.augment, width, height, &mut rng).map_err(err("augment"))?;
     let region = decode::decode_region(&cfg.decode, bytes, view.crop).map_err(err("decode"))?;
     let pixels = augment::apply_region(&region, &view).map_err(err("augment"))?;
@@ -118,7 +118,12 @@ pub fn process(cfg: &StagesConfig, raw: &shards::Sample, run_seed: u64, epoch: u
     let a = &cfg.augment;
     let image = augment::normalize(&pixels, a.mean, a.std);
     let grid = a.size / cfg.patch;
-    let mask = mask::apply(&cfg.mask, grid * grid, &mut stage_rng(run_seed, epoch, key, MASK)).map_err(err("mask"))?;
+    let mask = mask::apply(
+        &cfg.mask,
+        grid * grid,
+        &mut stage_rng(run_seed, epoch, key, MASK_STREAM),
+    )
+    .map_err(err("mask"))?;
     let smooth = smooth::apply(&cfg.smooth, &image, 3, a.size, a.size).map_err(err("smooth"))?;
     let targets = cfg
         .targets

@@ -13,7 +13,7 @@
 use rand::Rng;
 use shards::rng::stage_rng;
 
-use crate::chain::{StagesConfig, AUGMENT};
+use crate::chain::{StagesConfig, AUGMENT_STREAM};
 use crate::sample::{Rgb8, StageError, View};
 use crate::{augment, targets};
 
@@ -71,7 +71,7 @@ pub fn run_view(
         &cfg.augment,
         width,
         height,
-        &mut stage_rng(run_seed, epoch, key, AUGMENT),
+        &mut stage_rng(run_seed, epoch, key, AUGMENT_STREAM),
     )?;
     Ok((view, None))
 }
@@ -148,7 +148,7 @@ mod tests {
     fn a_cached_run_feeds_view_pick_and_an_uncached_run_augments_crop() {
         let mut cfg = StagesConfig::default();
         cfg.augment.size = 16;
-        let fresh = augment::sample_view(&cfg.augment, 40, 30, &mut stage_rng(5, 1, "k", AUGMENT)).unwrap();
+        let fresh = augment::sample_view(&cfg.augment, 40, 30, &mut stage_rng(5, 1, "k", AUGMENT_STREAM)).unwrap();
         assert_eq!(run_view(&cfg, 5, 1, "k", 40, 30).unwrap(), (fresh, None));
         cfg.targets.cache = Some("cache".into());
         cfg.targets.views = 3;
