@@ -212,10 +212,6 @@ pub fn train_loop(
         summary.samples += samples;
         summary.first_loss.get_or_insert(stats.loss);
         summary.last_loss = Some(stats.loss);
-        if let Err(e) = check_skips(&setup, summary.samples, MIN_SEEN_FOR_SKIP_CHECK) {
-            metrics.flush()?;
-            return Err(e);
-        }
         let line = json!({
             "kind": "step", "batch": ready.index, "epoch": ready.epoch, "step": stats.step,
             "loss": stats.loss, "loss_draw": stats.loss_draw, "loss_pred": stats.loss_pred,
@@ -224,6 +220,10 @@ pub fn train_loop(
             "data_wait_s": data_wait, "step_s": step_s,
         });
         writeln!(metrics, "{line}")?;
+        if let Err(e) = check_skips(&setup, summary.samples, MIN_SEEN_FOR_SKIP_CHECK) {
+            metrics.flush()?;
+            return Err(e);
+        }
         // At least every few seconds, so the file can be followed live and a kill
         // loses little (a ViT-S step on CPU takes ~10 s, log_every 20 of them).
         if last_flush.elapsed().as_secs_f64() >= FLUSH_EVERY_S {
