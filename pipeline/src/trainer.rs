@@ -290,3 +290,31 @@ pub fn train_loop(
     summary.skipped_fraction = skipped as f64 / seen.max(1) as f64;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On resume from batch 3: the step and stage lines of batches 3 on go, so
+    /// does a line a kill cut short; lines without a batch (targets) stay.
+    #[test]
+    fn resume_keeps_the_metrics_of_the_batches_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut text = String::new();
+        for b in 0..5 {
+            text.push_str(&format!("{{\"kind\":\"step\",\"batch\":{b}}}\n"));
+        }
+        text.push_str("{\"kind\":\"stages\",\"batch\":1}\n{\"kind\":\"stages\",\"batch\":4}\n");
+        text.push_str("{\"kind\":\"targets\",\"extractor_calls\":0}\n{\"kind\":\"step\",\"ba");
+        std::fs::write(&path, text).unwrap();
+        keep_metrics_before(&path, 3).unwrap();
+        let kept = std::fs::read_to_string(&path).unwrap();
+        let want =
+            "{\"kind\":\"step\",\"batch\":0}\n{\"kind\":\"step\",\"batch\":1}\n{\"kind\":\"step\",\"batch\":2}\n\
+                    {\"kind\":\"stages\",\"batch\":1}\n{\"kind\":\"targets\",\"extractor_calls\":0}\n";
+        assert_eq!(kept, want);
+        // No metrics file yet: nothing to do.
+        keep_metrics_before(&dir.path().join("none.jsonl"), 3).unwrap();
+    }
+}
