@@ -47,8 +47,10 @@ pub struct TrainerSetup {
 /// Samples skipped so far by the readers and the stages, and samples seen
 /// (skipped plus trained). Records still in flight are in neither.
 fn skip_counts(setup: &TrainerSetup, trained: u64) -> (u64, u64) {
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let in_stages: u64 = setup.counters.stages.iter().map(|s| load(&s.skipped)).sum();
+    let in_stages: u64 = crate::metrics::skipped_by_stage(&setup.counters)
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
     let skipped = setup.skips.total() + in_stages;
     (skipped, skipped + trained)
 }

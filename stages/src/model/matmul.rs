@@ -667,7 +667,7 @@ pub fn column_sums(x: &[f32], d: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::max_abs_diff;
+    use crate::model::ops::tests::{max_abs_diff, on_threads};
     use candle_core::{Device, Var};
 
     /// Odd sizes (partial MR/NR tiles, several KC blocks and row blocks) and
@@ -730,19 +730,23 @@ mod tests {
                 gemm_reference(m, n, k, at, bm, &mut want, n, init);
                 let mut serial = start.clone();
                 gemm(m, n, k, at, bm, &mut serial, n, init, false);
-                let mut par = start.clone();
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("pool");
-                pool.install(|| gemm(m, n, k, at, bm, &mut par, n, init, true));
+                let on = |threads| {
+                    let mut par = start.clone();
+                    on_threads(threads, || gemm(m, n, k, at, bm, &mut par, n, init, true));
+                    par
+                };
                 let err = want
                     .iter()
                     .zip(&serial)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n} {name}: {err}");
-                assert!(
-                    serial.iter().zip(&par).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{m}x{k}x{n} {name}: threads changed the bits"
-                );
+                for threads in [2, 3] {
+                    assert!(
+                        serial.iter().zip(&on(threads)).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{m}x{k}x{n} {name}: {threads} threads changed the bits"
+                    );
+                }
             }
         }
     }
@@ -750,11 +754,14 @@ mod tests {
     #[test]
     fn column_sums_are_exact_sums_and_thread_independent() {
         let x: Vec<f32> = (0..1000 * 7).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
-        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("pool");
-        let a = one.install(|| column_sums(&x, 7));
-        let b = three.install(|| column_sums(&x, 7));
-        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let a = on_threads(1, || column_sums(&x, 7));
+        for threads in [2, 3] {
+            let b = on_threads(threads, || column_sums(&x, 7));
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads"
+            );
+        }
         for j in 0..7 {
             let want: f64 = x.chunks(7).map(|r| r[j] as f64).sum();
             assert!((a[j] as f64 - want).abs() < 1e-3, "column {j}");

@@ -326,7 +326,7 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::{compare_with_reference, finite_difference_check, seeded};
+    use crate::model::ops::tests::{compare_with_reference, finite_difference_check, on_threads, seeded};
 
     /// Values and the gradient of packed qkv against the composition, and central
     /// differences; N = 197 with d = 64 (ViT at 224 px), odd T, batch 1.
@@ -350,11 +350,7 @@ mod tests {
         let x = candle_core::Var::from_tensor(&seeded(&[3, 41, 3 * 24], 2, 1.0)?)?;
         let r = seeded(&[3, 41, 24], 3, 1.0)?;
         let run = |threads: usize| -> Result<(Vec<f32>, Vec<f32>)> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool");
-            pool.install(|| {
+            on_threads(threads, || {
                 let y = attention(&x, 3, 0.3)?;
                 let g = (&y * &r)?.sum_all()?.backward()?;
                 Ok((
@@ -363,10 +359,13 @@ mod tests {
                 ))
             })
         };
-        let (a, b) = (run(1)?, run(3)?);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&a.0), bits(&b.0));
-        assert_eq!(bits(&a.1), bits(&b.1));
+        let a = run(1)?;
+        for threads in [2, 3] {
+            let b = run(threads)?;
+            assert_eq!(bits(&a.0), bits(&b.0), "attention values on 1 and {threads} threads");
+            assert_eq!(bits(&a.1), bits(&b.1), "attention gradient on 1 and {threads} threads");
+        }
         Ok(())
     }
 }

@@ -96,6 +96,16 @@ pub(crate) fn fused(x: &Tensor) -> bool {
 pub(crate) mod tests {
     use candle_core::{Device, Result, Tensor, Var};
 
+    /// Runs `f` on a rayon pool of `threads` threads (the thread-count tests
+    /// compare 1, 2 and 3).
+    pub(crate) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a rayon pool")
+            .install(f)
+    }
+
     /// Largest absolute elementwise difference (also used by matmul's tests).
     pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
