@@ -144,22 +144,15 @@ fn exit_on_lost_peer(process: usize) {
     }));
 }
 
-/// The thread budget of a process: its timely workers run the data stages,
-/// and the trainer's candle / rayon pools get every core. The data stages run
-/// at most `run.window` batches ahead and then wait on the trainer, so they
-/// leave their cores idle most of the time: giving the trainer only the cores
-/// left over (1 of 2 here) made the embedded default train 1.4x slower
-/// (`pipeline run configs/pretrain.yaml --set train.epochs=1`: 36.1 / 35.4 s
-/// against 26.3 / 25.2 s, interleaved, data wait 1%). Variables already set by
-/// the user win. Called before any thread is started.
-fn set_thread_budget(workers: usize) {
+/// Logs the thread budget of a process: its timely workers run the data stages,
+/// and the trainer's rayon pool gets every core (`default_thread_counts` in
+/// main.rs). The data stages run at most `run.window` batches ahead and then wait
+/// on the trainer, so they leave their cores idle most of the time: giving the
+/// trainer only the cores left over (1 of 2 here) made the embedded default train
+/// 1.4x slower (`pipeline run configs/pretrain.yaml --set train.epochs=1`: 36.1 /
+/// 35.4 s against 26.3 / 25.2 s, interleaved, data wait 1%).
+fn log_thread_budget(workers: usize) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let trainer = cores;
-    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
-        if std::env::var_os(var).is_none() {
-            std::env::set_var(var, trainer.to_string());
-        }
-    }
     tracing::info!(
         "{cores} cores: {workers} timely worker(s); trainer threads RAYON_NUM_THREADS={}, CANDLE_NUM_THREADS={}",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
@@ -168,7 +161,7 @@ fn set_thread_budget(workers: usize) {
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
-    set_thread_budget(args.cluster.workers);
+    log_thread_budget(args.cluster.workers);
     let cfg = config::load(&args.config, &args.set)?;
     if args.cluster.processes > 1 {
         exit_on_lost_peer(args.cluster.process);

@@ -398,6 +398,43 @@ fn clipping_scales_to_the_max_norm() -> Result<(), TrainError> {
     Ok(())
 }
 
+/// The one-pass CPU gradient norm equals an f64 sum written out here and the
+/// basic-op norm to rounding, with the same bits on 1 and 3 threads.
+#[test]
+fn fused_gradient_norm_matches_a_plain_sum_and_the_basic_ops() -> Result<(), TrainError> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let sizes: [&[usize]; 4] = [&[1], &[7], &[197, 64], &[3, 40_001]];
+    let mut g = HashMap::new();
+    let mut plain = 0f64;
+    for (i, dims) in sizes.iter().enumerate() {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        plain += v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
+        g.insert(format!("p{i}"), candle_core::Tensor::from_vec(v, *dims, &Device::Cpu)?);
+    }
+    let names: Vec<String> = (0..sizes.len()).map(|i| format!("p{i}")).collect();
+    let norm_on = |threads: usize| -> Result<f64, TrainError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        pool.install(|| global_norm(&g, names.iter().map(|s| s.as_str())))
+    };
+    let fused = norm_on(1)?;
+    assert!(
+        (fused - plain.sqrt()).abs() < 1e-12 * plain.sqrt(),
+        "{fused} vs {}",
+        plain.sqrt()
+    );
+    assert_eq!(fused.to_bits(), norm_on(3)?.to_bits(), "1 vs 3 threads");
+    let basic = {
+        let _r = stages::model::ops::scoped_reference(true);
+        global_norm(&g, names.iter().map(|s| s.as_str()))?
+    };
+    assert!((fused - basic).abs() < 1e-5 * fused, "{fused} vs basic ops {basic}");
+    Ok(())
+}
+
 /// A NaN in the data stops the run with an error naming the step; the
 /// parameters are untouched and the last checkpoint still loads.
 #[test]
@@ -743,7 +780,10 @@ fn losses_do_not_depend_on_the_thread_count() -> Result<(), TrainError> {
         pool.install(|| {
             let mut t = Trainer::new(cfg, &train_cfg(8), &Device::Cpu, 9, 10)?;
             (0..4)
-                .map(|s| Ok(t.step(&batch(cfg, 8, 40 + s, 0))?.loss.to_bits()))
+                .flat_map(|s| match t.step(&batch(cfg, 8, 40 + s, 0)) {
+                    Ok(st) => vec![Ok(st.loss.to_bits()), Ok(st.grad_norm.to_bits())],
+                    Err(e) => vec![Err(e)],
+                })
                 .collect()
         })
     };

@@ -176,10 +176,10 @@ pub fn backend() -> Backend {
     })
 }
 
-/// OpenBLAS through cblas, one thread per call: we split the rows of C into
-/// blocks that depend on the shape only (never on the thread count) and run the
-/// blocks on rayon's pool, so the bits do not depend on the thread count, as with
-/// our kernel. OpenBLAS's own threads are switched off (they would fight rayon's).
+/// OpenBLAS through cblas, one thread per call: we split C into one block per
+/// rayon thread and run the blocks on rayon's pool. The bits do not depend on the
+/// blocks, hence not on the thread count (see the rule in [`blas::gemm`]).
+/// OpenBLAS's own threads are switched off (they would fight rayon's).
 #[cfg(openblas)]
 mod blas {
     use super::{Init, Mat, SendPtr};
@@ -187,7 +187,7 @@ mod blas {
     use std::os::raw::c_int;
 
     const ROW_MAJOR: c_int = 101;
-    const MIN_ROWS: usize = 256;
+    const SPLIT_MIN_MNK: usize = 1 << 22;
     const NO_TRANS: c_int = 111;
     const TRANS: c_int = 112;
 
@@ -247,21 +247,36 @@ mod blas {
             return false;
         }
         ONE_THREAD.call_once(|| openblas_set_num_threads(1));
-        // Blocks of C from the shape alone, never the thread count, so the bits do not
-        // depend on it. Each call packs the operand it does not split again, so blocks
-        // stay large: about 4 row blocks of at least MIN_ROWS rows, or, when C has too
-        // few rows for two blocks and columns to spare (a dW = g^T x with a narrow
-        // output), column blocks. `examples/gemm_speed.rs` on the tiny preset's shapes,
-        // 2 threads: 8 row blocks 152-174 GFLOP/s forward, 4 blocks 172-177; fc2's dW
-        // (192 x 768, k 3200) 85-93 in one block.
-        let (row_block, col_block) = if m < 2 * MIN_ROWS && n >= 2 * MIN_ROWS {
-            (m, (n.div_ceil(4).div_ceil(16) * 16).max(MIN_ROWS))
-        } else {
-            ((m.div_ceil(4).div_ceil(16) * 16).max(MIN_ROWS), n)
-        };
+        // Blocks of C, one per thread along C's longer side: each call packs the operand
+        // it does not split again, so fewer blocks pack less (one thread, sequential
+        // calls, GFLOP/s: qkv dW 86-87 whole, 77-80 in 4 blocks; forward 90-97 either
+        // way). The blocks may follow the thread count because OpenBLAS sums each
+        // element over k in the same order whatever the blocks of C (its k blocking
+        // depends on k alone). Its small-matrix kernel (M*N*K up to about 1e6 here) sums
+        // in another order, so no block goes below SPLIT_MIN_MNK: a product runs whole
+        // or in blocks that all take the regular kernel, with the same bits (tested on
+        // 1, 2, 3 and 5 threads; an OpenBLAS that broke this would fail those tests).
+        let threads = if parallel { rayon::current_num_threads() } else { 1 };
+        let long = m.max(n);
+        let per_line = m * n * k / long;
+        let mut count = threads.clamp(1, long);
+        while count > 1 && (long / count) * per_line < SPLIT_MIN_MNK {
+            count -= 1;
+        }
         let c_ptr = SendPtr(c);
-        let task = |(i0, j0): (usize, usize)| {
-            let (mb, nb) = (row_block.min(m - i0), col_block.min(n - j0));
+        // (first row, rows, first column, columns) of each block; sizes differ by at most one.
+        let edge = |i: usize| long * i / count;
+        let blocks: Vec<(usize, usize, usize, usize)> = (0..count)
+            .map(|i| {
+                let (start, len) = (edge(i), edge(i + 1) - edge(i));
+                if n > m {
+                    (0, m, start, len)
+                } else {
+                    (start, len, 0, n)
+                }
+            })
+            .collect();
+        let task = |(i0, mb, j0, nb): (usize, usize, usize, usize)| {
             let c0 = c_ptr.get().add(i0 * ldc + j0);
             let beta = match init {
                 Init::Zero => 0.0,
@@ -290,11 +305,7 @@ mod blas {
                 ldc as c_int,
             );
         };
-        let blocks: Vec<(usize, usize)> = (0..m)
-            .step_by(row_block)
-            .flat_map(|i0| (0..n).step_by(col_block).map(move |j0| (i0, j0)))
-            .collect();
-        if parallel && blocks.len() > 1 && m * n * k >= 1 << 18 {
+        if blocks.len() > 1 {
             blocks.into_par_iter().for_each(task);
         } else {
             blocks.into_iter().for_each(task);
@@ -713,7 +724,17 @@ mod tests {
     fn kernel_matches_reference_and_thread_count() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        for (m, k, n) in [(1, 3, 1), (150, 257, 40), (73, 64, 197), (600, 19, 33), (100, 37, 700)] {
+        // The last three are large enough for OpenBLAS blocks (row blocks, then column blocks).
+        for (m, k, n) in [
+            (1, 3, 1),
+            (150, 257, 40),
+            (73, 64, 197),
+            (600, 19, 33),
+            (100, 37, 700),
+            (197, 64, 197),
+            (700, 100, 200),
+            (100, 300, 700),
+        ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -723,29 +744,33 @@ mod tests {
                 ("bias", Init::Bias(&bias)),
                 ("acc", Init::Accumulate),
             ] {
-                // A transposed (column-major view) and B row-major, as in dW = g^T x.
-                let at = Mat::cols(&a, 0, m);
-                let bm = Mat::rows(&b, 0, n);
-                let mut want = start.clone();
-                gemm_reference(m, n, k, at, bm, &mut want, n, init);
-                let mut serial = start.clone();
-                gemm(m, n, k, at, bm, &mut serial, n, init, false);
-                let on = |threads| {
-                    let mut par = start.clone();
-                    on_threads(threads, || gemm(m, n, k, at, bm, &mut par, n, init, true));
-                    par
-                };
-                let err = want
-                    .iter()
-                    .zip(&serial)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n} {name}: {err}");
-                for threads in [2, 3] {
-                    assert!(
-                        serial.iter().zip(&on(threads)).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{m}x{k}x{n} {name}: {threads} threads changed the bits"
-                    );
+                // A transposed (column-major view) and B row-major, as in dW = g^T x; then
+                // A row-major and B transposed, as in the forward x W^T.
+                for (at, bm) in [
+                    (Mat::cols(&a, 0, m), Mat::rows(&b, 0, n)),
+                    (Mat::rows(&a, 0, k), Mat::cols(&b, 0, k)),
+                ] {
+                    let mut want = start.clone();
+                    gemm_reference(m, n, k, at, bm, &mut want, n, init);
+                    let mut serial = start.clone();
+                    gemm(m, n, k, at, bm, &mut serial, n, init, false);
+                    let on = |threads| {
+                        let mut par = start.clone();
+                        on_threads(threads, || gemm(m, n, k, at, bm, &mut par, n, init, true));
+                        par
+                    };
+                    let err = want
+                        .iter()
+                        .zip(&serial)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n} {name}: {err}");
+                    for threads in [2, 3, 5] {
+                        assert!(
+                            serial.iter().zip(&on(threads)).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{m}x{k}x{n} {name}: {threads} threads changed the bits"
+                        );
+                    }
                 }
             }
         }

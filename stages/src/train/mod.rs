@@ -658,13 +658,56 @@ impl Trainer {
 }
 
 /// sqrt of the sum of squares of every gradient, summed in `order` (deterministic).
+///
+/// On the CPU one pass per gradient ([`sum_of_squares`]); elsewhere, or with
+/// `model.reference_ops`, candle's basic ops ([`global_norm_reference`]). The two
+/// sum in different orders (f64 chunks here, f32 per tensor there), so they agree
+/// to rounding, not in every bit.
 pub fn global_norm<'a>(
     grads: &HashMap<String, Tensor>,
     order: impl Iterator<Item = &'a str>,
 ) -> Result<f64, TrainError> {
-    // Summed on the device and read once: on a GPU each read waits for the queue to drain.
-    let squares = order
-        .filter_map(|name| grads.get(name))
+    let grads: Vec<&Tensor> = order.filter_map(|name| grads.get(name)).collect();
+    let fused = !crate::model::ops::reference() && grads.iter().all(|g| g.device().is_cpu() && g.dtype() == DType::F32);
+    if !fused {
+        return global_norm_reference(&grads);
+    }
+    let mut total = 0f64;
+    for g in grads {
+        total += crate::model::ops::with_slices([g], "gradient norm", |[x]| Ok(sum_of_squares(x)))?;
+    }
+    Ok(total.sqrt())
+}
+
+/// The sum of `x[i]^2` in f64: fixed chunks (so the bits do not depend on the thread
+/// count), eight independent lanes per chunk (so it vectorizes), chunks added in order.
+pub fn sum_of_squares(x: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let partials: Vec<f64> = x
+        .par_chunks(CHUNK)
+        .map(|chunk| {
+            let mut lanes = [0f64; 8];
+            let mut rows = chunk.chunks_exact(8);
+            for row in &mut rows {
+                for (l, v) in lanes.iter_mut().zip(row) {
+                    *l += (*v as f64) * (*v as f64);
+                }
+            }
+            for (l, v) in lanes.iter_mut().zip(rows.remainder()) {
+                *l += (*v as f64) * (*v as f64);
+            }
+            lanes.iter().sum::<f64>()
+        })
+        .collect();
+    partials.iter().sum()
+}
+
+/// [`global_norm`] from candle's basic ops, on any device. Summed on the device and
+/// read once: on a GPU each read waits for the queue to drain.
+pub fn global_norm_reference(grads: &[&Tensor]) -> Result<f64, TrainError> {
+    let squares = grads
+        .iter()
         .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
         .collect::<candle_core::Result<Vec<Tensor>>>()?;
     if squares.is_empty() {

@@ -22,7 +22,7 @@
 //! version ([`AdamW::step_reference`], which other devices run) in the same
 //! order, so both give the same bits (tested).
 
-use crate::model::ops::with_slices;
+use crate::model::ops::{output_vec, with_slices};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -273,12 +273,16 @@ impl InplaceOp1 for FusedUpdate {
             if g.len() != p.len() || m.len() != p.len() || v.len() != p.len() {
                 candle_core::bail!("adamw: gradient of {} values for a parameter of {}", g.len(), p.len())
             }
-            let (mut m2, mut v2) = (vec![0f32; p.len()], vec![0f32; p.len()]);
+            // Every element of the new moments is written below.
+            let (mut m2, mut v2) = (output_vec(p.len()), output_vec(p.len()));
             p.par_chunks_mut(CHUNK)
                 .zip(m2.par_chunks_mut(CHUNK).zip(v2.par_chunks_mut(CHUNK)))
                 .zip(g.par_chunks(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))))
                 .for_each(|((p, (m2, v2)), (g, (m, v)))| {
-                    for i in 0..p.len() {
+                    // Equal lengths stated once, so the loop has no bounds checks and vectorizes.
+                    let n = p.len();
+                    let (m2, v2, g, m, v) = (&mut m2[..n], &mut v2[..n], &g[..n], &m[..n], &v[..n]);
+                    for i in 0..n {
                         let mut pi = p[i];
                         if decay {
                             pi = pi * decay_factor + 0.0;

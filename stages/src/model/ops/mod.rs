@@ -51,7 +51,7 @@ pub mod pred_loss;
 pub use attention::attention;
 pub use basic::leaky_relu;
 pub use block::block;
-pub(crate) use cpu::with_slices;
+pub(crate) use cpu::{output_vec, with_slices};
 pub use draw_loss::draw_loss;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
