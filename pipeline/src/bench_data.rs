@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
+use stages::record::{Record, Stage};
 use stages::sample::Rgb8;
-use stages::{augment, chain, decode, mask, smooth, targets};
+use stages::{augment, decode, targets};
 
 /// Arguments of `pipeline bench data`.
 #[derive(Debug, clap::Args)]
@@ -72,7 +73,7 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!raws.is_empty(), "no samples in {patterns:?}");
     let st = &cfg.stages;
     st.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (seed, size, patch) = (cfg.seed, st.augment.size, st.patch);
+    let size = st.augment.size;
     let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let figure = |name: &str, n: usize, f: &(dyn Fn(usize) + Sync)| {
         if want(name) {
@@ -111,55 +112,53 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
         }
     });
 
-    // Inputs of the stage-alone figures: each stage's input, prepared once.
+    // Each record stage alone, through the functions the graph runs
+    // (`Stages::apply`), on records the stages before it filled in (prepared
+    // once, from the first `--stage-inputs` samples). Each call takes a copy of
+    // its input record, which the graph moves instead: that copy is part of the
+    // figure (most of it for mask).
+    let list = crate::run::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default())?)?;
     let k = args.stage_inputs.clamp(1, raws.len());
-    let decoded: Vec<Rgb8> = raws[..k]
-        .iter()
-        .filter_map(|r| decode::apply(&st.decode, r).ok())
-        .collect();
-    let keys: Vec<&str> = raws[..k].iter().map(|r| r.key.as_str()).collect();
-    let views: Vec<Rgb8> = decoded
-        .iter()
-        .zip(&keys)
-        .filter_map(|(d, key)| {
-            let mut rng = shards::rng::stage_rng(seed, 0, key, chain::AUGMENT_STREAM);
-            augment::apply(&st.augment, d, &mut rng).ok().map(|(v, _)| v)
-        })
-        .collect();
+    let mut records: Vec<Record> = raws[..k].iter().map(|r| Record::of_sample(r, 0)).collect();
+    let mut views: Vec<Rgb8> = Vec::new();
+    for stage in Stage::RECORD {
+        anyhow::ensure!(
+            !records.is_empty(),
+            "none of the first {k} samples passes the stages before {}",
+            stage.name()
+        );
+        figure(stage.name(), records.len(), &|i| {
+            std::hint::black_box(list.apply(stage, records[i].clone()).ok());
+        });
+        records = records.into_iter().filter_map(|r| list.apply(stage, r).ok()).collect();
+        if stage == Stage::Augment {
+            views = records.iter().map(|r| r.pixels.clone().into()).collect();
+        }
+    }
+    // The extractors one by one on the u8 views (the pixel target on the normalized view).
     let normalized: Vec<Vec<f32>> = views
         .iter()
         .map(|v| augment::normalize(v, st.augment.mean, st.augment.std))
         .collect();
-    anyhow::ensure!(!views.is_empty(), "none of the first {k} samples decodes");
-
-    figure("augment", decoded.len(), &|i| {
-        let mut rng = shards::rng::stage_rng(seed, 0, keys[i], chain::AUGMENT_STREAM);
-        std::hint::black_box(augment::apply(&st.augment, &decoded[i], &mut rng).ok());
-    });
-    figure("normalize", views.len(), &|i| {
-        std::hint::black_box(augment::normalize(&views[i], st.augment.mean, st.augment.std));
-    });
-    let grid = size / patch;
-    figure("mask", keys.len(), &|i| {
-        let mut rng = shards::rng::stage_rng(seed, 0, keys[i], chain::MASK_STREAM);
-        std::hint::black_box(mask::apply(&st.mask, grid * grid, &mut rng).ok());
-    });
-    figure("smooth", normalized.len(), &|i| {
-        std::hint::black_box(smooth::apply(&st.smooth, &normalized[i], 3, size, size).ok());
-    });
     for kind in [targets::Kind::Pixel, targets::Kind::Hog, targets::Kind::Canny] {
         figure(&format!("target_{}", kind.name()), views.len(), &|i| {
-            std::hint::black_box(targets::compute(kind, &st.targets, &views[i], &normalized[i], patch).ok());
+            std::hint::black_box(targets::compute(kind, &st.targets, &views[i], &normalized[i], st.patch).ok());
         });
     }
     let kinds: Vec<&str> = st.targets.kinds.iter().map(|k| k.name()).collect();
     eprintln!(
-        "chain: decode -> crop -> flip -> normalize -> mask -> smooth (sigma {}) -> {kinds:?}",
-        st.smooth.sigma
+        "chain: the record stages on one sample: decode -> augment -> mask -> smooth (sigma {}) -> {kinds:?}{}",
+        st.smooth.sigma,
+        if list.reads_cache() {
+            " (from the target cache)"
+        } else {
+            ""
+        }
     );
-    figure("chain", raws.len(), &|i| {
-        std::hint::black_box(chain::process(st, &raws[i], seed, 0).ok());
-    });
+    let chain = |i: usize| {
+        std::hint::black_box(list.run(Record::of_sample(&raws[i], 0)).ok());
+    };
+    figure("chain", raws.len(), &chain);
     if want("chain_to_decode") {
         let (images, decode_s, chain_s) = interleaved(
             raws.len(),
@@ -168,9 +167,7 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
             &|i| {
                 std::hint::black_box(decode::apply(&st.decode, &raws[i]).ok());
             },
-            &|i| {
-                std::hint::black_box(chain::process(st, &raws[i], seed, 0).ok());
-            },
+            &chain,
         );
         // Both sums are thread-seconds: images over them is a per-thread rate.
         let per_thread = |s: f64| (images as f64 / s).round();

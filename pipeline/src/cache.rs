@@ -24,9 +24,8 @@ use stages::StagesConfig;
 
 use crate::cache_index::{self, Entry};
 use crate::config::RunConfig;
-use crate::graph::GraphContext;
 use crate::metrics::Counters;
-use crate::record::{self, Record};
+use stages::record::Record;
 
 /// Values per patch of a target kind.
 pub fn target_dims(stages: &StagesConfig, kind: Kind) -> usize {
@@ -172,35 +171,19 @@ fn cached_shards(spec: &StoreSpec, index: &StoreIndex) -> usize {
     (CACHE_BYTES / per_shard.max(1)).max(2) as usize
 }
 
-impl CachedTargets {
+impl stages::record::TargetReader for CachedTargets {
     /// The targets of the view the record holds (view `pick(seed, epoch, key, K)`,
     /// the one its decode stage cut), from every store, in config order.
-    pub fn read(&self, seed: u64, counters: &Counters, mut r: Record) -> Result<Record, StageError> {
+    fn read(&self, seed: u64, r: &Record) -> Result<Vec<(usize, Vec<f32>)>, StageError> {
         let v = stages::views::pick(seed, r.epoch, &r.key, self.views);
-        r.targets = self
-            .readers
+        self.readers
             .iter()
             .zip(&self.dims)
             .map(|(reader, &dims)| {
                 let values = reader.get(&r.key, v).map_err(|e| StageError::Cache(e.to_string()))?;
                 Ok((dims, values))
             })
-            .collect::<Result<_, StageError>>()?;
-        counters.cache_reads.fetch_add(1, Ordering::Relaxed);
-        Ok(r)
-    }
-}
-
-/// The targets stage of a run: read from the cache when the run has one,
-/// else compute (each call of an extractor counted for `metrics.jsonl`).
-pub fn targets(ctx: &GraphContext, r: Record) -> Result<Record, StageError> {
-    match &ctx.cache {
-        Some(cache) => cache.read(ctx.seed, &ctx.counters, r),
-        None => {
-            let calls = ctx.stages.targets.kinds.len() as u64;
-            ctx.counters.extractor_calls.fetch_add(calls, Ordering::Relaxed);
-            record::targets(&ctx.stages, r)
-        }
+            .collect()
     }
 }
 
@@ -295,6 +278,7 @@ pub fn prepare_run(cfg: &RunConfig, workers: usize, counters: &Counters) -> anyh
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use stages::record::Stage;
     use stages::sample::Rgb8;
 
     /// configs/targets-hog.yaml on the first embedded shard, the cache under `cache`, plus `sets`.
@@ -342,6 +326,9 @@ pub(crate) mod tests {
         let report = crate::precompute::fill(cfg, &crate::precompute::FillOptions::local(1)).unwrap();
         assert_eq!(report.computed, 3 * samples);
         let cache = prepare_run(cfg, 1, &counters).unwrap().expect("a cached run");
+        let run_stages = stages::record::Stages::new(cfg.stages.clone(), cfg.seed)
+            .unwrap()
+            .with_cache(cache);
         let shard = &cfg.train_shards().unwrap()[0];
         let mut views_seen = std::collections::BTreeSet::new();
         for (i, sample) in ShardReader::open(shard, OnError::Fail, &Skips::default())
@@ -351,22 +338,18 @@ pub(crate) mod tests {
         {
             let sample = sample.unwrap();
             for epoch in 0..3 {
-                let r = Record {
-                    epoch,
-                    key: sample.key.clone(),
-                    raw: sample.files.clone(),
-                    ..Default::default()
-                };
                 // The run's own stage functions, as the graph chains them.
-                let r = record::decode(&cfg.stages, cfg.seed, r).unwrap();
-                let r = record::augment(r).unwrap();
+                let mut r = Record::of_sample(&sample, epoch);
+                for stage in [Stage::Decode, Stage::Augment] {
+                    r = run_stages.apply(stage, r).unwrap();
+                }
                 let v = stages::views::pick(cfg.seed, epoch, &sample.key, 3);
                 views_seen.insert((i, v));
                 let (w, h) = (r.view.source_width, r.view.source_height);
                 let want = stages::views::sample_view(&cfg.stages.augment, w, h, 5, &sample.key, v).unwrap();
                 assert_eq!(r.view, want, "{}: epoch {epoch} should feed view {v}", sample.key);
                 let pixels: Rgb8 = r.pixels.clone().into();
-                let r = cache.read(cfg.seed, &counters, r).unwrap();
+                let r = run_stages.apply(Stage::Targets, r).unwrap();
                 // The cached target is HOG of exactly the pixels the backbone is fed.
                 let fresh = stages::targets::hog::hog(&pixels, cfg.stages.patch).unwrap();
                 assert_eq!(r.targets.len(), 1);
@@ -378,6 +361,5 @@ pub(crate) mod tests {
         }
         // 8 samples x 3 epochs draw more than one view per sample somewhere.
         assert!(views_seen.len() > 8, "{views_seen:?}");
-        assert_eq!(counters.cache_reads.load(Ordering::Relaxed), 24);
     }
 }

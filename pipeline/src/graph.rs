@@ -21,8 +21,8 @@ use std::time::Instant;
 use anyhow::bail;
 use crossbeam::channel::Sender;
 use shards::{LaneReader, OnError, Skips};
+use stages::record::{Record, Stages};
 use stages::sample::StageError;
-use stages::StagesConfig;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Input, Operator, Probe};
 use timely::dataflow::{InputHandleVec as InputHandle, ProbeHandle, Stream};
@@ -31,13 +31,12 @@ use timely::worker::Worker;
 use crate::metrics::{Counters, Stage};
 use crate::placement::{Placement, StageSets};
 use crate::plan::RunPlan;
-use crate::record::{self, Record};
 use crate::sink::{assemble_batch, ReadyBatch, Recycler, SinkShape};
 
 /// What every worker needs to build and drive the graph.
 pub struct GraphContext {
-    pub stages: StagesConfig,
-    pub seed: u64,
+    /// The record stages (with the target cache a run reads, if any) and the run seed.
+    pub stages: Stages,
     pub policy: OnError,
     pub shuffle_buffer: usize,
     pub plan: RunPlan,
@@ -51,8 +50,6 @@ pub struct GraphContext {
     pub sink_shape: SinkShape,
     pub skips: Skips,
     pub counters: Arc<Counters>,
-    /// The stores a run with a target cache reads its targets from.
-    pub cache: Option<Arc<crate::cache::CachedTargets>>,
     /// The first failure of any worker of this process: every worker's driver
     /// loop checks it and stops, so one failing worker never leaves the others
     /// waiting for its progress.
@@ -90,7 +87,7 @@ fn fail(failure: &Failure, message: String) {
     slot.get_or_insert(message);
 }
 
-/// One stage's function on a record.
+/// One stage's function on a record: [`Stages::apply`] for that stage.
 type StageFn = Box<dyn Fn(Record) -> Result<Record, StageError>>;
 
 /// Consecutive stages on the same worker set run as one operator, all of
@@ -233,21 +230,29 @@ fn build(
     let mut input = InputHandle::new();
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
-        let (seed, c) = (ctx.seed, || ctx.clone());
-        let (cd, cm, cs, ct) = (c(), c(), c(), c());
         let lanes = scope.input_from(&mut input);
-        let stages: Vec<(Stage, StageFn)> = vec![
-            (Stage::Decode, Box::new(move |r| record::decode(&cd.stages, seed, r))),
-            (Stage::Augment, Box::new(record::augment)),
-            (Stage::Mask, Box::new(move |r| record::mask(&cm.stages, seed, r))),
-            (Stage::Smooth, Box::new(move |r| record::smooth(&cs.stages, r))),
-            // The last stage also seals the record with its digest, here on
-            // the worker that ran it rather than in the one sink.
-            (
-                Stage::Targets,
-                Box::new(move |r| crate::cache::targets(&ct, r).map(record::seal)),
-            ),
-        ];
+        // The one list of record stages (`stages::record`), as `stages dump` and
+        // `bench data`'s chain run it too; the targets stage also counts where
+        // its targets came from, for metrics.jsonl.
+        let stages: Vec<(Stage, StageFn)> = Stage::RECORD
+            .into_iter()
+            .map(|stage| {
+                let (list, counters) = (ctx.stages.clone(), ctx.counters.clone());
+                let calls = list.config().targets.kinds.len() as u64;
+                let f: StageFn = Box::new(move |r| {
+                    let r = list.apply(stage, r)?;
+                    if stage == Stage::Targets {
+                        let counter = match list.reads_cache() {
+                            true => (&counters.cache_reads, 1),
+                            false => (&counters.extractor_calls, calls),
+                        };
+                        counter.0.fetch_add(counter.1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(r)
+                });
+                (stage, f)
+            })
+            .collect();
         let mut records = lanes;
         for group in fused_groups(stages, &ctx.placement.sets) {
             records = stage_group(records, group, me, ctx);
@@ -299,12 +304,19 @@ fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender
         }
         let (epoch, b) = ctx.plan.locate(t);
         if !my_lanes.is_empty() && epoch != reader_epoch {
-            let plan = ctx.plan.epoch_plan(ctx.seed, epoch);
+            let plan = ctx.plan.epoch_plan(ctx.stages.seed(), epoch);
             readers = my_lanes
                 .iter()
                 .map(|&lane| {
-                    let reader =
-                        LaneReader::new(&plan, lane, ctx.seed, epoch, ctx.shuffle_buffer, ctx.policy, &ctx.skips);
+                    let reader = LaneReader::new(
+                        &plan,
+                        lane,
+                        ctx.stages.seed(),
+                        epoch,
+                        ctx.shuffle_buffer,
+                        ctx.policy,
+                        &ctx.skips,
+                    );
                     (lane, reader)
                 })
                 .collect();
@@ -322,19 +334,8 @@ fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender
             let reader = readers.get_mut(&lane).expect("a reader per owned lane");
             for _ in 0..per_lane {
                 let Some(item) = reader.next() else { break };
-                let lr = item?;
                 ctx.counters.sourced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                input.send(Record {
-                    batch: t,
-                    epoch,
-                    lane: lr.lane as u32,
-                    position: lr.position,
-                    shard: lr.shard.display().to_string(),
-                    class: lr.sample.class_index(),
-                    key: lr.sample.key,
-                    raw: lr.sample.files,
-                    ..Default::default()
-                });
+                input.send(source_record(t, epoch, item?));
             }
         }
         input.advance_to(t + 1);
@@ -347,6 +348,21 @@ fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender
         check(&failure)?;
     }
     check(&failure)
+}
+
+/// The record the lanes send into the graph for a sample of batch `t`.
+pub fn source_record(t: u64, epoch: u64, lr: shards::LaneRecord) -> Record {
+    Record {
+        batch: t,
+        epoch,
+        lane: lr.lane as u32,
+        position: lr.position,
+        shard: lr.shard.display().to_string(),
+        class: lr.sample.class_index(),
+        key: lr.sample.key,
+        raw: lr.sample.files,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,6 @@ mod placement;
 mod plan;
 mod plot;
 mod precompute;
-mod record;
 mod run;
 mod shards_cmd;
 mod sink;

@@ -6,50 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// The stages of the graph, in their order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
-    Decode,
-    Augment,
-    Mask,
-    Smooth,
-    Targets,
-    Sink,
-}
-
-impl Stage {
-    /// Every stage, in graph order.
-    pub const ALL: [Stage; 6] = [
-        Stage::Decode,
-        Stage::Augment,
-        Stage::Mask,
-        Stage::Smooth,
-        Stage::Targets,
-        Stage::Sink,
-    ];
-
-    /// The name in logs, metrics.jsonl and the config (`placement.decode`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Decode => "decode",
-            Stage::Augment => "augment",
-            Stage::Mask => "mask",
-            Stage::Smooth => "smooth",
-            Stage::Targets => "targets",
-            Stage::Sink => "sink",
-        }
-    }
-
-    /// The position in [`Stage::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The stage before this one (`None` for decode, which the lanes feed).
-    pub fn previous(self) -> Option<Stage> {
-        self.index().checked_sub(1).map(|i| Stage::ALL[i])
-    }
-}
+pub use stages::record::Stage;
 
 /// Counters of one stage.
 #[derive(Debug, Default)]

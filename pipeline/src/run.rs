@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 use shards::Skips;
+use stages::record::Stages;
 
 use crate::config::{self, RunConfig};
 use crate::graph::{run_worker, GraphContext};
@@ -248,8 +249,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
 
     let ctx = Arc::new(GraphContext {
-        stages: cfg.stages.clone(),
-        seed: cfg.seed,
+        stages: data_stages(&cfg, cache)?,
         policy: cfg.data.on_error,
         shuffle_buffer: cfg.data.shuffle_buffer,
         plan: plan.clone(),
@@ -257,15 +257,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         window: cfg.run.window,
         start_batch,
         stop_batch,
-        sink_shape: SinkShape {
-            size: cfg.stages.augment.size,
-            num_patches: (cfg.stages.augment.size / cfg.stages.patch).pow(2),
-            mean: cfg.stages.augment.mean,
-            std: cfg.stages.augment.std,
-        },
+        sink_shape: SinkShape::of(&cfg.stages),
         skips: skips.clone(),
         counters: counters.clone(),
-        cache: cache.clone(),
         failure: Default::default(),
         recycler: recycler.clone(),
     });
@@ -383,6 +377,16 @@ fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, Vec<u64>)> {
     Ok((plan, counts))
 }
 
+/// The record stages of a run: its `stages:` config and seed, reading the target
+/// cache when it has one (the list every command runs, `stages::record`).
+pub fn data_stages(cfg: &RunConfig, cache: Option<Arc<crate::cache::CachedTargets>>) -> anyhow::Result<Stages> {
+    let stages = Stages::new(cfg.stages.clone(), cfg.seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(match cache {
+        Some(cache) => stages.with_cache(cache),
+        None => stages,
+    })
+}
+
 /// Samples through the whole graph, sink included, with no trainer: what the
 /// data side delivers to a trainer that never waits (`pipeline bench data`).
 /// Returns the per-stage rates, samples delivered and seconds.
@@ -393,42 +397,7 @@ pub fn data_throughput(
 ) -> anyhow::Result<(Vec<crate::metrics::StageRate>, u64, f64)> {
     let mut cfg = cfg.clone();
     cfg.train.epochs = epochs.max(1);
-    let (plan, _) = plan_run(&cfg)?;
-    let placement = Placement::resolve(&cfg.cluster, &cfg.placement, 1, workers)?;
-    let counters = Arc::new(Counters::default());
-    let cache = crate::cache::prepare_run(&cfg, workers, &counters)?;
-    let ctx = Arc::new(GraphContext {
-        stages: cfg.stages.clone(),
-        seed: cfg.seed,
-        policy: cfg.data.on_error,
-        shuffle_buffer: cfg.data.shuffle_buffer,
-        placement,
-        window: cfg.run.window,
-        start_batch: 0,
-        stop_batch: plan.total_batches(),
-        plan,
-        sink_shape: SinkShape {
-            size: cfg.stages.augment.size,
-            num_patches: (cfg.stages.augment.size / cfg.stages.patch).pow(2),
-            mean: cfg.stages.augment.mean,
-            std: cfg.stages.augment.std,
-        },
-        skips: Skips::default(),
-        counters: counters.clone(),
-        cache: cache.clone(),
-        failure: Default::default(),
-        recycler: Default::default(),
-    });
-    let started = Instant::now();
-    let results = timely::execute(timely::Config::process(workers), move |worker| {
-        run_worker(worker, ctx.clone(), None)
-    })
-    .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?
-    .join();
-    for result in results {
-        result.map_err(|e| anyhow::anyhow!("a worker stopped: {e}"))??;
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let (counters, seconds) = run_data_graph(&cfg, workers, None)?;
     let snapshot = counters.snapshot();
     let delivered = snapshot.stages[crate::metrics::Stage::Sink.index()][1];
     Ok((
@@ -436,6 +405,44 @@ pub fn data_throughput(
         delivered,
         seconds,
     ))
+}
+
+/// The graph of `cfg` on `workers` workers of this process, every batch of its
+/// plan, handed to `to_trainer` (dropped when `None`). Returns the counters and seconds.
+fn run_data_graph(
+    cfg: &RunConfig,
+    workers: usize,
+    to_trainer: Option<crossbeam::channel::Sender<crate::sink::ReadyBatch>>,
+) -> anyhow::Result<(Arc<Counters>, f64)> {
+    let (plan, _) = plan_run(cfg)?;
+    let placement = Placement::resolve(&cfg.cluster, &cfg.placement, 1, workers)?;
+    let counters = Arc::new(Counters::default());
+    let cache = crate::cache::prepare_run(cfg, workers, &counters)?;
+    let ctx = Arc::new(GraphContext {
+        stages: data_stages(cfg, cache)?,
+        policy: cfg.data.on_error,
+        shuffle_buffer: cfg.data.shuffle_buffer,
+        placement,
+        window: cfg.run.window,
+        start_batch: 0,
+        stop_batch: plan.total_batches(),
+        plan,
+        sink_shape: SinkShape::of(&cfg.stages),
+        skips: Skips::default(),
+        counters: counters.clone(),
+        failure: Default::default(),
+        recycler: Default::default(),
+    });
+    let started = Instant::now();
+    let results = timely::execute(timely::Config::process(workers), move |worker| {
+        run_worker(worker, ctx.clone(), to_trainer.clone())
+    })
+    .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?
+    .join();
+    for result in results {
+        result.map_err(|e| anyhow::anyhow!("a worker stopped: {e}"))??;
+    }
+    Ok((counters, started.elapsed().as_secs_f64()))
 }
 
 /// A data process resuming reads where the trainer will continue from the checkpoint's state.
@@ -447,4 +454,110 @@ fn resume_position(dir: &std::path::Path) -> anyhow::Result<u64> {
     state["data_position"]
         .as_u64()
         .with_context(|| format!("{}: no data_position", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::assemble_batch;
+    use shards::LaneReader;
+
+    /// The digests of the batches the graph assembles on `workers` workers, in batch order.
+    fn graph_digests(cfg: &RunConfig, workers: usize) -> Vec<(u64, String)> {
+        let (tx, rx) = crossbeam::channel::unbounded();
+        run_data_graph(cfg, workers, Some(tx)).unwrap();
+        let mut got: Vec<(u64, String)> = rx.iter().map(|b| (b.index, b.digest)).collect();
+        got.sort();
+        got
+    }
+
+    /// The same batches from a plain loop: each epoch's lanes read in order, the
+    /// record stages run on one sample after another, a failing sample skipped.
+    fn sequential_digests(cfg: &RunConfig, list: &Stages) -> Vec<(u64, String)> {
+        let (plan, _) = plan_run(cfg).unwrap();
+        let shape = SinkShape::of(&cfg.stages);
+        let skips = Skips::quiet();
+        let mut out = Vec::new();
+        for epoch in 0..cfg.train.epochs as u64 {
+            let epoch_plan = plan.epoch_plan(cfg.seed, epoch);
+            let mut lanes: Vec<LaneReader> = (0..plan.lanes)
+                .map(|lane| {
+                    LaneReader::new(
+                        &epoch_plan,
+                        lane,
+                        cfg.seed,
+                        epoch,
+                        cfg.data.shuffle_buffer,
+                        cfg.data.on_error,
+                        &skips,
+                    )
+                })
+                .collect();
+            for b in 0..plan.batches[epoch as usize] {
+                let t = plan.offsets[epoch as usize] + b;
+                let mut records = Vec::new();
+                for lane in &mut lanes {
+                    for item in lane.by_ref().take(plan.per_lane) {
+                        let r = crate::graph::source_record(t, epoch, item.unwrap());
+                        if let Ok(r) = list.run(r) {
+                            records.push(r);
+                        }
+                    }
+                }
+                out.push((t, assemble_batch(t, epoch, records, &shape, None).unwrap().digest));
+            }
+        }
+        out
+    }
+
+    /// Two epochs of the first three embedded shards (3,750 images) in 3 lanes of 8.
+    fn embedded(sets: &[&str]) -> RunConfig {
+        let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let text = std::fs::read_to_string(base.join("pretrain.yaml")).unwrap();
+        let mut all: Vec<String> = [
+            "data.train=['../shards/data/fashion-mnist/train-{000000..000002}.tar.zst']",
+            "data.lanes=3",
+            "train.batch_size=24",
+            "train.epochs=2",
+            "seed=7",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        all.extend(sets.iter().map(|s| s.to_string()));
+        crate::config::parse(&text, &all, &base).unwrap()
+    }
+
+    fn check_graph_equals_loop(cfg: &RunConfig) {
+        let cache = crate::cache::prepare_run(cfg, 1, &Counters::default()).unwrap();
+        let cached = cache.is_some();
+        let want = sequential_digests(cfg, &data_stages(cfg, cache).unwrap());
+        assert_eq!(want.len() as u64, plan_run(cfg).unwrap().0.total_batches());
+        for workers in [1, 3] {
+            assert_eq!(graph_digests(cfg, workers), want, "{workers} workers, cached {cached}");
+        }
+    }
+
+    /// The batches `pipeline run` assembles are, bit for bit (keys, views, u8
+    /// pixels, x̂, masks, targets), those of a sequential loop over the same lanes
+    /// and the same stage list.
+    #[test]
+    fn the_graph_assembles_the_batches_of_a_plain_loop() {
+        check_graph_equals_loop(&embedded(&[]));
+    }
+
+    /// The same with a target cache: the graph feeds the cached view and reads its targets.
+    #[test]
+    fn with_a_target_cache_the_graph_assembles_the_batches_of_a_plain_loop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = format!("stages.targets.cache={}", tmp.path().display());
+        let cfg = embedded(&[&cache, "stages.targets.views=2"]);
+        crate::precompute::fill(&cfg, &crate::precompute::FillOptions::local(1)).unwrap();
+        check_graph_equals_loop(&cfg);
+        // And the cache changed what was fed: the batches differ from the uncached run's.
+        let uncached = embedded(&[]);
+        let a = sequential_digests(&uncached, &data_stages(&uncached, None).unwrap());
+        let b = graph_digests(&cfg, 1);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.1 != y.1));
+    }
 }

@@ -9,7 +9,7 @@ use stages::train::{Batch, U8Pixels};
 
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::record::{self, Record};
+use stages::record::{self, Record};
 
 /// What the model takes, so the sink can shape the batch for it.
 #[derive(Debug, Clone)]
@@ -23,6 +23,19 @@ pub struct SinkShape {
     pub std: [f32; 3],
 }
 
+impl SinkShape {
+    /// The batch shape the `stages:` config gives.
+    pub fn of(stages: &stages::StagesConfig) -> SinkShape {
+        let a = &stages.augment;
+        SinkShape {
+            size: a.size,
+            num_patches: (a.size / stages.patch).pow(2),
+            mean: a.mean,
+            std: a.std,
+        }
+    }
+}
+
 /// A batch on its way to the trainer.
 #[derive(Debug, Clone)]
 pub struct ReadyBatch {
@@ -31,7 +44,7 @@ pub struct ReadyBatch {
     pub epoch: u64,
     pub batch: Batch,
     /// xxh3-128 (hex) of the index and the records' digests in batch order: keys,
-    /// views, u8 pixels, x̂, masks and targets (see `record::digest`).
+    /// views, u8 pixels, x̂, masks and targets (see `stages::record::digest`).
     pub digest: String,
 }
 
@@ -137,7 +150,7 @@ pub fn assemble_batch(
     smoothed.reserve(b * c * plane);
     // The batch digest: xxh3-128 of the index and each record's digest in
     // batch order. The records come with theirs (hashed in parallel on the
-    // workers that ran the stages, `record::seal`); one without is hashed here.
+    // workers that ran the stages, `Stages::apply` seals it after targets); one without is hashed here.
     let mut hasher = Xxh3::new();
     hasher.update(&index.to_le_bytes());
     for r in records {
@@ -145,7 +158,7 @@ pub fn assemble_batch(
         if view_size != (shape.size, shape.size)
             || r.pixels.data.len() != c * plane
             || r.smooth.len() != c * plane
-            || r.mask.len() != shape.num_patches
+            || r.mask.mask.len() != shape.num_patches
         {
             bail!(
                 "{}: record shapes do not match the model ({} px, {} patches)",
@@ -157,7 +170,7 @@ pub fn assemble_batch(
         hasher.update(&r.digest.unwrap_or_else(|| record::digest(&r)));
         images.extend_from_slice(&r.pixels.data);
         smoothed.extend_from_slice(&r.smooth);
-        mask.extend_from_slice(&r.mask);
+        mask.extend_from_slice(&r.mask.mask);
         // Targets of several kinds are concatenated per patch.
         if !r.targets.is_empty() {
             for p in 0..shape.num_patches {
@@ -194,7 +207,7 @@ pub fn assemble_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Image;
+    use stages::record::Image;
     use stages::sample::Rgb8;
 
     /// The u8 batch, normalized by the trainer's device code, is bitwise the f32
@@ -214,7 +227,10 @@ mod tests {
                         .collect(),
                 }),
                 smooth: vec![100 + i; size * size * 3],
-                mask: vec![i, 1, 0, 1],
+                mask: stages::sample::Mask {
+                    mask: vec![i, 1, 0, 1],
+                    ..Default::default()
+                },
                 ..Record::default()
             })
             .collect();
@@ -261,7 +277,14 @@ mod tests {
             a.digest
         );
         // A record sealed on its worker gives the batch the same digest.
-        let sealed: Vec<Record> = records.iter().cloned().map(crate::record::seal).collect();
+        let sealed: Vec<Record> = records
+            .iter()
+            .cloned()
+            .map(|r| Record {
+                digest: Some(record::digest(&r)),
+                ..r
+            })
+            .collect();
         assert_eq!(assemble_batch(7, 0, sealed, &shape, None).unwrap().digest, ready.digest);
 
         // Refilling a spent batch (with targets, another size) gives the same

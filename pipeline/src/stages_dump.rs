@@ -1,11 +1,13 @@
 //! `pipeline stages dump`: what the model is fed, as .npy.
 //!
 //! For each of the first `--limit` samples of the shards (the config's
-//! `data.train` unless `--shards` is given), run the CPU chain exactly as
-//! training does (`stages::chain::process` with the config's seed and the
-//! `--epoch`) and write into `--out`:
-//! `KEY.image.npy` (normalized f32, C x H x W), `KEY.mask.npy` (u8 per
-//! patch, 1 = masked), `KEY.smooth.npy` (f32, C x H x W),
+//! `data.train` unless `--shards` is given), run the record stages the training
+//! graph runs (`stages::record::Stages`, through `stages::chain::process`, with the
+//! config's seed, its target cache if it has one, and the `--epoch`) and write
+//! into `--out`:
+//! `KEY.image.npy` (the u8 view normalized as the trainer does, f32, C x H x W),
+//! `KEY.mask.npy` (u8 per patch, 1 = masked), `KEY.smooth.npy` (x̂, the blur of
+//! the u8 view, normalized the same way, f32, C x H x W),
 //! `KEY.target.<kind>.npy` (f32, patches x dims) and `KEY.view.json`
 //! (crop box, flip, source size, ids_keep, class).
 
@@ -47,6 +49,8 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     let paths = shards::expand(&patterns).context("expanding --shards")?;
     anyhow::ensure!(!paths.is_empty(), "no shards match {patterns:?}");
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    // The run's own record stages, reading its target cache when it has one.
+    let data_stages = crate::run::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default())?)?;
     let skips = shards::Skips::default();
     let mut written = 0usize;
     'shards: for path in &paths {
@@ -56,15 +60,7 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
                 break 'shards;
             }
             let raw = raw?;
-            let ex = stages::chain::process_or_skip(
-                &cfg.stages,
-                &raw,
-                cfg.seed,
-                args.epoch,
-                cfg.data.on_error,
-                &skips,
-                &shard,
-            )?;
+            let ex = stages::chain::process_or_skip(&data_stages, &raw, args.epoch, cfg.data.on_error, &skips, &shard)?;
             if let Some(ex) = ex {
                 write_example(&args.out, &ex)?;
                 written += 1;
@@ -164,7 +160,8 @@ mod tests {
             .map(|r| r.unwrap())
             .collect();
         for raw in &raws[..2] {
-            let ex = stages::chain::process(&cfg.stages, raw, 3, 1).unwrap();
+            let list = stages::record::Stages::new(cfg.stages.clone(), cfg.seed).unwrap();
+            let ex = stages::chain::process(&list, raw, 1).unwrap();
             let stem = out.join(file_stem(&raw.key));
             let read = |ext: &str| npy::read(&stem.with_extension(ext)).unwrap();
             let image = read("image.npy");

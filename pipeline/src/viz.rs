@@ -77,6 +77,8 @@ pub fn run(args: &VizArgs) -> anyhow::Result<()> {
     if paths.is_empty() {
         bail!("no shards match {:?}", args.shards);
     }
+    // The run's own record stages, reading its target cache when it has one.
+    let data_stages = crate::run::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default())?)?;
     let skips = shards::Skips::default();
     let mut examples = Vec::new();
     'shards: for path in &paths {
@@ -85,15 +87,8 @@ pub fn run(args: &VizArgs) -> anyhow::Result<()> {
             if examples.len() == args.n {
                 break 'shards;
             }
-            let ex = stages::chain::process_or_skip(
-                &cfg.stages,
-                &raw?,
-                cfg.seed,
-                args.epoch,
-                cfg.data.on_error,
-                &skips,
-                &shard,
-            )?;
+            let ex =
+                stages::chain::process_or_skip(&data_stages, &raw?, args.epoch, cfg.data.on_error, &skips, &shard)?;
             examples.extend(ex);
         }
     }

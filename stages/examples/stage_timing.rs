@@ -23,7 +23,8 @@ fn main() {
     cfg.augment.size = 224;
     cfg.smooth.sigma = 10.0;
     cfg.targets.kinds = vec![targets::Kind::Hog];
-    let examples: Vec<_> = raw.iter().map(|s| chain::process(&cfg, s, 0, 0).unwrap()).collect();
+    let list = stages::record::Stages::new(cfg.clone(), 0).expect("config");
+    let examples: Vec<_> = raw.iter().map(|s| chain::process(&list, s, 0).unwrap()).collect();
     // Each image's time is its minimum over `passes` passes; the figure is their mean.
     let best = |name: &str, f: &mut dyn FnMut(usize)| {
         if only.as_deref().is_some_and(|o| o != name) {
@@ -43,7 +44,7 @@ fn main() {
         );
     };
     best("chain", &mut |i| {
-        std::hint::black_box(chain::process(&cfg, &raw[i], 0, 0).unwrap());
+        std::hint::black_box(list.run(stages::record::Record::of_sample(&raw[i], 0)).unwrap());
     });
     best("decode", &mut |i| {
         let bytes = decode::image_bytes(&raw[i]).unwrap();

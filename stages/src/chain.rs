@@ -1,15 +1,16 @@
-//! The whole CPU chain on one raw sample: decode -> augment (crop, resize,
-//! flip) -> normalize -> mask -> smooth -> targets, and its configuration
-//! (the `stages:` section of a run config).
+//! The data stages' configuration (the `stages:` section of a run config), and
+//! the chain on one raw sample: [`process`] runs the stage list of
+//! [`crate::record`] (decode -> augment -> mask -> smooth -> targets), the one the
+//! training graph runs, and shows the result as an [`Example`].
 //!
 //! Every random draw comes from `stage_rng(run seed, epoch, key, STAGE)` with
 //! the stage's own name, so an example depends only on (config, seed, epoch,
 //! sample), never on the thread or the order (test below runs it on threads).
 
-use crate::sample::{Example, StageError};
+use crate::record::{Record, Stages};
+use crate::sample::{Example, Rgb8, StageError, Target};
 use crate::{augment, decode, mask, smooth, targets};
 use serde::{Deserialize, Serialize};
-use shards::rng::stage_rng;
 
 /// Configuration of every data stage, as the `stages:` section of a run config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,71 +96,73 @@ pub struct ChainError {
     pub error: StageError,
 }
 
-/// Run every stage on one raw sample.
-pub fn process(cfg: &StagesConfig, raw: &shards::Sample, run_seed: u64, epoch: u64) -> Result<Example, ChainError> {
-    let key = &raw.key;
-    let err = |stage: &'static str| {
-        move |error| ChainError {
-            key: key.clone(),
-            stage,
+/// Run every stage on one raw sample in `epoch`: [`Stages::run`], the list the
+/// training graph runs, on one record, shown as an [`Example`] (the view and x̂
+/// normalized as the training device normalizes them).
+pub fn process(stages: &Stages, raw: &shards::Sample, epoch: u64) -> Result<Example, ChainError> {
+    let record = stages
+        .run(Record::of_sample(raw, epoch))
+        .map_err(|(stage, error)| ChainError {
+            key: raw.key.clone(),
+            stage: stage.name(),
             error,
-        }
-    };
-    cfg.validate().map_err(err("config"))?;
-    // The view is drawn from the header's size first, so that decode reads
-    // only the rows and columns its crop needs.
-    let bytes = decode::image_bytes(raw).map_err(err("decode"))?;
-    let (width, height) = decode::image_size(bytes).map_err(err("decode"))?;
-    let mut rng = stage_rng(run_seed, epoch, key, AUGMENT_STREAM);
-    let view = augment::sample_view(&cfg.augment, width, height, &mut rng).map_err(err("augment"))?;
-    let region = decode::decode_region(&cfg.decode, bytes, view.crop).map_err(err("decode"))?;
-    let pixels = augment::apply_region(&region, &view).map_err(err("augment"))?;
-    drop(region);
+        })?;
+    Ok(example(stages.config(), record))
+}
+
+/// A finished record as an [`Example`]: the u8 view and x̂ normalized with the
+/// config's mean and std, the targets named by their kinds.
+pub fn example(cfg: &StagesConfig, r: Record) -> Example {
     let a = &cfg.augment;
+    let pixels: Rgb8 = r.pixels.into();
     let image = augment::normalize(&pixels, a.mean, a.std);
-    let grid = a.size / cfg.patch;
-    let mask = mask::apply(
-        &cfg.mask,
-        grid * grid,
-        &mut stage_rng(run_seed, epoch, key, MASK_STREAM),
-    )
-    .map_err(err("mask"))?;
-    let smooth = smooth::apply(&cfg.smooth, &image, 3, a.size, a.size).map_err(err("smooth"))?;
+    let smooth = augment::normalize(
+        &Rgb8 {
+            width: pixels.width,
+            height: pixels.height,
+            data: r.smooth,
+        },
+        a.mean,
+        a.std,
+    );
     let targets = cfg
         .targets
         .kinds
         .iter()
-        .map(|&kind| targets::compute(kind, &cfg.targets, &pixels, &image, cfg.patch))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(err("targets"))?;
-    Ok(Example {
-        key: key.clone(),
-        class: raw.class_index(),
-        view,
+        .zip(r.targets)
+        .map(|(kind, (dims, values))| Target {
+            kind: kind.name().to_string(),
+            dims,
+            values,
+        })
+        .collect();
+    Example {
+        key: r.key,
+        class: r.class,
+        view: r.view,
         pixels,
         image,
         patch: cfg.patch,
-        mask,
+        mask: r.mask,
         smooth,
         targets,
-    })
+    }
 }
 
 /// [`process`] under an `on_error` policy: a failure is counted in `skips`
 /// (logged as `shard:key: reason`) and gives `Ok(None)` under `Skip`, and is
 /// returned under `Fail`.
 pub fn process_or_skip(
-    cfg: &StagesConfig,
+    stages: &Stages,
     raw: &shards::Sample,
-    run_seed: u64,
     epoch: u64,
     policy: shards::OnError,
     skips: &shards::Skips,
     shard: &str,
 ) -> Result<Option<Example>, ChainError> {
-    match process(cfg, raw, run_seed, epoch) {
+    match process(stages, raw, epoch) {
         Ok(ex) => Ok(Some(ex)),
-        Err(e) if policy == shards::OnError::Skip && e.stage != "config" => {
+        Err(e) if policy == shards::OnError::Skip => {
             skips.record(shard, &e.key, &format!("{}: {}", e.stage, e.error));
             Ok(None)
         }
@@ -193,7 +196,7 @@ mod tests {
     #[test]
     fn shapes_and_independent_recomputation() {
         let cfg = small_cfg();
-        let ex = process(&cfg, &jpeg_sample("a"), 1, 0).unwrap();
+        let ex = process(&Stages::new(cfg.clone(), 1).unwrap(), &jpeg_sample("a"), 0).unwrap();
         assert_eq!(ex.class, Some(7));
         assert_eq!(
             (ex.view.source_width, ex.view.source_height, ex.view.size),
@@ -212,6 +215,8 @@ mod tests {
         assert_eq!(again, ex.pixels);
         let normalized = augment::normalize(&again, cfg.augment.mean, cfg.augment.std);
         assert_eq!(normalized, ex.image);
+        // x̂ is the blur of the u8 view, rounded to u8: within that rounding
+        // (0.5 / 255 / std) and the fast blur's error of the exact blur of the normalized view.
         let exact = smooth::blur_exact(&normalized, 3, 64, 64, 3.0);
         let err = exact
             .iter()
@@ -223,40 +228,41 @@ mod tests {
 
     #[test]
     fn same_inputs_same_example_on_other_threads_epochs_differ() {
-        let cfg = small_cfg();
-        let here = process(&cfg, &jpeg_sample("k1"), 5, 2).unwrap();
+        let stages = Stages::new(small_cfg(), 5).unwrap();
+        let here = process(&stages, &jpeg_sample("k1"), 2).unwrap();
         let handles: Vec<_> = (0..3)
             .map(|_| {
-                let cfg = cfg.clone();
-                std::thread::spawn(move || process(&cfg, &jpeg_sample("k1"), 5, 2).unwrap())
+                let stages = stages.clone();
+                std::thread::spawn(move || process(&stages, &jpeg_sample("k1"), 2).unwrap())
             })
             .collect();
         for h in handles {
             assert_eq!(h.join().unwrap(), here);
         }
-        let other = process(&cfg, &jpeg_sample("k1"), 5, 3).unwrap();
+        let other = process(&stages, &jpeg_sample("k1"), 3).unwrap();
         assert_ne!(other.mask, here.mask);
-        let other_key = process(&cfg, &jpeg_sample("k2"), 5, 2).unwrap();
+        let other_key = process(&stages, &jpeg_sample("k2"), 2).unwrap();
         assert_ne!(other_key.mask, here.mask);
     }
 
     #[test]
     fn bad_samples_skip_or_fail_by_policy() {
         let cfg = small_cfg();
+        let stages = Stages::new(cfg.clone(), 0).unwrap();
         let skips = shards::Skips::default();
         let bad = shards::Sample::new("bad").with("jpg", b"\xFF\xD8\xFF\xE0garbage".to_vec());
-        let got = process_or_skip(&cfg, &bad, 0, 0, shards::OnError::Skip, &skips, "s.tar").unwrap();
+        let got = process_or_skip(&stages, &bad, 0, shards::OnError::Skip, &skips, "s.tar").unwrap();
         assert!(got.is_none());
         assert_eq!(skips.total(), 1);
-        let e = process_or_skip(&cfg, &bad, 0, 0, shards::OnError::Fail, &skips, "s.tar").unwrap_err();
+        let e = process_or_skip(&stages, &bad, 0, shards::OnError::Fail, &skips, "s.tar").unwrap_err();
         assert_eq!((e.key.as_str(), e.stage), ("bad", "decode"));
         assert!(e.to_string().starts_with("bad: decode: corrupt image"), "{e}");
         let mut wrong = cfg.clone();
         wrong.patch = 24;
-        assert_eq!(process(&wrong, &jpeg_sample("a"), 0, 0).unwrap_err().stage, "config");
+        assert!(matches!(Stages::new(wrong, 0), Err(StageError::Config(_))));
         let mut wrong = cfg.clone();
         wrong.smooth.sigma = 1e9;
-        assert_eq!(process(&wrong, &jpeg_sample("a"), 0, 0).unwrap_err().stage, "config");
+        assert!(matches!(Stages::new(wrong, 0), Err(StageError::Config(_))));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod eval;
 pub mod mask;
 pub mod model;
 pub mod npy;
+pub mod record;
 pub mod resize;
 pub mod sample;
 mod simd;

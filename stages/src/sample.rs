@@ -61,7 +61,7 @@ pub struct View {
 }
 
 /// MAE random masking of one sample. "0 is keep, 1 is remove" (models_mae.py).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Mask {
     /// Per patch, row-major: 1 = masked (removed), 0 = visible.
     pub mask: Vec<u8>,

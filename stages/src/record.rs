@@ -1,0 +1,366 @@
+//! The one composition of the data stages: a record, filled in stage by stage,
+//! and the list of stage functions every command runs on it.
+//!
+//! ```text
+//! decode -> augment -> mask -> smooth -> targets
+//! ```
+//!
+//! `pipeline run`'s graph applies [`Stages::apply`] stage by stage on the workers
+//! of each stage's role; `stages dump`, `viz`, `bench data`'s chain figure and
+//! [`crate::chain::process`] apply [`Stages::run`], the same functions in the same
+//! order, on one record. So what they show and time is what training gets: the
+//! view stays u8 through every stage (DESIGN.md "Keep image data as u8"), x̂ is
+//! the blur of the u8 view, and a run with a target cache feeds its cached view
+//! and reads the cached targets. Each stage takes a record and returns it with
+//! its output filled in, or a stage error; none knows of timely or files.
+//!
+//! The record is serde, so it can cross processes when two stages sit on
+//! different machines.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use shards::rng::stage_rng;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::chain::{StagesConfig, MASK_STREAM};
+use crate::sample::{Mask, Rgb8, StageError, Target, View};
+use crate::{augment, decode, mask, smooth, targets, views};
+
+/// The stages of the graph, in their order: the five record stages, then the
+/// sink, which assembles a batch from the records (no record function).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Decode,
+    Augment,
+    Mask,
+    Smooth,
+    Targets,
+    Sink,
+}
+
+impl Stage {
+    /// Every stage, in graph order.
+    pub const ALL: [Stage; 6] = [
+        Stage::Decode,
+        Stage::Augment,
+        Stage::Mask,
+        Stage::Smooth,
+        Stage::Targets,
+        Stage::Sink,
+    ];
+
+    /// The stages that run a function on each record ([`Stages::apply`]), in order.
+    pub const RECORD: [Stage; 5] = [
+        Stage::Decode,
+        Stage::Augment,
+        Stage::Mask,
+        Stage::Smooth,
+        Stage::Targets,
+    ];
+
+    /// The name in logs, metrics.jsonl and the config (`placement.decode`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Augment => "augment",
+            Stage::Mask => "mask",
+            Stage::Smooth => "smooth",
+            Stage::Targets => "targets",
+            Stage::Sink => "sink",
+        }
+    }
+
+    /// The position in [`Stage::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The stage before this one (`None` for decode, which the lanes feed).
+    pub fn previous(self) -> Option<Stage> {
+        self.index().checked_sub(1).map(|i| Stage::ALL[i])
+    }
+}
+
+/// 8-bit RGB pixels (H x W x 3), the wire form of [`Rgb8`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+    /// Where these pixels start in the source image: decode reads only the
+    /// region the view's crop needs (0, 0 for a whole image or a view).
+    pub left: usize,
+    pub top: usize,
+}
+
+impl From<Rgb8> for Image {
+    fn from(img: Rgb8) -> Image {
+        Image {
+            width: img.width,
+            height: img.height,
+            data: img.data,
+            left: 0,
+            top: 0,
+        }
+    }
+}
+
+impl From<Image> for Rgb8 {
+    fn from(img: Image) -> Rgb8 {
+        Rgb8 {
+            width: img.width,
+            height: img.height,
+            data: img.data,
+        }
+    }
+}
+
+/// One sample on its way to the trainer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The global batch index (also the timely timestamp).
+    pub batch: u64,
+    /// The epoch of the batch.
+    pub epoch: u64,
+    /// Lane and position in the lane: the sink orders a batch by these.
+    pub lane: u32,
+    pub position: u64,
+    /// Where it came from, for error messages.
+    pub shard: String,
+    pub key: String,
+    pub class: Option<i64>,
+    /// The shard members, until decode.
+    pub raw: BTreeMap<String, Vec<u8>>,
+    /// Decoded pixels, then (after augment) the u8 view.
+    pub pixels: Image,
+    /// How the view was cut (after decode, which draws it).
+    pub view: View,
+    /// The masking (after mask); the trainer reads `mask.mask` (per patch, 1 = removed).
+    pub mask: Mask,
+    /// Smoothed target x̂ as u8 pixels, H x W x 3, normalized on the training device (after smooth).
+    pub smooth: Vec<u8>,
+    /// Per-patch targets in config order, each patches x dims (after targets).
+    pub targets: Vec<(usize, Vec<f32>)>,
+    /// [`digest`] of this record, set after the last stage on the worker that
+    /// ran it, so that the batch digest costs the one sink 16 bytes per record.
+    pub digest: Option<[u8; 16]>,
+}
+
+impl Record {
+    /// A record of `sample` in `epoch`, before any stage (batch, lane and position 0).
+    pub fn of_sample(sample: &shards::Sample, epoch: u64) -> Record {
+        Record {
+            epoch,
+            key: sample.key.clone(),
+            class: sample.class_index(),
+            raw: sample.files.clone(),
+            ..Record::default()
+        }
+    }
+}
+
+/// Where a run with a target cache reads the targets of a record's view.
+pub trait TargetReader: Send + Sync {
+    /// The targets of view `pick(seed, epoch, key, K)` of the record's sample
+    /// (the view its decode stage cut), from every store, in config order.
+    fn read(&self, seed: u64, r: &Record) -> Result<Vec<(usize, Vec<f32>)>, StageError>;
+}
+
+/// The data stages of one run: its `stages:` config, its seed and, with a target
+/// cache, where the targets stage reads from.
+#[derive(Clone)]
+pub struct Stages {
+    cfg: Arc<StagesConfig>,
+    seed: u64,
+    cache: Option<Arc<dyn TargetReader>>,
+}
+
+impl Stages {
+    /// The stages of a run with seed `seed`, after checking the config.
+    pub fn new(cfg: StagesConfig, seed: u64) -> Result<Stages, StageError> {
+        cfg.validate()?;
+        Ok(Stages {
+            cfg: Arc::new(cfg),
+            seed,
+            cache: None,
+        })
+    }
+
+    /// The same stages with the targets stage reading from `cache`.
+    pub fn with_cache(mut self, cache: Arc<dyn TargetReader>) -> Stages {
+        self.cache = Some(cache);
+        self
+    }
+
+    pub fn config(&self) -> &StagesConfig {
+        &self.cfg
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Whether the targets stage reads a target cache (else it computes).
+    pub fn reads_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    /// One record stage on `r` (the sink is not one: it returns `r` unchanged).
+    pub fn apply(&self, stage: Stage, r: Record) -> Result<Record, StageError> {
+        match stage {
+            Stage::Decode => decode_stage(&self.cfg, self.seed, r),
+            Stage::Augment => augment_stage(r),
+            Stage::Mask => mask_stage(&self.cfg, self.seed, r),
+            Stage::Smooth => smooth_stage(&self.cfg, r),
+            Stage::Targets => {
+                let mut r = match &self.cache {
+                    Some(cache) => {
+                        let targets = cache.read(self.seed, &r)?;
+                        Record { targets, ..r }
+                    }
+                    None => targets_stage(&self.cfg, r)?,
+                };
+                // The last stage seals the record, on the worker that ran it.
+                r.digest = Some(digest(&r));
+                Ok(r)
+            }
+            Stage::Sink => Ok(r),
+        }
+    }
+
+    /// Every record stage on `r`, in order; the error names the stage that failed.
+    pub fn run(&self, mut r: Record) -> Result<Record, (Stage, StageError)> {
+        for stage in Stage::RECORD {
+            r = self.apply(stage, r).map_err(|e| (stage, e))?;
+        }
+        Ok(r)
+    }
+}
+
+/// decode: the pixels of the shard's image that the view needs. The view
+/// (crop box, flip) is drawn here, from the augment stage's rng stream, out of
+/// the header's size: it decides which rows and columns to decode. A run
+/// reading the target cache cuts one of the K cached views instead.
+fn decode_stage(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, StageError> {
+    let raw = std::mem::take(&mut r.raw);
+    let bytes = ["jpg", "jpeg", "png"]
+        .iter()
+        .find_map(|ext| raw.get(*ext))
+        .ok_or(StageError::NoImage)?;
+    let (width, height) = decode::image_size(bytes)?;
+    let (view, _) = views::run_view(cfg, seed, r.epoch, &r.key, width, height)?;
+    let region = decode::decode_region(&cfg.decode, bytes, view.crop)?;
+    r.view = view;
+    r.pixels = Image {
+        left: region.left,
+        top: region.top,
+        ..region.pixels.into()
+    };
+    Ok(r)
+}
+
+/// augment: resize and flip the view out of the decoded region. The view stays
+/// u8: the training device normalizes it, and `targets` normalizes it for the
+/// pixel target only.
+fn augment_stage(mut r: Record) -> Result<Record, StageError> {
+    let Image { left, top, .. } = r.pixels;
+    let region = decode::Region {
+        pixels: std::mem::take(&mut r.pixels).into(),
+        left,
+        top,
+        source_width: r.view.source_width,
+        source_height: r.view.source_height,
+    };
+    let pixels = augment::apply_region(&region, &r.view)?;
+    r.pixels = pixels.into();
+    Ok(r)
+}
+
+/// mask: MAE random masking of the patches.
+fn mask_stage(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, StageError> {
+    let grid = cfg.augment.size / cfg.patch;
+    r.mask = mask::apply(
+        &cfg.mask,
+        grid * grid,
+        &mut stage_rng(seed, r.epoch, &r.key, MASK_STREAM),
+    )?;
+    Ok(r)
+}
+
+/// smooth: the Gaussian-smoothed target x̂ of the u8 view, rounded to u8 (the
+/// trainer normalizes it on its device; see `smooth::apply_u8` for the rounding).
+fn smooth_stage(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
+    let view = Rgb8 {
+        width: r.pixels.width,
+        height: r.pixels.height,
+        data: std::mem::take(&mut r.pixels.data),
+    };
+    let smoothed = smooth::apply_u8(&cfg.smooth, &view);
+    r.pixels.data = view.data;
+    r.smooth = smoothed?;
+    Ok(r)
+}
+
+/// targets: per-patch F(x) of the view, in the config's order.
+fn targets_stage(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
+    let pixels: Rgb8 = std::mem::take(&mut r.pixels).into();
+    // MAE's norm-pix target works on the normalized view; HOG and Canny on
+    // the u8 pixels (a 600 kB float copy per record otherwise).
+    let image = if cfg.targets.kinds.contains(&targets::Kind::Pixel) {
+        augment::normalize(&pixels, cfg.augment.mean, cfg.augment.std)
+    } else {
+        Vec::new()
+    };
+    r.targets = cfg
+        .targets
+        .kinds
+        .iter()
+        .map(|&kind| {
+            targets::compute(kind, &cfg.targets, &pixels, &image, cfg.patch)
+                .map(|Target { dims, values, .. }| (dims, values))
+        })
+        .collect::<Result<_, _>>()?;
+    r.pixels = pixels.into();
+    Ok(r)
+}
+
+/// xxh3-128 of what a record gives the trainer: key, view, u8 pixels, x̂,
+/// mask and targets (floats as little-endian bytes). For the batch digest, a
+/// determinism check, not a security boundary: xxh3 hashes about ten times as
+/// fast as BLAKE3, which had cost the sink a sixth of the graph's time.
+pub fn digest(r: &Record) -> [u8; 16] {
+    let mut h = Xxh3::new();
+    h.update(&(r.key.len() as u64).to_le_bytes());
+    h.update(r.key.as_bytes());
+    let v = &r.view;
+    let c = &v.crop;
+    for n in [
+        v.source_width,
+        v.source_height,
+        c.top,
+        c.left,
+        c.height,
+        c.width,
+        v.size,
+    ] {
+        h.update(&(n as u64).to_le_bytes());
+    }
+    h.update(&[u8::from(v.flip)]);
+    h.update(&r.pixels.data);
+    h.update(&r.smooth);
+    h.update(&r.mask.mask);
+    for (dims, values) in &r.targets {
+        h.update(&(*dims as u64).to_le_bytes());
+        if cfg!(target_endian = "little") {
+            // Their memory is their little-endian bytes: hashed in place.
+            h.update(bytemuck::cast_slice(values));
+        } else {
+            for x in values {
+                h.update(&x.to_le_bytes());
+            }
+        }
+    }
+    h.digest128().to_le_bytes()
+}
