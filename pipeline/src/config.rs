@@ -209,14 +209,14 @@ impl RunConfig {
         }
         if self.model.target == stages::model::TargetSource::Batch {
             let kinds = &self.stages.targets.kinds;
-            let dims: usize = kinds.iter().map(|&k| crate::cache::target_dims(&self.stages, k)).sum();
+            let dims: usize = kinds.iter().map(|&k| self.stages.target_dims(k)).sum();
             if kinds.is_empty() {
                 bail!("stages.targets.kinds is empty, but the model predicts per-patch targets from the batch");
             }
             if dims != self.model.target_dim {
                 let each: Vec<String> = kinds
                     .iter()
-                    .map(|&k| format!("{} {}", k.name(), crate::cache::target_dims(&self.stages, k)))
+                    .map(|&k| format!("{} {}", k.name(), self.stages.target_dims(k)))
                     .collect();
                 bail!(
                     "model.target_dim is {}, but stages.targets.kinds give {dims} values per patch ({}): set model.target_dim={dims}",

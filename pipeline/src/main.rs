@@ -3,28 +3,22 @@
 //! `main` parses the command line and hands it to [`run_command`]: one match,
 //! one module per subcommand. Errors are printed once, with their chain.
 
-mod ablation;
-mod bench_cache;
-mod bench_data;
-mod bench_train;
 mod cache;
-mod cache_index;
+mod cluster;
+mod commands;
 mod config;
-mod eval_cmd;
-mod export_cmd;
+mod evaluate;
 mod graph;
+mod job;
 mod metrics;
 mod placement;
 mod plan;
 mod plot;
-mod precompute;
-mod run;
-mod shards_cmd;
-mod sink;
-mod stages_dump;
 mod trainer;
-mod viz;
 
+use commands::{
+    ablation, bench_cache, bench_data, bench_train, eval, export, precompute, shards as shards_cmd, stages_dump, viz,
+};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -40,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Pre-train: shards -> data stages -> trainer, as a timely dataflow.
-    Run(run::RunArgs),
+    Run(job::RunArgs),
     /// Make and check WebDataset shards.
     Shards {
         #[command(subcommand)]
@@ -54,9 +48,9 @@ enum Command {
     /// Evaluate a checkpoint's frozen backbone: linear probe or kNN top-1, as a JSON line.
     Eval {
         #[arg(value_enum)]
-        method: eval_cmd::Method,
+        method: eval::Method,
         #[command(flatten)]
-        args: eval_cmd::EvalArgs,
+        args: eval::EvalArgs,
     },
     /// Fill the target cache: every missing view's targets into the store.
     Precompute(precompute::PrecomputeArgs),
@@ -65,7 +59,7 @@ enum Command {
     /// Draw the paper's Figure 3: x, smoothed x̂, masked x_M and two drawings per image, as a PNG grid.
     Viz(viz::VizArgs),
     /// Write the backbone with timm's names (`--format timm`) as safetensors.
-    Export(export_cmd::ExportArgs),
+    Export(export::ExportArgs),
     /// Measure throughput.
     Bench {
         #[command(subcommand)]
@@ -91,13 +85,13 @@ enum BenchCommand {
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => run::run(&args),
+        Command::Run(args) => job::run(&args),
         Command::Shards { command } => shards_cmd::run(command),
         Command::Precompute(args) => precompute::run(&args),
-        Command::Eval { method, args } => eval_cmd::run(method, &args),
+        Command::Eval { method, args } => eval::run(method, &args),
         Command::Ablation(args) => ablation::run(&args),
         Command::Viz(args) => viz::run(&args),
-        Command::Export(args) => export_cmd::run(&args),
+        Command::Export(args) => export::run(&args),
         Command::Stages {
             command: StagesCommand::Dump(args),
         } => stages_dump::run(&args),

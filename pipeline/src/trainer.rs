@@ -18,9 +18,9 @@ use serde_json::json;
 use stages::model::ModelConfig;
 use stages::train::{TrainConfig, Trainer};
 
+use crate::graph::sink::{ReadyBatch, Recycler};
 use crate::metrics::{rates, Counters};
 use crate::plan::RunPlan;
-use crate::sink::{ReadyBatch, Recycler};
 
 /// Everything the trainer thread needs.
 pub struct TrainerSetup {

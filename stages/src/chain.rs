@@ -44,6 +44,18 @@ impl Default for StagesConfig {
 }
 
 impl StagesConfig {
+    /// Values per patch of a target kind.
+    pub fn target_dims(&self, kind: targets::Kind) -> usize {
+        let p = self.patch;
+        match kind {
+            targets::Kind::Pixel => p * p * 3,
+            targets::Kind::Hog => targets::hog::DIMS,
+            targets::Kind::Canny if self.targets.canny.fraction => 1,
+            targets::Kind::Canny => p * p,
+            targets::Kind::Clip => self.targets.clip.as_ref().map_or(0, |c| c.projection_dim),
+        }
+    }
+
     /// Check combinations no single stage can see (patch vs image size).
     pub fn validate(&self) -> Result<(), StageError> {
         let (size, p) = (self.augment.size, self.patch);

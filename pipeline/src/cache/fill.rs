@@ -4,7 +4,7 @@
 //!
 //! First the cache index: the wanted (store, key, view) entries of the
 //! training shards minus those in the stores' index files, a
-//! differential-dataflow antijoin ([`crate::cache_index`]). Then a timely
+//! differential-dataflow antijoin ([`crate::cache::index`]). Then a timely
 //! graph like the run's computes only the missing views: every worker builds
 //! it, each stage runs on the workers of its role (`placement.decode` for
 //! decode, `placement.augment` for the view stage, `placement.targets` for the
@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Args;
 use serde::{Deserialize, Serialize};
 use shards::store::{codec, Store, StoreWriter};
 use shards::{OnError, ShardReader, Skips};
@@ -36,32 +35,11 @@ use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::{Input, Operator, Probe};
 use timely::dataflow::{InputHandleVec as InputHandle, ProbeHandle, Stream};
 
+use crate::cache::index;
 use crate::cache::{self, shard_keys};
-use crate::cache_index;
-use crate::config::{self, RunConfig};
+use crate::cluster::ClusterArgs;
+use crate::config::RunConfig;
 use crate::placement::Placement;
-use crate::run::ClusterArgs;
-
-/// Arguments of `pipeline precompute`.
-#[derive(Debug, Args)]
-pub struct PrecomputeArgs {
-    /// The config (YAML) whose `data.train` and `stages` (targets, cache, views) say what to compute.
-    pub config: PathBuf,
-    /// Override config values: `--set stages.targets.views=4`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
-    /// Views per store shard.
-    #[arg(long, default_value_t = 1000)]
-    pub shard_views: usize,
-    /// Views per CLIP forward pass.
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    /// Print the report as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// How [`fill`] runs.
 #[derive(Debug, Clone)]
@@ -580,7 +558,7 @@ pub fn fill(cfg: &RunConfig, options: &FillOptions) -> anyhow::Result<Precompute
     let wanted = cache::wanted(&keys, stores.len(), k);
     let present = cache::present(&indexes);
     report.wanted = wanted.len() as u64;
-    let missing = cache_index::missing(wanted, present);
+    let missing = index::missing(wanted, present);
     report.present = report.wanted - missing.len() as u64;
     let mut todo: HashMap<String, BTreeMap<u32, Vec<u32>>> = HashMap::new();
     for (store, key, v) in &missing {
@@ -642,7 +620,7 @@ pub fn fill(cfg: &RunConfig, options: &FillOptions) -> anyhow::Result<Precompute
             failure: Default::default(),
         });
         let skips = ctx.skips.clone();
-        let timely_config = crate::run::timely_config(&options.cluster)?;
+        let timely_config = crate::cluster::timely_config(&options.cluster)?;
         let bar = options.progress.then(|| {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
@@ -689,42 +667,6 @@ pub fn fill(cfg: &RunConfig, options: &FillOptions) -> anyhow::Result<Precompute
     report.views_per_s = report.computed as f64 / report.seconds.max(1e-9);
     report.bytes_per_view = report.store_bytes as f64 / report.stored_views.max(1) as f64;
     Ok(report)
-}
-
-/// `pipeline precompute CONFIG`.
-pub fn run(args: &PrecomputeArgs) -> anyhow::Result<()> {
-    let cfg = config::load(&args.config, &args.set)?;
-    let options = FillOptions {
-        cluster: args.cluster.clone(),
-        shard_views: args.shard_views,
-        batch: args.batch,
-        progress: !args.json,
-    };
-    let report = fill(&cfg, &options)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    for dir in &report.stores {
-        println!("store {}", dir.display());
-    }
-    println!(
-        "{} views wanted, {} were stored, {} computed in {:.1} s: {:.0} views/s; {} corrupt shard(s) set aside, {} samples skipped",
-        report.wanted,
-        report.present,
-        report.computed,
-        report.seconds,
-        report.views_per_s,
-        report.corrupt_shards.len(),
-        report.skipped
-    );
-    println!(
-        "store: {} views, {:.1} MB, {:.0} bytes per view",
-        report.stored_views,
-        report.store_bytes as f64 / 1e6,
-        report.bytes_per_view
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 use stages::model::export::{timm_preset_name, timm_state_dict};
 
-use crate::eval_cmd::{load_model_tensors, run_config_of};
+use crate::evaluate::{load_model_tensors, run_config_of};
 
 /// Export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -31,7 +31,9 @@ use timely::worker::Worker;
 use crate::metrics::{Counters, Stage};
 use crate::placement::{Placement, StageSets};
 use crate::plan::RunPlan;
-use crate::sink::{assemble_batch, ReadyBatch, Recycler, SinkShape};
+pub mod sink;
+
+use sink::{assemble_batch, ReadyBatch, Recycler, SinkShape};
 
 /// What every worker needs to build and drive the graph.
 pub struct GraphContext {

@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use rand_distr::{Distribution, StandardNormal};
 use stages::model::{CrossMae, NoiseMode};
 
-use crate::eval_cmd::{load_model_tensors, run_config_of};
+use crate::evaluate::{load_model_tensors, run_config_of};
 
 /// The marker colour of removed patches in the x_M panel.
 pub const MASK_RGB: [u8; 3] = [255, 0, 255];
@@ -78,7 +78,7 @@ pub fn run(args: &VizArgs) -> anyhow::Result<()> {
         bail!("no shards match {:?}", args.shards);
     }
     // The run's own record stages, reading its target cache when it has one.
-    let data_stages = crate::run::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default())?)?;
+    let data_stages = crate::job::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default())?)?;
     let skips = shards::Skips::default();
     let mut examples = Vec::new();
     'shards: for path in &paths {

@@ -13,12 +13,13 @@ use clap::Args;
 use shards::Skips;
 use stages::record::Stages;
 
+use crate::cluster::{exit_on_lost_peer, log_thread_budget, timely_config, ClusterArgs};
 use crate::config::{self, RunConfig};
+use crate::graph::sink::SinkShape;
 use crate::graph::{run_worker, GraphContext};
 use crate::metrics::Counters;
 use crate::placement::Placement;
 use crate::plan::{count_samples, RunPlan};
-use crate::sink::SinkShape;
 use crate::trainer::{checkpoint_dir, make_trainer, train_loop, TrainerSetup};
 
 /// Arguments of `pipeline run`.
@@ -40,35 +41,6 @@ pub struct RunArgs {
     pub stop_after_epochs: Option<usize>,
 }
 
-/// Where this process stands in the cluster (`pipeline run` and `pipeline precompute`).
-#[derive(Debug, Clone, Args)]
-pub struct ClusterArgs {
-    /// Worker threads per process.
-    #[arg(long, short = 'w', default_value_t = 1)]
-    pub workers: usize,
-    /// Processes in the cluster.
-    #[arg(long, short = 'n', default_value_t = 1)]
-    pub processes: usize,
-    /// This process's index (0-based).
-    #[arg(long, short = 'p', default_value_t = 0)]
-    pub process: usize,
-    /// One `host:port` per line, a line per process.
-    #[arg(long, short = 'H')]
-    pub hostfile: Option<PathBuf>,
-}
-
-impl ClusterArgs {
-    /// One process of `workers` workers.
-    pub fn local(workers: usize) -> ClusterArgs {
-        ClusterArgs {
-            workers,
-            processes: 1,
-            process: 0,
-            hostfile: None,
-        }
-    }
-}
-
 fn run_dir(cfg: &RunConfig, args: &RunArgs) -> PathBuf {
     if let Some(dir) = &args.resume {
         return dir.clone();
@@ -81,84 +53,6 @@ fn run_dir(cfg: &RunConfig, args: &RunArgs) -> PathBuf {
             .unwrap_or_else(|| "run".into());
         PathBuf::from("runs").join(stem)
     })
-}
-
-pub(crate) fn timely_config(args: &ClusterArgs) -> anyhow::Result<timely::Config> {
-    if args.workers == 0 || args.processes == 0 || args.process >= args.processes {
-        bail!("--workers and --processes must be positive and --process below --processes");
-    }
-    if args.processes == 1 {
-        return Ok(timely::Config::process(args.workers));
-    }
-    let hostfile = args
-        .hostfile
-        .as_ref()
-        .context("--processes > 1 needs --hostfile (one host:port per process)")?;
-    let text = std::fs::read_to_string(hostfile).with_context(|| format!("reading {}", hostfile.display()))?;
-    let addresses: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
-    if addresses.len() != args.processes {
-        bail!(
-            "{}: {} addresses for {} processes",
-            hostfile.display(),
-            addresses.len(),
-            args.processes
-        );
-    }
-    Ok(timely::Config {
-        communication: timely::CommunicationConfig::Cluster {
-            threads: args.workers,
-            process: args.process,
-            addresses,
-            report: false,
-            zerocopy: false,
-        },
-        worker: timely::WorkerConfig::default(),
-    })
-}
-
-/// When a process of the cluster dies, timely's network threads panic
-/// ("timely communication error: ... socket closed") and the panic cascades
-/// through the workers. Turn the first such panic into one clear message and
-/// a non-zero exit, at once, rather than a page of backtraces or a hang.
-fn exit_on_lost_peer(process: usize) {
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if message.contains("timely communication error") || message.contains("MergeQueue poisoned") {
-            eprintln!(
-                "error: process {process} lost its connection to the cluster ({message}): another process stopped or died.\n\
-                 Rerun every process with --resume RUN_DIR to continue from the last checkpoint."
-            );
-            std::process::exit(2);
-        }
-        default_hook(info);
-    }));
-}
-
-/// Logs the thread budget of a process: its timely workers run the data stages,
-/// and the trainer's rayon pool gets every core (`default_thread_counts` in
-/// main.rs). The data stages run at most `run.window` batches ahead and then wait
-/// on the trainer, so they leave their cores idle most of the time: giving the
-/// trainer only the cores left over (1 of 2 here) made the embedded default train
-/// 1.4x slower (`pipeline run configs/pretrain.yaml --set train.epochs=1`: 36.1 /
-/// 35.4 s against 26.3 / 25.2 s, interleaved, data wait 1%).
-fn log_thread_budget(workers: usize) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    tracing::info!(
-        "{cores} cores: {workers} timely worker(s); trainer threads RAYON_NUM_THREADS={}, CANDLE_NUM_THREADS={}",
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
-        std::env::var("CANDLE_NUM_THREADS").unwrap_or_default()
-    );
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
@@ -193,7 +87,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let cache = crate::cache::prepare_run(&cfg, args.cluster.workers, &counters)?;
     let run_dir = run_dir(&cfg, args);
-    let recycler = crate::sink::Recycler::default();
+    let recycler = crate::graph::sink::Recycler::default();
     let (sender, trainer_thread) = if trains {
         let taken = run_dir.join("metrics.jsonl").exists() || checkpoint_dir(&run_dir).exists();
         if taken && args.resume.is_none() {
@@ -340,7 +234,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         println!("run directory: {}", run_dir.display());
         let mut summary = serde_json::to_value(&summary)?;
         if cfg.eval.after_run {
-            summary["probe"] = crate::eval_cmd::after_run_report(&cfg, &run_dir);
+            summary["probe"] = crate::evaluate::after_run_report(&cfg, &run_dir);
         }
         std::fs::write(run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     } else {
@@ -412,7 +306,7 @@ pub fn data_throughput(
 fn run_data_graph(
     cfg: &RunConfig,
     workers: usize,
-    to_trainer: Option<crossbeam::channel::Sender<crate::sink::ReadyBatch>>,
+    to_trainer: Option<crossbeam::channel::Sender<crate::graph::sink::ReadyBatch>>,
 ) -> anyhow::Result<(Arc<Counters>, f64)> {
     let (plan, _) = plan_run(cfg)?;
     let placement = Placement::resolve(&cfg.cluster, &cfg.placement, 1, workers)?;
@@ -459,7 +353,7 @@ fn resume_position(dir: &std::path::Path) -> anyhow::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::assemble_batch;
+    use crate::graph::sink::assemble_batch;
     use shards::LaneReader;
 
     /// The digests of the batches the graph assembles on `workers` workers, in batch order.
@@ -552,7 +446,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let cache = format!("stages.targets.cache={}", tmp.path().display());
         let cfg = embedded(&[&cache, "stages.targets.views=2"]);
-        crate::precompute::fill(&cfg, &crate::precompute::FillOptions::local(1)).unwrap();
+        crate::cache::fill::fill(&cfg, &crate::cache::fill::FillOptions::local(1)).unwrap();
         check_graph_equals_loop(&cfg);
         // And the cache changed what was fed: the batches differ from the uncached run's.
         let uncached = embedded(&[]);

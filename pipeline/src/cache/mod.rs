@@ -22,22 +22,13 @@ use stages::sample::StageError;
 use stages::targets::{clip, hog, Kind, OnMiss};
 use stages::StagesConfig;
 
-use crate::cache_index::{self, Entry};
+pub mod fill;
+pub mod index;
+
 use crate::config::RunConfig;
 use crate::metrics::Counters;
+use index::Entry;
 use stages::record::Record;
-
-/// Values per patch of a target kind.
-pub fn target_dims(stages: &StagesConfig, kind: Kind) -> usize {
-    let p = stages.patch;
-    match kind {
-        Kind::Pixel => p * p * 3,
-        Kind::Hog => hog::DIMS,
-        Kind::Canny if stages.targets.canny.fraction => 1,
-        Kind::Canny => p * p,
-        Kind::Clip => stages.targets.clip.as_ref().map_or(0, |c| c.projection_dim),
-    }
-}
 
 /// The store spec of one target kind of a config. `weights_blake3` is the
 /// CLIP weights file's hash (see [`weights_blake3`]).
@@ -72,7 +63,7 @@ pub fn store_spec(stages: &StagesConfig, kind: Kind, weights_blake3: Option<Stri
         image_size: a.size,
         patch: stages.patch,
         tokens: (a.size / stages.patch.max(1)).pow(2),
-        dims: target_dims(stages, kind),
+        dims: stages.target_dims(kind),
         mean,
         std,
         dtype: t.dtype,
@@ -218,7 +209,7 @@ pub fn prepare_run(cfg: &RunConfig, workers: usize, counters: &Counters) -> anyh
                 }
             }
         }
-        let missing = cache_index::missing(wanted.clone(), present(&indexes));
+        let missing = index::missing(wanted.clone(), present(&indexes));
         if missing.is_empty() {
             let stores: Vec<Store> = stores.into_iter().flatten().collect();
             tracing::info!(
@@ -269,7 +260,7 @@ pub fn prepare_run(cfg: &RunConfig, workers: usize, counters: &Counters) -> anyh
             "target cache: {} views missing, computing them (on_miss: compute)",
             missing.len()
         );
-        let report = crate::precompute::fill(cfg, &crate::precompute::FillOptions::local(workers))?;
+        let report = crate::cache::fill::fill(cfg, &crate::cache::fill::FillOptions::local(workers))?;
         counters.extractor_calls.fetch_add(report.computed, Ordering::Relaxed);
         computed_here = true;
     }
@@ -323,7 +314,7 @@ pub(crate) mod tests {
         let counters = Counters::default();
         let err = prepare_run(cfg, 1, &counters).err().expect("no store yet");
         assert!(format!("{err:#}").contains("no store matches"), "{err:#}");
-        let report = crate::precompute::fill(cfg, &crate::precompute::FillOptions::local(1)).unwrap();
+        let report = crate::cache::fill::fill(cfg, &crate::cache::fill::FillOptions::local(1)).unwrap();
         assert_eq!(report.computed, 3 * samples);
         let cache = prepare_run(cfg, 1, &counters).unwrap().expect("a cached run");
         let run_stages = stages::record::Stages::new(cfg.stages.clone(), cfg.seed)

@@ -117,7 +117,7 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     // once, from the first `--stage-inputs` samples). Each call takes a copy of
     // its input record, which the graph moves instead: that copy is part of the
     // figure (most of it for mask).
-    let list = crate::run::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default())?)?;
+    let list = crate::job::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default())?)?;
     let k = args.stage_inputs.clamp(1, raws.len());
     let mut records: Vec<Record> = raws[..k].iter().map(|r| Record::of_sample(r, 0)).collect();
     let mut views: Vec<Rgb8> = Vec::new();
@@ -128,7 +128,11 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
             stage.name()
         );
         // decode alone is the `decode` figure above (the whole image); the stage reads the view's rows.
-        let name = if stage == Stage::Decode { "decode_view" } else { stage.name() };
+        let name = if stage == Stage::Decode {
+            "decode_view"
+        } else {
+            stage.name()
+        };
         figure(name, records.len(), &|i| {
             std::hint::black_box(list.apply(stage, records[i].clone()).ok());
         });
@@ -258,7 +262,7 @@ fn graph_figure(
 ) -> anyhow::Result<()> {
     let mut cfg = cfg.clone();
     cfg.data.train = patterns;
-    let (stage_rates, delivered, seconds) = crate::run::data_throughput(&cfg, threads, epochs)?;
+    let (stage_rates, delivered, seconds) = crate::job::data_throughput(&cfg, threads, epochs)?;
     let rate = delivered as f64 / seconds;
     println!(
         "{}",

@@ -18,8 +18,8 @@ use shards::Skips;
 use stages::eval;
 
 use crate::config::{self, RunConfig};
-use crate::eval_cmd::{eval_device, features_of, load_backbone, random_backbone};
-use crate::run::{self, RunArgs};
+use crate::evaluate::{eval_device, features_of, load_backbone, random_backbone};
+use crate::job::{self, RunArgs};
 use crate::trainer::checkpoint_dir;
 
 /// Arguments of `pipeline ablation`.
@@ -109,11 +109,11 @@ pub fn run(args: &AblationArgs) -> anyhow::Result<()> {
             tracing::info!("ablation row {name}: already trained in {}", run_dir.display());
         } else {
             tracing::info!("ablation row {name}: pre-training into {}", run_dir.display());
-            run::run(&RunArgs {
+            job::run(&RunArgs {
                 config: path.clone(),
                 set,
                 resume: None,
-                cluster: run::ClusterArgs::local(args.workers),
+                cluster: crate::cluster::ClusterArgs::local(args.workers),
                 stop_after_epochs: None,
             })
             .with_context(|| format!("ablation row {}", path.display()))?;
