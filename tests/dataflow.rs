@@ -254,3 +254,56 @@ fn kill_between_mid_epoch_checkpoints_then_resume_is_bitwise_exact() {
     assert_eq!(resumed, digests(&whole), "resumed run saw other batches");
     assert_eq!(losses(&cut), losses(&whole), "losses after kill -9 and --resume differ");
 }
+
+/// Samples the stages of a cluster's data processes skip count against
+/// `data.max_skip_fraction` in the train process, which never sees them fail:
+/// the batches it gets are short by them. One image in 10 is garbage here.
+#[test]
+fn skips_in_data_processes_count_in_the_train_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = util::repo().join("shards/data/fashion-mnist/train-000000.tar.zst");
+    let mut writer = shards::ShardWriter::new(
+        dir.path().join("bad-%06d.tar").to_str().unwrap(),
+        shards::WriterOptions {
+            max_samples: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let skips = shards::Skips::default();
+    for (i, sample) in shards::ShardReader::open(&source, shards::OnError::Fail, &skips)
+        .unwrap()
+        .take(200)
+        .enumerate()
+    {
+        let mut sample = sample.unwrap();
+        if i % 10 == 3 {
+            for bytes in sample.files.values_mut().filter(|b| b.len() > 100) {
+                *bytes = b"\x89PNG\r\n\x1a\ngarbage".to_vec();
+            }
+        }
+        writer.write(&sample).unwrap();
+    }
+    assert_eq!(writer.close().unwrap().len(), 2);
+    let data = format!("data.train=['{}/bad-{{000000..000001}}.tar']", dir.path().display());
+    let extra = [
+        "--set",
+        data.as_str(),
+        "--set",
+        "train.batch_size=20",
+        "--set",
+        "train.epochs=1",
+    ];
+    let children = spawn_cluster(dir.path(), &dir.path().join("run"), &extra);
+    let mut outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| wait_with_timeout(c, Duration::from_secs(300)))
+        .collect();
+    let train = outputs.remove(0);
+    assert!(!train.status.success(), "the train process accepted a 10% skip rate");
+    let err = String::from_utf8_lossy(&train.stderr);
+    assert!(
+        err.contains("were skipped as bad input") && err.contains("20 missing from the batches trained"),
+        "{err}"
+    );
+}

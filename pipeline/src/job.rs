@@ -258,9 +258,10 @@ fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, Vec<u64>)> {
         );
     }
     // Bad input found while counting is reported when the lanes read it.
-    let counts = count_samples(&shard_paths, cfg.data.on_error, &Skips::quiet())?;
+    let found = Skips::quiet();
+    let counts = count_samples(&shard_paths, cfg.data.on_error, &found)?;
     let micro_batch = cfg.train.batch_size / cfg.train.accum_iter;
-    let plan = RunPlan::new(
+    let mut plan = RunPlan::new(
         shard_paths,
         &counts,
         cfg.seed,
@@ -268,6 +269,7 @@ fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, Vec<u64>)> {
         cfg.data.lanes,
         micro_batch,
     )?;
+    plan.bad_per_epoch = found.total();
     Ok((plan, counts))
 }
 

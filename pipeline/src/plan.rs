@@ -44,6 +44,9 @@ pub struct RunPlan {
     pub offsets: Vec<u64>,
     /// Samples left unread per epoch because a lane is longer than the shortest.
     pub left_over: Vec<u64>,
+    /// Bad samples the count of the shards found (the lanes skip them again
+    /// each epoch, on whichever process reads them).
+    pub bad_per_epoch: u64,
 }
 
 impl RunPlan {
@@ -67,6 +70,7 @@ impl RunPlan {
             batches: vec![],
             offsets: vec![0],
             left_over: vec![],
+            bad_per_epoch: 0,
         };
         for epoch in 0..epochs as u64 {
             let lane_lengths = plan.lane_lengths(counts, seed, epoch);

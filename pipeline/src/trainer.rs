@@ -44,15 +44,39 @@ pub struct TrainerSetup {
     pub max_skip_fraction: f64,
 }
 
-/// Samples skipped so far by the readers and the stages, and samples seen
-/// (skipped plus trained). Records still in flight are in neither.
-fn skip_counts(setup: &TrainerSetup, trained: u64) -> (u64, u64) {
-    let in_stages: u64 = crate::metrics::skipped_by_stage(&setup.counters)
-        .iter()
-        .map(|(_, n)| n)
-        .sum();
-    let skipped = setup.skips.total() + in_stages;
-    (skipped, skipped + trained)
+/// Samples skipped as bad input, counted so that a cluster's train process sees
+/// the skips of its data processes too (their readers and stages run elsewhere,
+/// with their own counters):
+/// - in the stages: a batch that reaches the trainer short of `lanes x
+///   per_lane` samples lost the rest to skips, wherever they happened;
+/// - in the readers: the plan's count of the shards found `bad_per_epoch` bad
+///   samples, which the lanes skip again each epoch; each batch trained adds
+///   its share, `bad_per_epoch / batches of its epoch`.
+///
+/// Each is at least this process's own live count (the reasons it logged), so a
+/// single process sees its skips as soon as they happen, in-flight ones included.
+#[derive(Debug, Default)]
+struct SkipTally {
+    short: u64,
+    read_share: f64,
+}
+
+impl SkipTally {
+    fn add_batch(&mut self, plan: &RunPlan, epoch: u64, samples: u64) {
+        self.short += (plan.lanes * plan.per_lane) as u64 - samples.min((plan.lanes * plan.per_lane) as u64);
+        let batches = plan.batches.get(epoch as usize).copied().unwrap_or(1).max(1);
+        self.read_share += plan.bad_per_epoch as f64 / batches as f64;
+    }
+
+    /// Samples skipped so far and samples seen (skipped plus trained).
+    fn counts(&self, setup: &TrainerSetup, trained: u64) -> (u64, u64) {
+        let in_stages: u64 = crate::metrics::skipped_by_stage(&setup.counters)
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        let skipped = setup.skips.total().max(self.read_share.round() as u64) + in_stages.max(self.short);
+        (skipped, skipped + trained)
+    }
 }
 
 /// What the run did.
@@ -130,17 +154,20 @@ const MIN_SEEN_FOR_SKIP_CHECK: u64 = 1000;
 
 /// An error once more than `data.max_skip_fraction` of the samples seen were
 /// skipped (checked only from `min_seen` samples seen on).
-fn check_skips(setup: &TrainerSetup, trained: u64, min_seen: u64) -> anyhow::Result<()> {
-    let (skipped, seen) = skip_counts(setup, trained);
+fn check_skips(setup: &TrainerSetup, tally: &SkipTally, trained: u64, min_seen: u64) -> anyhow::Result<()> {
+    let (skipped, seen) = tally.counts(setup, trained);
     if seen < min_seen || skipped as f64 <= setup.max_skip_fraction * seen as f64 {
         return Ok(());
     }
     bail!(
         "{skipped} of the {seen} samples seen so far were skipped as bad input ({:.1}%), more than \
-         data.max_skip_fraction {} allows (by reason: {:?}, stages {:?}); fix the data, or raise \
+         data.max_skip_fraction {} allows ({} missing from the batches trained, {} bad in the shards \
+         each epoch; this process logged, by reason: {:?}, stages {:?}); fix the data, or raise \
          data.max_skip_fraction if this much loss is expected",
         100.0 * skipped as f64 / seen as f64,
         setup.max_skip_fraction,
+        tally.short,
+        setup.plan.bad_per_epoch,
         setup.skips.by_reason(),
         crate::metrics::skipped_by_stage(&setup.counters),
     )
@@ -194,6 +221,7 @@ pub fn train_loop(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut summary = TrainSummary::default();
+    let mut tally = SkipTally::default();
     let started = Instant::now();
     let mut waited = 0.0;
     let mut last_counts = (setup.counters.snapshot(), Instant::now());
@@ -222,7 +250,8 @@ pub fn train_loop(
             "data_wait_s": data_wait, "step_s": step_s,
         });
         writeln!(metrics, "{line}")?;
-        if let Err(e) = check_skips(&setup, summary.samples, MIN_SEEN_FOR_SKIP_CHECK) {
+        tally.add_batch(&setup.plan, ready.epoch, samples);
+        if let Err(e) = check_skips(&setup, &tally, summary.samples, MIN_SEEN_FOR_SKIP_CHECK) {
             metrics.flush()?;
             return Err(e);
         }
@@ -286,8 +315,8 @@ pub fn train_loop(
     }
     summary.seconds = started.elapsed().as_secs_f64();
     summary.data_wait = waited / summary.seconds.max(1e-9);
-    check_skips(&setup, summary.samples, 0)?;
-    let (skipped, seen) = skip_counts(&setup, summary.samples);
+    check_skips(&setup, &tally, summary.samples, 0)?;
+    let (skipped, seen) = tally.counts(&setup, summary.samples);
     summary.skipped_samples = skipped;
     summary.skipped_fraction = skipped as f64 / seen.max(1) as f64;
     Ok(summary)
