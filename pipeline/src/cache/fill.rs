@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -39,6 +39,7 @@ use crate::cache::index;
 use crate::cache::{self, shard_keys};
 use crate::cluster::ClusterArgs;
 use crate::config::RunConfig;
+use crate::graph::operators::{check, fail, route, stage, BadInput, Failure, Routed};
 use crate::placement::Placement;
 
 /// How [`fill`] runs.
@@ -111,15 +112,6 @@ struct Work {
 }
 
 type Works<'s> = Stream<'s, u64, Vec<Work>>;
-type Failure = Arc<Mutex<Option<String>>>;
-
-fn fail(failure: &Failure, message: String) {
-    failure
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get_or_insert(message);
-}
-
 /// Counters shared by the workers of a process.
 #[derive(Debug, Default)]
 struct Progress {
@@ -146,24 +138,19 @@ struct Shared {
     failure: Failure,
 }
 
-/// Routing into a stage's worker set: stay on this worker when the sets are
-/// the same (fused) and not `spread`, else spread by key.
-fn route(from: &[usize], to: &[usize], me: usize, spread: bool) -> impl FnMut(&Work) -> u64 + 'static {
-    let fused = from == to && !spread;
-    let to = to.to_vec();
-    move |w: &Work| {
-        if fused {
-            me as u64
-        } else {
-            let h = blake3::hash(w.key.as_bytes());
-            let h = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
-            to[(h % to.len() as u64) as usize] as u64
-        }
+/// Views of a sample spread by its key (the extract stage batches them per timestamp).
+impl Routed for Work {
+    fn spread_hash(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(self.key.as_bytes())
+    }
+    fn origin(&self) -> (&str, &str) {
+        (&self.shard, &self.key)
     }
 }
 
-/// A stage that turns each record into zero or more records; bad input is a
-/// counted skip or, under `fail`, stops the run naming shard and key.
+/// A stage that turns each record into zero or more records (the run graph's
+/// stage operator); bad input is a counted skip or, under `fail`, stops the run
+/// naming shard and key.
 fn step<'s, F>(
     input: Works<'s>,
     name: &'static str,
@@ -176,25 +163,14 @@ fn step<'s, F>(
 where
     F: Fn(&Shared, Work, &mut Vec<Work>) -> Result<(), StageError> + 'static,
 {
-    let pact = route(sets.0, sets.1, me, spread);
+    let bad = BadInput {
+        policy: ctx.policy,
+        skips: ctx.skips.clone(),
+        failure: ctx.failure.clone(),
+    };
     let ctx = ctx.clone();
-    input.unary(Exchange::new(pact), name, move |_capability, _info| {
-        move |input, output| {
-            input.for_each(|time, data| {
-                let mut out = Vec::new();
-                for w in data.drain(..) {
-                    let (shard, key) = (w.shard.clone(), w.key.clone());
-                    if let Err(e) = f(&ctx, w, &mut out) {
-                        let reason = format!("{name}: {e}");
-                        match ctx.policy {
-                            OnError::Skip => ctx.skips.record(&shard, &key, &reason),
-                            OnError::Fail => fail(&ctx.failure, format!("{shard}:{key}: {reason}")),
-                        }
-                    }
-                }
-                output.session(&time).give_iterator(out.into_iter());
-            });
-        }
+    stage(input, name, route(sets.0, sets.1, me, spread), bad, move |w, out| {
+        f(&ctx, w, out).map_err(|e| format!("{name}: {e}"))
     })
 }
 
@@ -393,17 +369,6 @@ fn store_stage<'s>(
             });
         }
     })
-}
-
-fn check(failure: &Failure) -> anyhow::Result<()> {
-    match failure
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .as_ref()
-    {
-        Some(msg) => bail!("{msg}"),
-        None => Ok(()),
-    }
 }
 
 /// Samples per timestamp at the source; the extract stage batches per timestamp.

@@ -15,10 +15,9 @@
 //! queues are unbounded, so this probe is what keeps memory flat.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::bail;
 use crossbeam::channel::Sender;
 use shards::{LaneReader, OnError, Skips};
 use stages::record::{Record, Stages};
@@ -31,7 +30,10 @@ use timely::worker::Worker;
 use crate::metrics::{Counters, Stage};
 use crate::placement::{Placement, StageSets};
 use crate::plan::RunPlan;
+pub mod operators;
 pub mod sink;
+
+use operators::{check, fail, route, stage, BadInput, Failure, Routed};
 
 use sink::{assemble_batch, ReadyBatch, Recycler, SinkShape};
 
@@ -63,30 +65,14 @@ pub struct GraphContext {
 
 type Records<'s> = Stream<'s, u64, Vec<Record>>;
 
-/// A routing function: which worker a record goes to for the next stage:
-/// the same one when both stages run on the same workers, unless `spread`.
-fn route(from: &[usize], to: &[usize], me: usize, spread: bool) -> impl FnMut(&Record) -> u64 + 'static {
-    let fused = from == to && !spread;
-    let to = to.to_vec();
-    move |r: &Record| {
-        if fused {
-            me as u64
-        } else {
-            // Spread by (lane, position): deterministic, and even over the set.
-            let h =
-                (r.lane as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ r.position.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
-            to[(h % to.len() as u64) as usize] as u64
-        }
+/// The lanes spread a record by (lane, position): deterministic, and even over the set.
+impl Routed for Record {
+    fn spread_hash(&self) -> u64 {
+        (self.lane as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.position.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
     }
-}
-
-/// A failure (bad input under `on_error: fail`, a stopped trainer), shared by the workers of a process.
-pub type Failure = Arc<Mutex<Option<String>>>;
-
-/// Record the first failure.
-fn fail(failure: &Failure, message: String) {
-    let mut slot = failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    slot.get_or_insert(message);
+    fn origin(&self) -> (&str, &str) {
+        (&self.shard, &self.key)
+    }
 }
 
 /// One stage's function on a record: [`Stages::apply`] for that stage.
@@ -129,33 +115,24 @@ fn stage_group<'s>(input: Records<'s>, group: Vec<(Stage, StageFn)>, worker: usi
     // where the chain alone gave 9,000).
     let spread = first == Stage::Decode && ctx.plan.lanes < sets.of(first).len();
     let pact = route(sets.before(first), sets.of(first), worker, spread);
-    let (policy, skips, counters, failure) = (ctx.policy, ctx.skips.clone(), ctx.counters.clone(), ctx.failure.clone());
-    input.unary(Exchange::new(pact), &name, move |_capability, _info| {
-        move |input, output| {
-            input.for_each(|time, data| {
-                let mut session = output.session(&time);
-                'records: for mut r in data.drain(..) {
-                    for (stage, f) in &group {
-                        let (shard, key) = (r.shard.clone(), r.key.clone());
-                        let start = Instant::now();
-                        let result = f(r);
-                        counters.record(*stage, start.elapsed(), result.is_ok());
-                        match result {
-                            Ok(next) => r = next,
-                            Err(e) => {
-                                let reason = format!("{}: {e}", stage.name());
-                                match policy {
-                                    OnError::Skip => skips.record(&shard, &key, &reason),
-                                    OnError::Fail => fail(&failure, format!("{shard}:{key}: {reason}")),
-                                }
-                                continue 'records;
-                            }
-                        }
-                    }
-                    session.give(r);
-                }
-            });
+    let bad = BadInput {
+        policy: ctx.policy,
+        skips: ctx.skips.clone(),
+        failure: ctx.failure.clone(),
+    };
+    let counters = ctx.counters.clone();
+    stage(input, &name, pact, bad, move |mut r, out| {
+        for (stage, f) in &group {
+            let start = Instant::now();
+            let result = f(r);
+            counters.record(*stage, start.elapsed(), result.is_ok());
+            match result {
+                Ok(next) => r = next,
+                Err(e) => return Err(format!("{}: {e}", stage.name())),
+            }
         }
+        out.push(r);
+        Ok(())
     })
 }
 
@@ -287,16 +264,6 @@ fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender
     let per_lane = ctx.plan.per_lane as u64;
     let mut readers: HashMap<usize, LaneReader> = HashMap::new();
     let mut reader_epoch = u64::MAX;
-    let check = |failure: &Failure| -> anyhow::Result<()> {
-        match failure
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-        {
-            Some(msg) => bail!("{msg}"),
-            None => Ok(()),
-        }
-    };
     input.advance_to(ctx.start_batch);
     for t in ctx.start_batch..ctx.stop_batch {
         // Flow control: batch t opens once the sink has handed batch t - window to the trainer.
@@ -382,16 +349,16 @@ mod tests {
             position,
             ..Record::default()
         };
-        let mut stay = route(&workers, &workers, 2, false);
+        let mut stay = route::<Record>(&workers, &workers, 2, false);
         assert!((0..64).all(|p| stay(&record(0, p)) == 2));
-        let mut spread = route(&workers, &workers, 2, true);
+        let mut spread = route::<Record>(&workers, &workers, 2, true);
         let mut seen = [0usize; 4];
         for p in 0..64 {
             seen[spread(&record(0, p)) as usize] += 1;
         }
         assert!(seen.iter().all(|&n| n >= 8), "{seen:?}");
         // Deterministic: the same record goes to the same worker from any worker.
-        let mut other = route(&workers, &workers, 0, true);
+        let mut other = route::<Record>(&workers, &workers, 0, true);
         assert!((0..64).all(|p| other(&record(1, p)) == spread(&record(1, p))));
     }
 }
