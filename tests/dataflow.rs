@@ -307,3 +307,58 @@ fn skips_in_data_processes_count_in_the_train_process() {
         "{err}"
     );
 }
+
+/// `bench data` on a loopback cluster: a data process feeds the train process
+/// over timely's TCP, and the train process reports the graph figure (every
+/// sample delivered) with the bytes per record that crossed.
+#[test]
+fn bench_data_measures_the_graph_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostfile = dir.path().join("hosts.txt");
+    let hosts: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    std::fs::write(&hostfile, hosts.join("\n")).unwrap();
+    let children: Vec<Child> = (0..2)
+        .map(|p| {
+            pipeline()
+                .args(["bench", "data", "configs/pretrain.yaml", "--graph-epochs", "1"])
+                .args([
+                    "--set",
+                    "data.train=['../shards/data/fashion-mnist/train-{000000..000001}.tar.zst']",
+                ])
+                .args(["--set", "data.lanes=2", "--set", "cluster.roles=[train, data]"])
+                .args(["--processes", "2", "--process", &p.to_string(), "--hostfile"])
+                .arg(&hostfile)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| wait_with_timeout(c, Duration::from_secs(300)))
+        .collect();
+    for (p, out) in outputs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "process {p}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&outputs[0].stdout);
+    let graph: serde_json::Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["figure"] == "graph")
+        .unwrap_or_else(|| panic!("no graph figure from the train process:\n{stdout}"));
+    // 2,500 samples in 2 lanes of 32 per batch: 39 batches of 64.
+    assert_eq!(graph["images"], 39 * 64, "{graph}");
+    assert_eq!(graph["processes"], 2);
+    // A 28 px record: its u8 view and x̂ (2 x 2,352 bytes), HOG (49 x 108 f32) and the rest.
+    let bytes = graph["wire_bytes_per_record"].as_f64().unwrap();
+    assert!(
+        (2.0 * 2352.0 + 49.0 * 108.0 * 4.0..30_000.0).contains(&bytes),
+        "{graph}"
+    );
+    assert!(String::from_utf8_lossy(&outputs[1].stderr).contains("the data stages ran"));
+}

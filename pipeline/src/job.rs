@@ -283,37 +283,51 @@ pub fn data_stages(cfg: &RunConfig, cache: Option<Arc<crate::cache::CachedTarget
     })
 }
 
-/// Samples through the whole graph, sink included, with no trainer: what the
-/// data side delivers to a trainer that never waits (`pipeline bench data`).
-/// Returns the per-stage rates, samples delivered and seconds.
-pub fn data_throughput(
-    cfg: &RunConfig,
-    workers: usize,
-    epochs: usize,
-) -> anyhow::Result<(Vec<crate::metrics::StageRate>, u64, f64)> {
-    let mut cfg = cfg.clone();
-    cfg.train.epochs = epochs.max(1);
-    let (counters, seconds) = run_data_graph(&cfg, workers, None)?;
-    let snapshot = counters.snapshot();
-    let delivered = snapshot.stages[crate::metrics::Stage::Sink.index()][1];
-    Ok((
-        crate::metrics::rates(&Default::default(), &snapshot, seconds, workers),
-        delivered,
-        seconds,
-    ))
+/// What the data side delivers to a trainer that never waits (`pipeline bench
+/// data`'s graph figure): samples through the whole graph, sink included, on
+/// this process of `cluster`.
+pub struct DataThroughput {
+    pub stage_rates: Vec<crate::metrics::StageRate>,
+    /// Samples the sink assembled into batches (0 on a process without the sink).
+    pub delivered: u64,
+    pub seconds: f64,
+    /// bincode bytes per record as the sink received it (what timely sends per
+    /// record when the stage before the sink runs on another process), from
+    /// the records sampled; 0 without the sink.
+    pub wire_bytes_per_record: f64,
 }
 
-/// The graph of `cfg` on `workers` workers of this process, every batch of its
-/// plan, handed to `to_trainer` (dropped when `None`). Returns the counters and seconds.
+pub fn data_throughput(cfg: &RunConfig, cluster: &ClusterArgs, epochs: usize) -> anyhow::Result<DataThroughput> {
+    let mut cfg = cfg.clone();
+    cfg.train.epochs = epochs.max(1);
+    let (counters, seconds) = run_data_graph(&cfg, cluster, None)?;
+    let snapshot = counters.snapshot();
+    let delivered = snapshot.stages[crate::metrics::Stage::Sink.index()][1];
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let sampled = load(&counters.wire_sampled);
+    Ok(DataThroughput {
+        stage_rates: crate::metrics::rates(&Default::default(), &snapshot, seconds, cluster.workers),
+        delivered,
+        seconds,
+        wire_bytes_per_record: load(&counters.wire_bytes) as f64 / sampled.max(1) as f64,
+    })
+}
+
+/// The graph of `cfg` on this process of `cluster`, every batch of its plan,
+/// handed to `to_trainer` (dropped when `None`). Returns the counters and seconds.
 fn run_data_graph(
     cfg: &RunConfig,
-    workers: usize,
+    cluster: &ClusterArgs,
     to_trainer: Option<crossbeam::channel::Sender<crate::graph::sink::ReadyBatch>>,
 ) -> anyhow::Result<(Arc<Counters>, f64)> {
+    let timely_config = timely_config(cluster)?;
+    if cluster.processes > 1 {
+        exit_on_lost_peer(cluster.process);
+    }
     let (plan, _) = plan_run(cfg)?;
-    let placement = Placement::resolve(&cfg.cluster, &cfg.placement, 1, workers)?;
+    let placement = Placement::resolve(&cfg.cluster, &cfg.placement, cluster.processes, cluster.workers)?;
     let counters = Arc::new(Counters::default());
-    let cache = crate::cache::prepare_run(cfg, workers, &counters)?;
+    let cache = crate::cache::prepare_run(cfg, cluster.workers, &counters)?;
     let ctx = Arc::new(GraphContext {
         stages: data_stages(cfg, cache)?,
         policy: cfg.data.on_error,
@@ -329,12 +343,13 @@ fn run_data_graph(
         failure: Default::default(),
         recycler: Default::default(),
     });
-    let started = Instant::now();
-    let results = timely::execute(timely::Config::process(workers), move |worker| {
+    // `execute` returns once a cluster's connections are up: timed from there.
+    let guards = timely::execute(timely_config, move |worker| {
         run_worker(worker, ctx.clone(), to_trainer.clone())
     })
-    .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?
-    .join();
+    .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?;
+    let started = Instant::now();
+    let results = guards.join();
     for result in results {
         result.map_err(|e| anyhow::anyhow!("a worker stopped: {e}"))??;
     }
@@ -361,7 +376,7 @@ mod tests {
     /// The digests of the batches the graph assembles on `workers` workers, in batch order.
     fn graph_digests(cfg: &RunConfig, workers: usize) -> Vec<(u64, String)> {
         let (tx, rx) = crossbeam::channel::unbounded();
-        run_data_graph(cfg, workers, Some(tx)).unwrap();
+        run_data_graph(cfg, &ClusterArgs::local(workers), Some(tx)).unwrap();
         let mut got: Vec<(u64, String)> = rx.iter().map(|b| (b.index, b.digest)).collect();
         got.sort();
         got

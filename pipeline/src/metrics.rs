@@ -32,7 +32,13 @@ pub struct Counters {
     pub extractor_calls: AtomicU64,
     /// Records whose targets were read from the target cache.
     pub cache_reads: AtomicU64,
+    /// bincode bytes of the records the sink sampled (one in [`WIRE_SAMPLE_EVERY`]), and their count.
+    pub wire_bytes: AtomicU64,
+    pub wire_sampled: AtomicU64,
 }
+
+/// The sink measures one record in this many: sizing a record walks its bytes.
+pub const WIRE_SAMPLE_EVERY: u64 = 64;
 
 impl Counters {
     /// Count one call of `stage`.

@@ -51,6 +51,12 @@ pub struct BenchDataArgs {
     /// a long run does.
     #[arg(long, default_value_t = 3)]
     pub graph_epochs: usize,
+    /// The graph figure on a cluster (`--processes N --process I --hostfile
+    /// FILE`, `--workers` per process, roles from `cluster.roles`), the other
+    /// figures skipped: data processes feed the train process over timely's
+    /// TCP, which prints the figure. One process: the figure runs on `--threads` workers.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
 }
 
 /// Run `pipeline bench data`.
@@ -62,6 +68,9 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     } else {
         args.shards.clone()
     };
+    if args.cluster.processes > 1 {
+        return graph_figure(&cfg, patterns, &args.cluster, args.graph_epochs);
+    }
     let paths = shards::expand(&patterns).context("expanding --shards")?;
     let skips = shards::Skips::default();
     let mut raws = Vec::new();
@@ -188,7 +197,12 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
         );
     }
     if want("graph") {
-        graph_figure(&cfg, patterns, args.threads, args.graph_epochs)?;
+        graph_figure(
+            &cfg,
+            patterns,
+            &crate::cluster::ClusterArgs::local(args.threads),
+            args.graph_epochs,
+        )?;
     }
     Ok(())
 }
@@ -257,26 +271,40 @@ fn interleaved(
 fn graph_figure(
     cfg: &crate::config::RunConfig,
     patterns: Vec<String>,
-    threads: usize,
+    cluster: &crate::cluster::ClusterArgs,
     epochs: usize,
 ) -> anyhow::Result<()> {
     let mut cfg = cfg.clone();
     cfg.data.train = patterns;
-    let (stage_rates, delivered, seconds) = crate::job::data_throughput(&cfg, threads, epochs)?;
-    let rate = delivered as f64 / seconds;
+    let placement =
+        crate::placement::Placement::resolve(&cfg.cluster, &cfg.placement, cluster.processes, cluster.workers)?;
+    let data_workers = placement.sets.decode.len();
+    let got = crate::job::data_throughput(&cfg, cluster, epochs)?;
+    if got.delivered == 0 {
+        // A data process: the train process, which holds the sink, reports.
+        eprintln!(
+            "process {}: the data stages ran for {:.1} s",
+            cluster.process, got.seconds
+        );
+        return Ok(());
+    }
+    let rate = got.delivered as f64 / got.seconds;
     println!(
         "{}",
         serde_json::json!({
-            "figure": "graph", "threads": threads, "images": delivered, "epochs": epochs,
-            "seconds": (seconds * 1000.0).round() / 1000.0,
-            "images_per_s": rate.round(), "per_thread": (rate / threads as f64).round(),
+            "figure": "graph", "processes": cluster.processes, "threads": cluster.workers,
+            "decode_workers": data_workers, "images": got.delivered, "epochs": epochs,
+            "seconds": (got.seconds * 1000.0).round() / 1000.0,
+            "images_per_s": rate.round(), "per_thread": (rate / cluster.workers as f64).round(),
+            "per_decode_worker": (rate / data_workers.max(1) as f64).round(),
+            "wire_bytes_per_record": got.wire_bytes_per_record.round(),
         })
     );
-    for r in stage_rates {
+    for r in got.stage_rates {
         println!(
             "{}",
             serde_json::json!({
-                "figure": format!("graph_{}", r.stage), "threads": threads,
+                "figure": format!("graph_{}", r.stage), "threads": cluster.workers,
                 "images_per_s": r.records_per_s.round(), "busy": (r.busy * 1000.0).round() / 1000.0,
             })
         );

@@ -174,6 +174,16 @@ fn sink<'s>(
                     }
                     let (capability, mut records) = pending.pop_first().expect("first key exists").1;
                     records.sort_by_key(|r| (r.lane, r.position));
+                    for r in records
+                        .iter()
+                        .filter(|r| r.position % crate::metrics::WIRE_SAMPLE_EVERY == 0)
+                    {
+                        let bytes = bincode::serialized_size(r).unwrap_or(0);
+                        counters
+                            .wire_bytes
+                            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                        counters.wire_sampled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let start = Instant::now();
                     let (epoch, _) = plan.locate(t);
                     let n = records.len() as u64;
@@ -329,7 +339,7 @@ pub fn source_record(t: u64, epoch: u64, lr: shards::LaneRecord) -> Record {
         shard: lr.shard.display().to_string(),
         class: lr.sample.class_index(),
         key: lr.sample.key,
-        raw: lr.sample.files,
+        raw: stages::record::raw_members(lr.sample.files),
         ..Default::default()
     }
 }
