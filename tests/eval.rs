@@ -179,7 +179,7 @@ fn eval_viz_and_export_work_on_a_fresh_checkpoint() {
     assert_eq!(header["pos_embed"]["shape"], serde_json::json!([1, 50, 32]));
     assert_eq!(
         header["patch_embed.proj.weight"]["shape"],
-        serde_json::json!([32, 3, 4, 4])
+        serde_json::json!([32, 1, 4, 4])
     );
     assert_eq!(header["blocks.0.mlp.fc1.weight"]["shape"], serde_json::json!([128, 32]));
     assert!(header["__metadata__"]["timm_kwargs"]

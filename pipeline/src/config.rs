@@ -204,8 +204,12 @@ impl RunConfig {
         self.train.validate().map_err(|e| anyhow::anyhow!("train: {e}"))?;
         self.eval.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let backbone = &self.model.backbone;
-        if backbone.in_chans != 3 {
-            bail!("model.backbone.in_chans is {}, but the data stages give RGB (grey images as three equal channels): set it to 3", backbone.in_chans);
+        if backbone.in_chans != self.stages.channels {
+            bail!(
+                "model.backbone.in_chans is {}, but stages.channels gives the model {} (3: RGB, 1: luma): set both alike",
+                backbone.in_chans,
+                self.stages.channels
+            );
         }
         if self.model.target == stages::model::TargetSource::Batch {
             let kinds = &self.stages.targets.kinds;

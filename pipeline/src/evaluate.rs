@@ -53,6 +53,13 @@ pub fn checkpoint_model(ckpt: &Path, cfg: &RunConfig) -> anyhow::Result<ModelCon
         }
     };
     let (size, patch) = (cfg.stages.augment.size, cfg.stages.patch);
+    if model.backbone.in_chans != cfg.stages.channels {
+        bail!(
+            "the checkpoint's backbone takes {} channel(s), the eval config's stages.channels gives {}",
+            model.backbone.in_chans,
+            cfg.stages.channels
+        );
+    }
     if model.backbone.img_size != size || model.backbone.patch_size != patch {
         bail!(
             "the checkpoint's backbone takes {} px images in {} px patches, the eval config's stages give {size} px in {patch} px patches",
@@ -129,7 +136,11 @@ pub fn extract(
         if labels.is_empty() {
             return Ok(());
         }
-        let x = Tensor::from_slice(images, (labels.len(), 3, size, size), vit.pos_embed().device())?;
+        let x = Tensor::from_slice(
+            images,
+            (labels.len(), cfg.stages.channels, size, size),
+            vit.pos_embed().device(),
+        )?;
         let f = eval::backbone_features(vit, &x, cfg.eval.features)?;
         out.extend(&f.flatten_all()?.to_vec1::<f32>()?, labels);
         images.clear();
@@ -156,7 +167,12 @@ pub fn extract(
                     continue;
                 }
             };
-            images.extend(eval::eval_image(&decoded, aug, cfg.eval.crop_fraction));
+            images.extend(eval::eval_image(
+                &decoded,
+                aug,
+                cfg.eval.crop_fraction,
+                cfg.stages.channels,
+            ));
             labels.push(label);
             if labels.len() == batch {
                 flush(&mut images, &mut labels, &mut out)?;

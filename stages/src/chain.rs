@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 pub struct StagesConfig {
     /// Patch side in pixels, shared by masking and the per-patch targets (ViT-B/16: 16).
     pub patch: usize,
+    /// Channels the model sees: 3 (RGB), or 1 (luma; for grey datasets, which
+    /// decode to three equal channels). The stages decode, crop and blur in RGB;
+    /// with 1 the targets are those of the luma view and the sink packs luma.
+    pub channels: usize,
     /// Decoding (pixel limit).
     pub decode: decode::Config,
     /// Crop, flip and normalization.
@@ -34,6 +38,7 @@ impl Default for StagesConfig {
     fn default() -> Self {
         StagesConfig {
             patch: 16,
+            channels: 3,
             decode: Default::default(),
             augment: Default::default(),
             mask: Default::default(),
@@ -48,8 +53,8 @@ impl StagesConfig {
     pub fn target_dims(&self, kind: targets::Kind) -> usize {
         let p = self.patch;
         match kind {
-            targets::Kind::Pixel => p * p * 3,
-            targets::Kind::Hog => targets::hog::DIMS,
+            targets::Kind::Pixel => p * p * self.channels,
+            targets::Kind::Hog => targets::hog::DIMS / 3 * self.channels,
             targets::Kind::Canny if self.targets.canny.fraction => 1,
             targets::Kind::Canny => p * p,
             targets::Kind::Clip => self.targets.clip.as_ref().map_or(0, |c| c.projection_dim),
@@ -82,6 +87,17 @@ impl StagesConfig {
                 "stages.mask.ratio {} must be in [0, 1): it is the fraction of patches removed",
                 self.mask.ratio
             )));
+        }
+        if ![1, 3].contains(&self.channels) {
+            return Err(StageError::Config(format!(
+                "stages.channels is {}: 3 (RGB) or 1 (luma)",
+                self.channels
+            )));
+        }
+        if self.channels == 1 && self.targets.kinds.contains(&targets::Kind::Clip) {
+            return Err(StageError::Config(
+                "stages.channels 1 with clip targets: CLIP sees RGB views (set stages.channels: 3)".into(),
+            ));
         }
         if self.targets.kinds.contains(&targets::Kind::Hog) && p % 2 != 0 {
             return Err(StageError::Config(format!("hog needs an even stages.patch, got {p}")));
@@ -122,20 +138,34 @@ pub fn process(stages: &Stages, raw: &shards::Sample, epoch: u64) -> Result<Exam
     Ok(example(stages.config(), record))
 }
 
+/// The normalized view as the model sees it, C x H x W: RGB, or with
+/// `channels` 1 the luma plane normalized with the first mean and std.
+pub fn normalize_channels(img: &Rgb8, a: &augment::Config, channels: usize) -> Vec<f32> {
+    if channels == 1 {
+        let lut = augment::normalize_lut(a.mean, a.std);
+        img.data
+            .chunks_exact(3)
+            .map(|p| lut[0][crate::sample::luma(p) as usize])
+            .collect()
+    } else {
+        augment::normalize(img, a.mean, a.std)
+    }
+}
+
 /// A finished record as an [`Example`]: the u8 view and x̂ normalized with the
-/// config's mean and std, the targets named by their kinds.
+/// config's mean and std (as the model sees them: `channels` planes), the
+/// targets named by their kinds.
 pub fn example(cfg: &StagesConfig, r: Record) -> Example {
     let a = &cfg.augment;
     let pixels: Rgb8 = r.pixels.into();
-    let image = augment::normalize(&pixels, a.mean, a.std);
-    let smooth = augment::normalize(
-        &Rgb8 {
-            width: pixels.width,
-            height: pixels.height,
-            data: r.smooth,
-        },
-        a.mean,
-        a.std,
+    let smooth = Rgb8 {
+        width: pixels.width,
+        height: pixels.height,
+        data: r.smooth,
+    };
+    let (image, smooth) = (
+        normalize_channels(&pixels, a, cfg.channels),
+        normalize_channels(&smooth, a, cfg.channels),
     );
     let targets = cfg
         .targets
@@ -236,6 +266,58 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(err < 0.02, "smooth error {err}");
+    }
+
+    /// `stages.channels: 1`: the model sees the view's luma (exact on a grey
+    /// image), the pixel target is one channel's, HOG the first of its three
+    /// equal channels per cell (checked: the three are equal), Canny unchanged.
+    #[test]
+    fn one_channel_sees_the_luma_view_and_its_targets() {
+        assert!((0..=255u8).all(|v| crate::sample::luma(&[v, v, v]) == v));
+        let mut cfg = small_cfg();
+        let rgb = process(&Stages::new(cfg.clone(), 1).unwrap(), &jpeg_sample("a"), 0).unwrap();
+        cfg.channels = 1;
+        let grey = process(&Stages::new(cfg.clone(), 1).unwrap(), &jpeg_sample("a"), 0).unwrap();
+        assert_eq!(grey.image.len(), 64 * 64);
+        assert_eq!(grey.smooth.len(), 64 * 64);
+        let dims: Vec<usize> = grey.targets.iter().map(|t| t.dims).collect();
+        assert_eq!(dims, vec![256, 36, 256]);
+        assert_eq!(
+            dims,
+            cfg.targets
+                .kinds
+                .iter()
+                .map(|&k| cfg.target_dims(k))
+                .collect::<Vec<_>>()
+        );
+        // The same view and mask as the RGB run; the image is the luma of its pixels.
+        assert_eq!((grey.view, &grey.mask), (rgb.view, &rgb.mask));
+        let lut = augment::normalize_lut(cfg.augment.mean, cfg.augment.std);
+        let want: Vec<f32> = rgb
+            .pixels
+            .data
+            .chunks_exact(3)
+            .map(|p| lut[0][crate::sample::luma(p) as usize])
+            .collect();
+        assert_eq!(grey.image, want);
+        // HOG of the luma view: per patch 3 equal channel blocks, of which the target keeps the first.
+        let full = targets::hog::hog(&rgb.pixels.grey(), cfg.patch).unwrap();
+        let c = targets::hog::DIMS / 3;
+        for (patch, kept) in full.chunks_exact(3 * c).zip(grey.targets[1].values.chunks_exact(c)) {
+            assert_eq!(&patch[..c], kept);
+            assert_eq!(&patch[..c], &patch[c..2 * c]);
+            assert_eq!(&patch[..c], &patch[2 * c..]);
+        }
+        assert!(matches!(
+            Stages::new(
+                StagesConfig {
+                    channels: 2,
+                    ..cfg.clone()
+                },
+                0
+            ),
+            Err(StageError::Config(_))
+        ));
     }
 
     #[test]

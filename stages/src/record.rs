@@ -366,24 +366,42 @@ fn smooth_stage(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError>
 /// targets: per-patch F(x) of the view, in the config's order.
 fn targets_stage(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
     let pixels: Rgb8 = std::mem::take(&mut r.pixels).into();
+    r.targets = view_targets(cfg, &cfg.targets.kinds, &pixels)?
+        .into_iter()
+        .map(|Target { dims, values, .. }| (dims, values))
+        .collect();
+    r.pixels = pixels.into();
+    Ok(r)
+}
+
+/// The targets of `kinds` for a u8 view, as the model sees it (`stages.channels`):
+/// the targets stage's function, and the target cache's for every kind but CLIP.
+pub fn view_targets(cfg: &StagesConfig, kinds: &[targets::Kind], pixels: &Rgb8) -> Result<Vec<Target>, StageError> {
+    let pixel = kinds.contains(&targets::Kind::Pixel);
+    if cfg.channels == 1 {
+        // A one-channel model: the targets of the luma view.
+        let grey = pixels.grey();
+        let image = if pixel {
+            crate::chain::normalize_channels(&grey, &cfg.augment, 1)
+        } else {
+            Vec::new()
+        };
+        return kinds
+            .iter()
+            .map(|&kind| targets::compute_grey(kind, &cfg.targets, &grey, &image, cfg.patch))
+            .collect();
+    }
     // MAE's norm-pix target works on the normalized view; HOG and Canny on
     // the u8 pixels (a 600 kB float copy per record otherwise).
-    let image = if cfg.targets.kinds.contains(&targets::Kind::Pixel) {
-        augment::normalize(&pixels, cfg.augment.mean, cfg.augment.std)
+    let image = if pixel {
+        augment::normalize(pixels, cfg.augment.mean, cfg.augment.std)
     } else {
         Vec::new()
     };
-    r.targets = cfg
-        .targets
-        .kinds
+    kinds
         .iter()
-        .map(|&kind| {
-            targets::compute(kind, &cfg.targets, &pixels, &image, cfg.patch)
-                .map(|Target { dims, values, .. }| (dims, values))
-        })
-        .collect::<Result<_, _>>()?;
-    r.pixels = pixels.into();
-    Ok(r)
+        .map(|&kind| targets::compute(kind, &cfg.targets, pixels, &image, cfg.patch))
+        .collect()
 }
 
 /// xxh3-128 of what a record gives the trainer: key, view, u8 pixels, x̂,

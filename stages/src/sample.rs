@@ -30,6 +30,31 @@ impl Rgb8 {
     pub fn at(&self, x: usize, y: usize, c: usize) -> u8 {
         self.data[(y * self.width + x) * 3 + c]
     }
+
+    /// The image with every pixel's three channels set to its [`luma`].
+    pub fn grey(&self) -> Rgb8 {
+        Rgb8 {
+            width: self.width,
+            height: self.height,
+            data: self.data.chunks_exact(3).flat_map(|p| [luma(p); 3]).collect(),
+        }
+    }
+}
+
+/// ITU-R BT.601 luma of an RGB pixel in 16-bit fixed point, as libjpeg's and
+/// PIL's `L`; exact on grey pixels: (v, v, v) gives v.
+#[inline]
+pub fn luma(p: &[u8]) -> u8 {
+    ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+/// H x W x 3 bytes as the model's `channels`: 3 as they are, 1 as their luma (H x W).
+pub fn model_channels(data: &[u8], channels: usize) -> std::borrow::Cow<'_, [u8]> {
+    if channels == 1 {
+        std::borrow::Cow::Owned(data.chunks_exact(3).map(luma).collect())
+    } else {
+        std::borrow::Cow::Borrowed(data)
+    }
 }
 
 /// A crop rectangle in source pixels (torchvision's `i, j, h, w` as top, left, height, width).
@@ -93,13 +118,13 @@ pub struct Example {
     pub view: View,
     /// The view as u8 RGB (size x size x 3), before normalization.
     pub pixels: Rgb8,
-    /// The normalized view, C x H x W (3 x size x size).
+    /// The normalized view as the model sees it, C x H x W (C = `stages.channels`).
     pub image: Vec<f32>,
     /// Patch side in pixels.
     pub patch: usize,
     /// Masking of the `(size / patch)^2` patches.
     pub mask: Mask,
-    /// The smoothed target x̂ of the normalized view, C x H x W.
+    /// The smoothed target x̂, normalized as the view, C x H x W.
     pub smooth: Vec<f32>,
     /// Per-patch targets, in the order of the config's `targets.kinds`.
     pub targets: Vec<Target>,

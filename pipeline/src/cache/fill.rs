@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use shards::store::{codec, Store, StoreWriter};
 use shards::{OnError, ShardReader, Skips};
 use stages::sample::{CropBox, Rgb8, StageError};
-use stages::targets::{self, clip, Kind};
+use stages::targets::{clip, Kind};
 use stages::{augment, decode, views, StagesConfig};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::{Input, Operator, Probe};
@@ -253,9 +253,10 @@ fn extract(ctx: &Shared, works: &mut [Work]) -> Result<(), String> {
                 clip_jobs.push((i, store));
                 continue;
             }
-            let image = augment::normalize(&pixels, s.augment.mean, s.augment.std);
-            let target = targets::compute(kind, &s.targets, &pixels, &image, s.patch)
-                .map_err(|e| format!("{}:{}: view {}: {kind:?}: {e}", w.shard, w.key, w.view))?;
+            // The run's own targets function, so a cached target is the one the run would compute.
+            let target = stages::record::view_targets(s, &[kind], &pixels)
+                .map_err(|e| format!("{}:{}: view {}: {kind:?}: {e}", w.shard, w.key, w.view))?
+                .remove(0);
             let dims = ctx.stores[store as usize].spec.dims;
             w.encoded
                 .push((store, codec::encode(&target.values, dims, s.targets.dtype)));

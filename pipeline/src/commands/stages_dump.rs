@@ -95,12 +95,18 @@ fn write_example(dir: &Path, ex: &stages::sample::Example) -> anyhow::Result<()>
         let path = dir.join(name);
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
     };
-    put(format!("{stem}.image.npy"), npy::encode(&[3, size, size], &ex.image))?;
+    put(
+        format!("{stem}.image.npy"),
+        npy::encode(&[ex.image.len() / (size * size), size, size], &ex.image),
+    )?;
     put(
         format!("{stem}.mask.npy"),
         npy::encode(&[ex.mask.mask.len()], &ex.mask.mask),
     )?;
-    put(format!("{stem}.smooth.npy"), npy::encode(&[3, size, size], &ex.smooth))?;
+    put(
+        format!("{stem}.smooth.npy"),
+        npy::encode(&[ex.smooth.len() / (size * size), size, size], &ex.smooth),
+    )?;
     let n = ex.num_patches();
     for t in &ex.targets {
         put(

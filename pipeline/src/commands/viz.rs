@@ -103,7 +103,7 @@ pub fn run(args: &VizArgs) -> anyhow::Result<()> {
             .iter()
             .flat_map(|e| e.image.iter().copied())
             .collect::<Vec<_>>(),
-        (b, 3, size, size),
+        (b, cfg.stages.channels, size, size),
         &dev,
     )?;
     let mask_vals: Vec<f32> = examples
@@ -136,18 +136,24 @@ pub fn run(args: &VizArgs) -> anyhow::Result<()> {
     for (row, ex) in examples.iter().enumerate() {
         let p = ex.patch;
         let masked = |x: usize, y: usize| ex.mask.mask[(y / p) * (size / p) + x / p] != 0;
+        // A one-channel model's planes drawn grey: each RGB channel reads plane 0.
+        let one = cfg.stages.channels == 1;
+        let at = |plane: &[f32], x: usize, y: usize, c: usize| {
+            let c = if one { 0 } else { c };
+            to_u8(plane[(c * size + y) * size + x], aug.mean[c], aug.std[c])
+        };
         let panels: [&dyn Fn(usize, usize, usize) -> u8; PANELS] = [
-            &|x, y, c| to_u8(ex.image[(c * size + y) * size + x], aug.mean[c], aug.std[c]),
-            &|x, y, c| to_u8(ex.smooth[(c * size + y) * size + x], aug.mean[c], aug.std[c]),
+            &|x, y, c| at(&ex.image, x, y, c),
+            &|x, y, c| at(&ex.smooth, x, y, c),
             &|x, y, c| {
                 if masked(x, y) {
                     MASK_RGB[c]
                 } else {
-                    to_u8(ex.image[(c * size + y) * size + x], aug.mean[c], aug.std[c])
+                    at(&ex.image, x, y, c)
                 }
             },
-            &|x, y, c| to_u8(drawings[0][row][(c * size + y) * size + x], aug.mean[c], aug.std[c]),
-            &|x, y, c| to_u8(drawings[1][row][(c * size + y) * size + x], aug.mean[c], aug.std[c]),
+            &|x, y, c| at(&drawings[0][row], x, y, c),
+            &|x, y, c| at(&drawings[1][row], x, y, c),
         ];
         for (col, value) in panels.iter().enumerate() {
             let (top, left) = (GAP + row * (panel + GAP), GAP + col * (panel + GAP));

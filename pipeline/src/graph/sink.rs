@@ -10,6 +10,7 @@ use stages::train::{Batch, U8Pixels};
 use xxhash_rust::xxh3::Xxh3;
 
 use stages::record::{self, Record};
+use stages::sample::model_channels;
 
 /// What the model takes, so the sink can shape the batch for it.
 #[derive(Debug, Clone)]
@@ -21,6 +22,8 @@ pub struct SinkShape {
     /// `stages.augment.mean` / `std`: the normalization the trainer applies.
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Channels the model sees (`stages.channels`): 3, or 1 (the views' luma).
+    pub channels: usize,
 }
 
 impl SinkShape {
@@ -32,6 +35,7 @@ impl SinkShape {
             num_patches: (a.size / stages.patch).pow(2),
             mean: a.mean,
             std: a.std,
+            channels: stages.channels,
         }
     }
 }
@@ -135,8 +139,9 @@ pub fn assemble_batch(
     }
     let b = records.len();
     let plane = shape.size * shape.size;
-    // The data stages decode every image to RGB (grey images to three equal channels).
-    let c = 3;
+    // The data stages decode every image to RGB (grey images to three equal
+    // channels); a one-channel model gets their luma.
+    let c = shape.channels;
     let Buffers {
         mut keys,
         mut mask,
@@ -156,8 +161,8 @@ pub fn assemble_batch(
     for r in records {
         let view_size = (r.pixels.width, r.pixels.height);
         if view_size != (shape.size, shape.size)
-            || r.pixels.data.len() != c * plane
-            || r.smooth.len() != c * plane
+            || r.pixels.data.len() != 3 * plane
+            || r.smooth.len() != 3 * plane
             || r.mask.mask.len() != shape.num_patches
         {
             bail!(
@@ -168,8 +173,8 @@ pub fn assemble_batch(
             );
         }
         hasher.update(&r.digest.unwrap_or_else(|| record::digest(&r)));
-        images.extend_from_slice(&r.pixels.data);
-        smoothed.extend_from_slice(&r.smooth);
+        images.extend_from_slice(&model_channels(&r.pixels.data, c));
+        smoothed.extend_from_slice(&model_channels(&r.smooth, c));
         mask.extend_from_slice(&r.mask.mask);
         // Targets of several kinds are concatenated per patch.
         if !r.targets.is_empty() {
@@ -192,8 +197,8 @@ pub fn assemble_batch(
         pixels: Some(U8Pixels {
             images,
             smoothed: Some(smoothed),
-            mean: shape.mean.to_vec(),
-            std: shape.std.to_vec(),
+            mean: shape.mean[..c].to_vec(),
+            std: shape.std[..c].to_vec(),
         }),
     };
     Ok(ReadyBatch {
@@ -243,8 +248,40 @@ mod tests {
             num_patches: n,
             mean,
             std,
+            channels: 3,
         };
         let ready = assemble_batch(7, 0, records.clone(), &shape, None).unwrap();
+        // A one-channel model: the luma of each view and x̂ (exact on the grey
+        // x̂ here), normalized with the first mean and std.
+        let grey = assemble_batch(
+            7,
+            0,
+            records.clone(),
+            &SinkShape {
+                channels: 1,
+                ..shape.clone()
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(grey.batch.shape, [2, 1, size, size]);
+        let gpx = grey.batch.pixels.as_ref().expect("u8 pixels");
+        let luma: Vec<u8> = records
+            .iter()
+            .flat_map(|r| {
+                r.pixels
+                    .data
+                    .chunks_exact(3)
+                    .map(stages::sample::luma)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(gpx.images, luma);
+        assert_eq!(
+            gpx.smoothed.as_ref().unwrap()[..size * size],
+            records[0].smooth[..size * size]
+        );
+        assert_eq!((gpx.mean.as_slice(), gpx.std.as_slice()), (&mean[..1], &std[..1]));
         let px = ready.batch.pixels.as_ref().expect("u8 pixels");
         let up = stages::train::feed::normalize_on_device(
             &px.images,

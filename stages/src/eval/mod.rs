@@ -167,9 +167,10 @@ pub fn eval_view(img: &Rgb8, size: usize, crop_fraction: f64) -> Rgb8 {
     augment::resize_bicubic(img, crop, size, size, false)
 }
 
-/// The normalized C x H x W floats of [`eval_view`], as training normalizes them.
-pub fn eval_image(img: &Rgb8, cfg: &augment::Config, crop_fraction: f64) -> Vec<f32> {
-    augment::normalize(&eval_view(img, cfg.size, crop_fraction), cfg.mean, cfg.std)
+/// The normalized C x H x W floats of [`eval_view`], as training normalizes them
+/// (`channels` 1: the luma plane).
+pub fn eval_image(img: &Rgb8, cfg: &augment::Config, crop_fraction: f64, channels: usize) -> Vec<f32> {
+    crate::chain::normalize_channels(&eval_view(img, cfg.size, crop_fraction), cfg, channels)
 }
 
 /// Frozen-backbone features of normalized images (B, C, H, W) -> (B, D).

@@ -22,10 +22,7 @@ use crate::sample::{Rgb8, StageError};
 pub fn gray(img: &Rgb8) -> Vec<f32> {
     img.data
         .chunks_exact(3)
-        .map(|p| {
-            let l = (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
-            l as f32 / 255.0
-        })
+        .map(|p| crate::sample::luma(p) as f32 / 255.0)
         .collect()
 }
 

@@ -115,6 +115,33 @@ impl Default for Config {
     }
 }
 
+/// [`compute`] for a one-channel model: the target of the view's luma. `grey` is
+/// the view with its three channels set to their luma ([`Rgb8::grey`]), `image`
+/// the normalized luma plane (1 x H x W). HOG keeps the first of its three equal
+/// channels (36 values per patch), the pixel target is one channel's.
+pub fn compute_grey(kind: Kind, cfg: &Config, grey: &Rgb8, image: &[f32], patch: usize) -> Result<Target, StageError> {
+    let (h, w) = (grey.height, grey.width);
+    let values = match kind {
+        Kind::Pixel => pixel::pixel_target(image, 1, h, w, patch)?,
+        Kind::Hog => {
+            let all = hog::hog(grey, patch)?;
+            // Per patch channel-major (`((c * 9 + bin) * 2 + cell_y) * 2 + cell_x`): keep channel 0.
+            let per_channel = hog::DIMS / 3;
+            all.chunks_exact(hog::DIMS)
+                .flat_map(|patch| &patch[..per_channel])
+                .copied()
+                .collect()
+        }
+        Kind::Canny | Kind::Clip => return compute(kind, cfg, grey, image, patch),
+    };
+    let n = (h / patch) * (w / patch);
+    Ok(Target {
+        kind: kind.name().to_string(),
+        dims: values.len() / n.max(1),
+        values,
+    })
+}
+
 /// Compute one target from the view's u8 pixels and its normalized C x H x W floats.
 pub fn compute(kind: Kind, cfg: &Config, pixels: &Rgb8, image: &[f32], patch: usize) -> Result<Target, StageError> {
     let (h, w) = (pixels.height, pixels.width);
