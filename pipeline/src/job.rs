@@ -19,7 +19,7 @@ use crate::graph::sink::SinkShape;
 use crate::graph::{run_worker, GraphContext};
 use crate::metrics::Counters;
 use crate::placement::Placement;
-use crate::plan::{count_samples, RunPlan};
+use crate::plan::{shard_keys, RunPlan, ShardKeys};
 use crate::trainer::{checkpoint_dir, make_trainer, train_loop, TrainerSetup};
 
 /// Arguments of `pipeline run`.
@@ -71,21 +71,42 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let timely_config = timely_config(&args.cluster)?;
 
     let skips = Skips::default();
-    let (plan, counts) = plan_run(&cfg)?;
+    let (plan, keys) = plan_run(&cfg)?;
     let micro_batch = plan.lanes * plan.per_lane;
+    // The resolved run, once, before any work: what the config and the shards came to.
+    let st = &cfg.stages;
+    let kinds: Vec<String> = st
+        .targets
+        .kinds
+        .iter()
+        .map(|&k| format!("{} {}", k.name(), st.target_dims(k)))
+        .collect();
     tracing::info!(
-        "{} shards, {} samples; {} epochs of {:?} batches of {micro_batch} ({} lanes x {}); lr {:.3e}",
-        counts.len(),
-        counts.iter().sum::<u64>(),
+        "{} shards, {} samples ({} bad, skipped each epoch); {} epochs of {:?} batches of {micro_batch} ({} lanes x {}); \
+         lr {:.3e}; model input {} px x {} channel(s), {} patches; targets {}{}; workers per stage {}",
+        keys.len(),
+        keys.iter().map(|(_, k)| k.len()).sum::<usize>(),
+        plan.bad_per_epoch,
         cfg.train.epochs,
         plan.batches,
         plan.lanes,
         plan.per_lane,
-        cfg.train.peak_lr()
+        cfg.train.peak_lr(),
+        st.augment.size,
+        st.channels,
+        (st.augment.size / st.patch).pow(2),
+        kinds.join(", "),
+        if stages::views::cached(st) { " (from the target cache)" } else { "" },
+        stages::record::Stage::RECORD
+            .iter()
+            .map(|&stage| format!("{} {:?}", stage.name(), placement.sets.of(stage)))
+            .chain([format!("sink [{}]", placement.sink_worker)])
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     let counters = Arc::new(Counters::default());
-    let cache = crate::cache::prepare_run(&cfg, args.cluster.workers, &counters)?;
+    let cache = crate::cache::prepare_run(&cfg, args.cluster.workers, &counters, Some(&keys))?;
     let run_dir = run_dir(&cfg, args);
     let recycler = crate::graph::sink::Recycler::default();
     let (sender, trainer_thread) = if trains {
@@ -243,8 +264,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The batch layout of a run: counts the samples of the training shards.
-fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, Vec<u64>)> {
+/// The batch layout of a run, from the training shards' keys (read once here;
+/// a run with a target cache checks its views against the same keys).
+fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, ShardKeys)> {
     let shard_paths = cfg.train_shards()?;
     let missing: Vec<&PathBuf> = shard_paths.iter().filter(|p| !p.exists()).collect();
     if missing.len() == shard_paths.len() {
@@ -259,7 +281,8 @@ fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, Vec<u64>)> {
     }
     // Bad input found while counting is reported when the lanes read it.
     let found = Skips::quiet();
-    let counts = count_samples(&shard_paths, cfg.data.on_error, &found)?;
+    let keys = shard_keys(&shard_paths, cfg.data.on_error, &found)?;
+    let counts: Vec<u64> = keys.iter().map(|(_, k)| k.len() as u64).collect();
     let micro_batch = cfg.train.batch_size / cfg.train.accum_iter;
     let mut plan = RunPlan::new(
         shard_paths,
@@ -270,7 +293,7 @@ fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, Vec<u64>)> {
         micro_batch,
     )?;
     plan.bad_per_epoch = found.total();
-    Ok((plan, counts))
+    Ok((plan, keys))
 }
 
 /// The record stages of a run: its `stages:` config and seed, reading the target
@@ -324,10 +347,10 @@ fn run_data_graph(
     if cluster.processes > 1 {
         exit_on_lost_peer(cluster.process);
     }
-    let (plan, _) = plan_run(cfg)?;
+    let (plan, keys) = plan_run(cfg)?;
     let placement = Placement::resolve(&cfg.cluster, &cfg.placement, cluster.processes, cluster.workers)?;
     let counters = Arc::new(Counters::default());
-    let cache = crate::cache::prepare_run(cfg, cluster.workers, &counters)?;
+    let cache = crate::cache::prepare_run(cfg, cluster.workers, &counters, Some(&keys))?;
     let ctx = Arc::new(GraphContext {
         stages: data_stages(cfg, cache)?,
         policy: cfg.data.on_error,
@@ -440,7 +463,7 @@ mod tests {
     }
 
     fn check_graph_equals_loop(cfg: &RunConfig) {
-        let cache = crate::cache::prepare_run(cfg, 1, &Counters::default()).unwrap();
+        let cache = crate::cache::prepare_run(cfg, 1, &Counters::default(), None).unwrap();
         let cached = cache.is_some();
         let want = sequential_digests(cfg, &data_stages(cfg, cache).unwrap());
         assert_eq!(want.len() as u64, plan_run(cfg).unwrap().0.total_batches());

@@ -13,20 +13,23 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use shards::{plan_epoch, EpochPlan, OnError, ShardReader, Skips};
 
-/// Samples in each shard, by reading it once (bad samples not counted).
-pub fn count_samples(shards: &[PathBuf], policy: OnError, skips: &Skips) -> anyhow::Result<Vec<u64>> {
+/// The sample keys of each shard, read once at the start of a run (bad samples
+/// left out, counted in `skips`): the lane lengths of the plan and the views a
+/// target cache must hold both come from them.
+pub type ShardKeys = Vec<(PathBuf, Vec<String>)>;
+
+/// [`ShardKeys`] of `shards`.
+pub fn shard_keys(shards: &[PathBuf], policy: OnError, skips: &Skips) -> anyhow::Result<ShardKeys> {
     shards
         .iter()
         .map(|path| {
-            let mut n = 0;
-            for sample in ShardReader::open(path, policy, skips)? {
-                sample?;
-                n += 1;
-            }
-            Ok(n)
+            let keys = ShardReader::open(path, policy, skips)?
+                .map(|s| s.map(|s| s.key))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((path.clone(), keys))
         })
-        .collect::<anyhow::Result<Vec<u64>>>()
-        .context("counting the samples of the training shards")
+        .collect::<anyhow::Result<ShardKeys>>()
+        .context("reading the keys of the training shards")
 }
 
 /// The whole run's batch layout.

@@ -35,8 +35,8 @@ use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::{Input, Operator, Probe};
 use timely::dataflow::{InputHandleVec as InputHandle, ProbeHandle, Stream};
 
+use crate::cache;
 use crate::cache::index;
-use crate::cache::{self, shard_keys};
 use crate::cluster::ClusterArgs;
 use crate::config::RunConfig;
 use crate::graph::operators::{check, fail, route, stage, BadInput, Failure, Routed};
@@ -520,7 +520,7 @@ pub fn fill(cfg: &RunConfig, options: &FillOptions) -> anyhow::Result<Precompute
         indexes.push(index);
     }
     let shards = cfg.train_shards()?;
-    let keys = shard_keys(&shards, cfg.data.on_error)?;
+    let keys = crate::plan::shard_keys(&shards, cfg.data.on_error, &Skips::quiet())?;
     let wanted = cache::wanted(&keys, stores.len(), k);
     let present = cache::present(&indexes);
     report.wanted = wanted.len() as u64;

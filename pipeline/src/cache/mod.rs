@@ -17,7 +17,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use serde_json::json;
 use shards::store::{Store, StoreIndex, StoreReader, StoreSpec, FORMAT};
-use shards::{OnError, ShardReader, Skips};
+use shards::Skips;
 use stages::sample::StageError;
 use stages::targets::{clip, hog, Kind, OnMiss};
 use stages::StagesConfig;
@@ -105,21 +105,6 @@ pub fn cache_root(cfg: &RunConfig) -> anyhow::Result<&Path> {
         .context("stages.targets.cache: not set (the target cache's root directory)")
 }
 
-/// The sample keys of each training shard, in shard order (one pass over the shards).
-pub fn shard_keys(paths: &[PathBuf], policy: OnError) -> anyhow::Result<Vec<(PathBuf, Vec<String>)>> {
-    // Bad samples are reported when the data itself is read; here they only go uncounted.
-    let quiet = Skips::quiet();
-    paths
-        .iter()
-        .map(|path| {
-            let keys = ShardReader::open(path, policy, &quiet)?
-                .map(|s| s.map(|s| s.key))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((path.clone(), keys))
-        })
-        .collect()
-}
-
 /// Every (store, key, view) the shards want for `k` views per sample.
 pub fn wanted(keys: &[(PathBuf, Vec<String>)], stores: usize, k: u32) -> Vec<Entry> {
     let mut out = Vec::new();
@@ -182,15 +167,27 @@ impl stages::record::TargetReader for CachedTargets {
 /// its shards want. Under `on_miss: compute` the missing views are computed
 /// first (their count is added to the extractor calls). `None` for a run
 /// without a cache.
-pub fn prepare_run(cfg: &RunConfig, workers: usize, counters: &Counters) -> anyhow::Result<Option<Arc<CachedTargets>>> {
+pub fn prepare_run(
+    cfg: &RunConfig,
+    workers: usize,
+    counters: &Counters,
+    keys: Option<&crate::plan::ShardKeys>,
+) -> anyhow::Result<Option<Arc<CachedTargets>>> {
     if !stages::views::cached(&cfg.stages) {
         return Ok(None);
     }
     let root = cache_root(cfg)?;
     let specs = store_specs(&cfg.stages)?;
     let k = cfg.stages.targets.views;
-    let keys = shard_keys(&cfg.train_shards()?, cfg.data.on_error)?;
-    let wanted = wanted(&keys, specs.len(), k);
+    let read;
+    let keys = match keys {
+        Some(keys) => keys,
+        None => {
+            read = crate::plan::shard_keys(&cfg.train_shards()?, cfg.data.on_error, &Skips::quiet())?;
+            &read
+        }
+    };
+    let wanted = wanted(keys, specs.len(), k);
     let mut computed_here = false;
     loop {
         let mut stores = Vec::new();
@@ -269,6 +266,7 @@ pub fn prepare_run(cfg: &RunConfig, workers: usize, counters: &Counters) -> anyh
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use shards::{OnError, ShardReader};
     use stages::record::Stage;
     use stages::sample::Rgb8;
 
@@ -312,11 +310,11 @@ pub(crate) mod tests {
     /// samples through the run's stage functions for three epochs.
     fn check_cached_run(cfg: &RunConfig, samples: u64) {
         let counters = Counters::default();
-        let err = prepare_run(cfg, 1, &counters).err().expect("no store yet");
+        let err = prepare_run(cfg, 1, &counters, None).err().expect("no store yet");
         assert!(format!("{err:#}").contains("no store matches"), "{err:#}");
         let report = crate::cache::fill::fill(cfg, &crate::cache::fill::FillOptions::local(1)).unwrap();
         assert_eq!(report.computed, 3 * samples);
-        let cache = prepare_run(cfg, 1, &counters).unwrap().expect("a cached run");
+        let cache = prepare_run(cfg, 1, &counters, None).unwrap().expect("a cached run");
         let run_stages = stages::record::Stages::new(cfg.stages.clone(), cfg.seed)
             .unwrap()
             .with_cache(cache);
