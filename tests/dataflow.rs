@@ -294,6 +294,20 @@ fn skips_in_data_processes_count_in_the_train_process() {
         "--set",
         "train.epochs=1",
     ];
+    // One process, the loss allowed: each of the 20 garbage images counts once
+    // (its stage logs it and the batch arrives short of it: one skip, not two).
+    let single = dir.path().join("single");
+    let out = pipeline()
+        .args(small_run_args(&single))
+        .args(extra)
+        .args(["--set", "data.max_skip_fraction=0.5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(single.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["skipped_samples"], 20, "{summary}");
+    assert_eq!(summary["skipped_fraction"], 0.1, "{summary}");
     let children = spawn_cluster(dir.path(), &dir.path().join("run"), &extra);
     let mut outputs: Vec<_> = children
         .into_iter()

@@ -48,8 +48,9 @@ pub struct RunPlan {
     /// Samples left unread per epoch because a lane is longer than the shortest.
     pub left_over: Vec<u64>,
     /// Bad samples the count of the shards found (the lanes skip them again
-    /// each epoch, on whichever process reads them).
+    /// each epoch, on whichever process reads them), and the good ones.
     pub bad_per_epoch: u64,
+    pub good_samples: u64,
 }
 
 impl RunPlan {
@@ -74,6 +75,7 @@ impl RunPlan {
             offsets: vec![0],
             left_over: vec![],
             bad_per_epoch: 0,
+            good_samples: counts.iter().sum(),
         };
         for epoch in 0..epochs as u64 {
             let lane_lengths = plan.lane_lengths(counts, seed, epoch);

@@ -38,7 +38,8 @@ pub struct TrainerSetup {
     pub workers: usize,
     /// Where uploaded batches go back to the sink (see [`Recycler`]).
     pub recycler: Recycler,
-    /// Samples the shard readers skipped (this process's lanes).
+    /// Samples this process skipped, with their reasons: its lanes' readers and,
+    /// under `on_error: skip`, its stages.
     pub skips: shards::Skips,
     /// `data.max_skip_fraction`: the run stops past it.
     pub max_skip_fraction: f64,
@@ -50,8 +51,9 @@ pub struct TrainerSetup {
 /// - in the stages: a batch that reaches the trainer short of `lanes x
 ///   per_lane` samples lost the rest to skips, wherever they happened;
 /// - in the readers: the plan's count of the shards found `bad_per_epoch` bad
-///   samples, which the lanes skip again each epoch; each batch trained adds
-///   its share, `bad_per_epoch / batches of its epoch`.
+///   samples among `good_samples`, which the lanes skip again as they read
+///   past them; each batch trained adds its share, `bad x batch / good` (the
+///   tails of longer lanes, left unread, skip none).
 ///
 /// Each is at least this process's own live count (the reasons it logged), so a
 /// single process sees its skips as soon as they happen, in-flight ones included.
@@ -62,10 +64,10 @@ struct SkipTally {
 }
 
 impl SkipTally {
-    fn add_batch(&mut self, plan: &RunPlan, epoch: u64, samples: u64) {
-        self.short += (plan.lanes * plan.per_lane) as u64 - samples.min((plan.lanes * plan.per_lane) as u64);
-        let batches = plan.batches.get(epoch as usize).copied().unwrap_or(1).max(1);
-        self.read_share += plan.bad_per_epoch as f64 / batches as f64;
+    fn add_batch(&mut self, plan: &RunPlan, samples: u64) {
+        let full = (plan.lanes * plan.per_lane) as u64;
+        self.short += full - samples.min(full);
+        self.read_share += plan.bad_per_epoch as f64 * full as f64 / plan.good_samples.max(1) as f64;
     }
 
     /// Samples skipped so far and samples seen (skipped plus trained).
@@ -74,7 +76,9 @@ impl SkipTally {
             .iter()
             .map(|(_, n)| n)
             .sum();
-        let skipped = setup.skips.total().max(self.read_share.round() as u64) + in_stages.max(self.short);
+        // The process's `Skips` logs the readers' skips and the stages' (under `skip`).
+        let in_readers = setup.skips.total().saturating_sub(in_stages);
+        let skipped = in_readers.max(self.read_share.round() as u64) + in_stages.max(self.short);
         (skipped, skipped + trained)
     }
 }
@@ -250,7 +254,7 @@ pub fn train_loop(
             "data_wait_s": data_wait, "step_s": step_s,
         });
         writeln!(metrics, "{line}")?;
-        tally.add_batch(&setup.plan, ready.epoch, samples);
+        tally.add_batch(&setup.plan, samples);
         if let Err(e) = check_skips(&setup, &tally, summary.samples, MIN_SEEN_FOR_SKIP_CHECK) {
             metrics.flush()?;
             return Err(e);
