@@ -107,6 +107,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 
     let counters = Arc::new(Counters::default());
     let cache = crate::cache::prepare_run(&cfg, args.cluster.workers, &counters, Some(&keys))?;
+    drop(keys); // a run's whole key list (ImageNet: 1.28M keys); the lanes read their own
     let run_dir = run_dir(&cfg, args);
     let recycler = crate::graph::sink::Recycler::default();
     let (sender, trainer_thread) = if trains {
@@ -304,6 +305,13 @@ pub fn data_stages(cfg: &RunConfig, cache: Option<Arc<crate::cache::CachedTarget
         Some(cache) => stages.with_cache(cache),
         None => stages,
     })
+}
+
+/// [`data_stages`] for a command that shows or times the stages outside a run
+/// (`stages dump`, `viz`, `bench data`): with a target cache, opened (and under
+/// `on_miss: compute` filled) as a run opens it.
+pub fn standalone_stages(cfg: &RunConfig) -> anyhow::Result<Stages> {
+    data_stages(cfg, crate::cache::prepare_run(cfg, 1, &Counters::default(), None)?)
 }
 
 /// What the data side delivers to a trainer that never waits (`pipeline bench

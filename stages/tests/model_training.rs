@@ -399,7 +399,7 @@ fn clipping_scales_to_the_max_norm() -> Result<(), TrainError> {
 }
 
 /// The one-pass CPU gradient norm equals an f64 sum written out here and the
-/// basic-op norm to rounding, with the same bits on 1 and 3 threads.
+/// basic-op norm to rounding, with the same bits on 1, 2 and 3 threads.
 #[test]
 fn fused_gradient_norm_matches_a_plain_sum_and_the_basic_ops() -> Result<(), TrainError> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
@@ -426,6 +426,7 @@ fn fused_gradient_norm_matches_a_plain_sum_and_the_basic_ops() -> Result<(), Tra
         "{fused} vs {}",
         plain.sqrt()
     );
+    assert_eq!(fused.to_bits(), norm_on(2)?.to_bits(), "1 vs 2 threads");
     assert_eq!(fused.to_bits(), norm_on(3)?.to_bits(), "1 vs 3 threads");
     let basic = {
         let _r = stages::model::ops::scoped_reference(true);

@@ -31,7 +31,7 @@ use shards::{OnError, ShardReader, Skips};
 use stages::sample::{CropBox, Rgb8, StageError};
 use stages::targets::{clip, Kind};
 use stages::{augment, decode, views, StagesConfig};
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Input, Operator, Probe};
 use timely::dataflow::{InputHandleVec as InputHandle, ProbeHandle, Stream};
 
@@ -39,7 +39,7 @@ use crate::cache;
 use crate::cache::index;
 use crate::cluster::ClusterArgs;
 use crate::config::RunConfig;
-use crate::graph::operators::{check, fail, route, stage, BadInput, Failure, Routed};
+use crate::graph::operators::{check, fail, gather_by_frontier, route, stage, BadInput, Failure, Routed};
 use crate::placement::Placement;
 
 /// How [`fill`] runs.
@@ -307,30 +307,12 @@ fn extract_stage<'s>(input: Works<'s>, me: usize, ctx: &Arc<Shared>) -> Works<'s
     let sets = &ctx.placement.sets;
     let pact = route(&sets.augment, &sets.targets, me, false);
     let ctx = ctx.clone();
-    input.unary_frontier(Exchange::new(pact), "extract", move |_capability, _info| {
-        let mut pending: BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<Work>)> = BTreeMap::new();
-        move |(input, frontier), output| {
-            input.for_each(|time, data| {
-                if let (Some(&t), Some(capability)) = (time.least(), time.retain_least(0)) {
-                    pending
-                        .entry(t)
-                        .or_insert_with(|| (capability, Vec::new()))
-                        .1
-                        .append(data);
-                }
-            });
-            while let Some((&t, _)) = pending.first_key_value() {
-                if frontier.less_equal(&t) {
-                    break;
-                }
-                let (capability, mut works) = pending.pop_first().expect("first key exists").1;
-                if let Err(e) = extract(&ctx, &mut works) {
-                    fail(&ctx.failure, e);
-                    works.clear();
-                }
-                output.session(&capability).give_iterator(works.into_iter());
-            }
+    gather_by_frontier(input, "extract", pact, move |_, mut works| {
+        if let Err(e) = extract(&ctx, &mut works) {
+            fail(&ctx.failure, e);
+            works.clear();
         }
+        works
     })
 }
 

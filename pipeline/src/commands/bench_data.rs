@@ -126,7 +126,7 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     // once, from the first `--stage-inputs` samples). Each call takes a copy of
     // its input record, which the graph moves instead: that copy is part of the
     // figure (most of it for mask).
-    let list = crate::job::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default(), None)?)?;
+    let list = crate::job::standalone_stages(&cfg)?;
     let k = args.stage_inputs.clamp(1, raws.len());
     let mut records: Vec<Record> = raws[..k].iter().map(|r| Record::of_sample(r, 0)).collect();
     let mut views: Vec<Rgb8> = Vec::new();

@@ -50,7 +50,7 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!paths.is_empty(), "no shards match {patterns:?}");
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     // The run's own record stages, reading its target cache when it has one.
-    let data_stages = crate::job::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default(), None)?)?;
+    let data_stages = crate::job::standalone_stages(&cfg)?;
     let skips = shards::Skips::default();
     let mut written = 0usize;
     'shards: for path in &paths {

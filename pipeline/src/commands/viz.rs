@@ -78,7 +78,7 @@ pub fn run(args: &VizArgs) -> anyhow::Result<()> {
         bail!("no shards match {:?}", args.shards);
     }
     // The run's own record stages, reading its target cache when it has one.
-    let data_stages = crate::job::data_stages(&cfg, crate::cache::prepare_run(&cfg, 1, &Default::default(), None)?)?;
+    let data_stages = crate::job::standalone_stages(&cfg)?;
     let skips = shards::Skips::default();
     let mut examples = Vec::new();
     'shards: for path in &paths {

@@ -14,7 +14,7 @@
 //! `run.window` batches are between the lanes and the trainer: timely's
 //! queues are unbounded, so this probe is what keeps memory flat.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,8 +22,7 @@ use crossbeam::channel::Sender;
 use shards::{LaneReader, OnError, Skips};
 use stages::record::{Record, Stages};
 use stages::sample::StageError;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::{Input, Operator, Probe};
+use timely::dataflow::operators::{Input, Probe};
 use timely::dataflow::{InputHandleVec as InputHandle, ProbeHandle, Stream};
 use timely::worker::Worker;
 
@@ -33,7 +32,7 @@ use crate::plan::RunPlan;
 pub mod operators;
 pub mod sink;
 
-use operators::{check, fail, route, stage, BadInput, Failure, Routed};
+use operators::{check, fail, gather_by_frontier, route, stage, BadInput, Failure, Routed};
 
 use sink::{assemble_batch, ReadyBatch, Recycler, SinkShape};
 
@@ -151,60 +150,41 @@ fn sink<'s>(
     let counters = ctx.counters.clone();
     let failure = ctx.failure.clone();
     let recycler = ctx.recycler.clone();
-    input.unary_frontier(
-        Exchange::new(move |_: &Record| sink_worker as u64),
+    gather_by_frontier(
+        input,
         "sink",
-        move |_capability, _info| {
-            let mut pending: BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<Record>)> =
-                BTreeMap::new();
-            move |(input, frontier), output| {
-                input.for_each(|time, data| {
-                    // Timestamps are totally ordered: a stamp is one batch index.
-                    if let (Some(&t), Some(capability)) = (time.least(), time.retain_least(0)) {
-                        pending
-                            .entry(t)
-                            .or_insert_with(|| (capability, Vec::new()))
-                            .1
-                            .append(data);
+        move |_: &Record| sink_worker as u64,
+        move |t, mut records| {
+            records.sort_by_key(|r| (r.lane, r.position));
+            for r in records
+                .iter()
+                .filter(|r| r.position % crate::metrics::WIRE_SAMPLE_EVERY == 0)
+            {
+                let bytes = bincode::serialized_size(r).unwrap_or(0);
+                counters
+                    .wire_bytes
+                    .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                counters.wire_sampled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let start = Instant::now();
+            let (epoch, _) = plan.locate(t);
+            let n = records.len() as u64;
+            let ready = assemble_batch(t, epoch, records, &shape, recycler.take());
+            counters.record_many(Stage::Sink, n, start.elapsed());
+            match (ready, &to_trainer) {
+                (Ok(ready), Some(tx)) => {
+                    // Blocks while the trainer is behind: this is where a
+                    // slow trainer holds the data side back.
+                    if tx.send(ready).is_err() {
+                        fail(&failure, "the trainer stopped".into());
                     }
-                });
-                while let Some((&t, _)) = pending.first_key_value() {
-                    if frontier.less_equal(&t) {
-                        break;
-                    }
-                    let (capability, mut records) = pending.pop_first().expect("first key exists").1;
-                    records.sort_by_key(|r| (r.lane, r.position));
-                    for r in records
-                        .iter()
-                        .filter(|r| r.position % crate::metrics::WIRE_SAMPLE_EVERY == 0)
-                    {
-                        let bytes = bincode::serialized_size(r).unwrap_or(0);
-                        counters
-                            .wire_bytes
-                            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-                        counters.wire_sampled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    let start = Instant::now();
-                    let (epoch, _) = plan.locate(t);
-                    let n = records.len() as u64;
-                    let ready = assemble_batch(t, epoch, records, &shape, recycler.take());
-                    counters.record_many(Stage::Sink, n, start.elapsed());
-                    match (ready, &to_trainer) {
-                        (Ok(ready), Some(tx)) => {
-                            // Blocks while the trainer is behind: this is where a
-                            // slow trainer holds the data side back.
-                            if tx.send(ready).is_err() {
-                                fail(&failure, "the trainer stopped".into());
-                            }
-                        }
-                        (Ok(ready), None) => recycler.give(ready.batch),
-                        (Err(e), _) => {
-                            fail(&failure, format!("batch {t}: {e}"));
-                        }
-                    }
-                    output.session(&capability).give(t);
+                }
+                (Ok(ready), None) => recycler.give(ready.batch),
+                (Err(e), _) => {
+                    fail(&failure, format!("batch {t}: {e}"));
                 }
             }
+            vec![t]
         },
     )
 }

@@ -1,8 +1,10 @@
 //! The pieces both timely graphs are built from: `pipeline run`'s (this
 //! module's parent) and the target cache's fill graph (`cache/fill.rs`).
 //! Routing a record into a stage's worker set, a stage operator that skips or
-//! fails on bad input, and the failure every worker of a process checks.
+//! fails on bad input, an operator that gathers each timestamp's records, and
+//! the failure every worker of a process checks.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::bail;
@@ -106,6 +108,47 @@ where
                 }
                 output.session(&time).give_iterator(out.into_iter());
             });
+        }
+    })
+}
+
+/// Gathers each timestamp's records and, once the input frontier has passed it
+/// (none of its records can still arrive), hands them to `f` and gives what `f`
+/// returns at that timestamp. It holds the timestamp's capability until then,
+/// so a probe downstream shows exactly which timestamps are complete: the
+/// run's sink (a batch) and the cache fill's extract stage (a CLIP batch).
+pub fn gather_by_frontier<'s, R, O, P, F>(
+    input: Stream<'s, u64, Vec<R>>,
+    name: &str,
+    pact: P,
+    mut f: F,
+) -> Stream<'s, u64, Vec<O>>
+where
+    R: ExchangeData,
+    O: Clone + 'static,
+    P: FnMut(&R) -> u64 + 'static,
+    F: FnMut(u64, Vec<R>) -> Vec<O> + 'static,
+{
+    input.unary_frontier(Exchange::new(pact), name, move |_capability, _info| {
+        let mut pending: BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<R>)> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each(|time, data| {
+                // Timestamps are totally ordered: a stamp is one batch index.
+                if let (Some(&t), Some(capability)) = (time.least(), time.retain_least(0)) {
+                    pending
+                        .entry(t)
+                        .or_insert_with(|| (capability, Vec::new()))
+                        .1
+                        .append(data);
+                }
+            });
+            while let Some((&t, _)) = pending.first_key_value() {
+                if frontier.less_equal(&t) {
+                    break;
+                }
+                let (capability, records) = pending.pop_first().expect("first key exists").1;
+                output.session(&capability).give_iterator(f(t, records).into_iter());
+            }
         }
     })
 }
