@@ -9,9 +9,9 @@ BIN=${BIN:-target/release/pipeline}
 PY=${PY:-python3}
 PEER=${PEER:-../shared/peers/crossmae_torch.py}
 export RAYON_NUM_THREADS=${T:-2} CANDLE_NUM_THREADS=1
-TINY=(--set stages.channels=3 --set model.backbone.in_chans=3 --set model.backbone.embed_dim=192 --set model.backbone.depth=6
+TINY=(--set stages.channels=1 --set model.backbone.in_chans=1 --set model.backbone.embed_dim=192 --set model.backbone.depth=6
       --set model.backbone.num_heads=3 --set model.draw.embed_dim=128 --set model.draw.num_heads=4
-      --set model.target_dim=108)
+      --set model.target_dim=36)
 VITS=(--set model.draw.embed_dim=256 --set model.draw.num_heads=8)
 PIX=(--set model.backbone.embed_dim=16 --set model.backbone.depth=1 --set model.backbone.num_heads=1
      --set model.draw.embed_dim=16 --set model.draw.num_heads=1 --set model.draw.depth=1)

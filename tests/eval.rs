@@ -36,6 +36,13 @@ fn pretrain(run_dir: &Path) -> String {
             "train.batch_size=100",
             "--set",
             "eval.after_run_samples=[1000, 500]",
+            // The closing fine-tune, small: 2% of 2500 labels, 2 epochs, 500 test images.
+            "--set",
+            "eval.after_run_finetune_fraction=0.02",
+            "--set",
+            "eval.finetune.epochs=2",
+            "--set",
+            "eval.test_limit=500",
         ])
         .args(TINY_MODEL)
         .arg("--set")
@@ -80,6 +87,78 @@ fn eval_viz_and_export_work_on_a_fresh_checkpoint() {
         // 10 balanced classes: far above chance, at most 1.
         assert!((0.3..=1.0).contains(&top1), "{key} {top1}: {summary}");
     }
+    // And with the fine-tune at 2% of the labels (50 images: 5 per class).
+    assert!(
+        out.contains("fine-tune top-1 at 2% of the labels (50 train / 500 test samples, 2 epochs)"),
+        "{out}"
+    );
+    for key in ["pretrained_top1", "random_init_top1"] {
+        let top1 = summary["finetune"][key].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&top1), "{key} {top1}: {summary}");
+    }
+    for dir in ["finetune-pretrained", "finetune-random-init"] {
+        assert!(run_dir.join(dir).join("metrics.jsonl").is_file(), "{dir}");
+        let (w, h, _) = decode_png(&run_dir.join(dir).join("finetune.png"));
+        assert_eq!((w, h), (1000, 420));
+    }
+
+    // eval finetune: one JSON line; the same inputs give the same bits.
+    let finetune = |out: &Path| -> serde_json::Value {
+        let line = ok(pipeline()
+            .args(["eval", "finetune", "configs/pretrain.yaml", "--checkpoint"])
+            .arg(&ckpt)
+            .args([
+                "--set",
+                "eval.train_limit=1000",
+                "--set",
+                "eval.test_limit=300",
+                "--set",
+                "eval.label_fraction=0.1",
+                "--set",
+                "eval.finetune.epochs=3",
+                "--set",
+                "eval.finetune.batch_size=32",
+                "--set",
+                "eval.finetune.eval_every=1",
+                "--out",
+            ])
+            .arg(out)
+            .output()
+            .unwrap());
+        serde_json::from_str(line.trim()).unwrap()
+    };
+    let (a, b) = (finetune(&dir.path().join("ft-a")), finetune(&dir.path().join("ft-b")));
+    assert_eq!(
+        (a["eval"].as_str(), a["test_samples"].as_u64()),
+        (Some("finetune"), Some(300)),
+        "{a}"
+    );
+    // 10% of each class of the first 1000 (not exactly 100 per class there).
+    let n = a["train_samples"].as_u64().unwrap();
+    assert!((95..=105).contains(&n), "{a}");
+    assert!(a["top5"].as_f64().unwrap() >= a["top1"].as_f64().unwrap(), "{a}");
+    for key in ["top1", "top5", "final_loss"] {
+        assert_eq!(a[key], b[key], "{key}: {a} vs {b}");
+    }
+    // The metrics, but for the clock, are the same too.
+    let timeless = |name: &str| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("seconds");
+                if let Some(r) = v.get_mut("result").and_then(|r| r.as_object_mut()) {
+                    r.remove("seconds");
+                }
+                v
+            })
+            .collect()
+    };
+    let epochs = timeless("ft-a");
+    assert_eq!(epochs, timeless("ft-b"));
+    // One line per epoch (each evaluated) and the result.
+    assert_eq!(epochs.len(), 4, "{epochs:?}");
+    assert!(epochs[..3].iter().all(|e| e["test_top1"].is_number()), "{epochs:?}");
 
     // eval linprobe / knn: one JSON line each.
     for method in ["linprobe", "knn"] {
@@ -228,6 +307,7 @@ fn ablation_runs_every_row_and_writes_the_table() {
         .arg(&table)
         .arg("--runs")
         .arg(dir.path().join("runs"))
+        .args(["--seeds", "2", "--finetune", "0.1:2"])
         .args([
             "--set",
             &format!(
@@ -259,14 +339,29 @@ fn ablation_runs_every_row_and_writes_the_table() {
         lines[3].starts_with("| 5-predictor | draw coarse, noise mapping, predictor linear | 1250 |"),
         "{md}"
     );
+    assert!(
+        lines[0].contains("| linear probe top-1 | kNN top-1 | fine-tune 10% labels (2 ep) top-1 |"),
+        "{md}"
+    );
     for line in &lines[1..] {
-        // Two percentages per row, each within 0..100.
+        // Three "mean ± std%" cells per row (two seeds), each within 0..100.
         let cells: Vec<&str> = line.split('|').map(str::trim).filter(|c| c.ends_with('%')).collect();
-        assert_eq!(cells.len(), 2, "{line}");
+        assert_eq!(cells.len(), 3, "{line}");
         for c in cells {
-            let v: f64 = c.trim_end_matches('%').parse().unwrap();
-            assert!((0.0..=100.0).contains(&v), "{line}");
+            let (mean, std) = c
+                .trim_end_matches('%')
+                .split_once(" ± ")
+                .unwrap_or_else(|| panic!("{line}"));
+            let (mean, std): (f64, f64) = (mean.parse().unwrap(), std.parse().unwrap());
+            assert!((0.0..=100.0).contains(&mean) && (0.0..=100.0).contains(&std), "{line}");
         }
     }
+    // Each pretrained row against random init and against the baseline, said plainly.
+    assert!(
+        md.contains("- 1-baseline vs random init (no pre-training): linear probe "),
+        "{md}"
+    );
+    assert!(md.contains("- 5-predictor vs 1-baseline: "), "{md}");
+    assert!(md.contains("the spread"), "{md}");
     assert!(md.contains("Command: `"), "{md}");
 }

@@ -257,6 +257,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         let mut summary = serde_json::to_value(&summary)?;
         if cfg.eval.after_run {
             summary["probe"] = crate::evaluate::after_run_report(&cfg, &run_dir);
+            if cfg.eval.after_run_finetune_fraction > 0.0 {
+                summary["finetune"] = crate::evaluate::after_run_finetune_report(&cfg, &run_dir);
+            }
         }
         std::fs::write(run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     } else {

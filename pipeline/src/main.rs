@@ -8,6 +8,7 @@ mod cluster;
 mod commands;
 mod config;
 mod evaluate;
+mod finetune;
 mod graph;
 mod job;
 mod metrics;
@@ -45,7 +46,7 @@ enum Command {
         #[command(subcommand)]
         command: StagesCommand,
     },
-    /// Evaluate a checkpoint's frozen backbone: linear probe or kNN top-1, as a JSON line.
+    /// Evaluate a checkpoint's backbone: linear probe or kNN top-1 of its frozen features, or an end-to-end fine-tune, as a JSON line.
     Eval {
         #[arg(value_enum)]
         method: eval::Method,
@@ -54,7 +55,7 @@ enum Command {
     },
     /// Fill the target cache: every missing view's targets into the store.
     Precompute(precompute::PrecomputeArgs),
-    /// Pre-train every config of a directory (the paper's Table 8 rows) and write a markdown table of linear-probe and kNN top-1.
+    /// Pre-train every config of a directory (the paper's Table 8 rows), N seeds each, and write a markdown table of linear-probe, kNN and fine-tune top-1 (mean ± std).
     Ablation(ablation::AblationArgs),
     /// Draw the paper's Figure 3: x, smoothed x̂, masked x_M and two drawings per image, as a PNG grid.
     Viz(viz::VizArgs),

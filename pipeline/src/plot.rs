@@ -100,3 +100,60 @@ pub fn loss_png(run_dir: &Path) -> anyhow::Result<()> {
     };
     draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", out.display()))
 }
+
+/// `finetune.png` in `dir`: the training loss per epoch (left) and the test
+/// top-1 at the epochs it was measured (right).
+pub fn finetune_png(dir: &Path, lines: &[crate::finetune::EpochLine]) -> anyhow::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let out = dir.join("finetune.png");
+    let text = font_available();
+    let epochs = lines.len() as f64;
+    let loss_max = lines
+        .iter()
+        .map(|l| l.train_loss)
+        .filter(|v| v.is_finite())
+        .fold(1e-6, f64::max)
+        * 1.05;
+    let accuracy: Vec<(f64, f64)> = lines
+        .iter()
+        .filter_map(|l| l.test_top1.map(|t| (l.epoch as f64, 100.0 * t)))
+        .collect();
+    let root = BitMapBackend::new(&out, (1000, 420)).into_drawing_area();
+    let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(500);
+        let panels = [
+            (left, "fine-tune: training loss", "loss", loss_max),
+            (right, "fine-tune: test top-1", "top-1 (%)", 100.0),
+        ];
+        for (i, (area, caption, y_desc, y_max)) in panels.into_iter().enumerate() {
+            let mut builder = ChartBuilder::on(&area);
+            builder.margin(15);
+            if text {
+                builder
+                    .caption(caption, ("sans-serif", 20))
+                    .x_label_area_size(35)
+                    .y_label_area_size(55);
+            }
+            let mut chart = builder.build_cartesian_2d(0.0..epochs.max(1.0), 0.0..y_max)?;
+            if text {
+                chart.configure_mesh().x_desc("epoch").y_desc(y_desc).draw()?;
+            }
+            if i == 0 {
+                let points = lines
+                    .iter()
+                    .map(|l| (l.epoch as f64, l.train_loss))
+                    .filter(|p| p.1.is_finite());
+                chart.draw_series(LineSeries::new(points, BLUE))?;
+            } else {
+                chart.draw_series(LineSeries::new(accuracy.iter().copied(), RED))?;
+                chart.draw_series(accuracy.iter().map(|&p| Circle::new(p, 4, RED.filled())))?;
+            }
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", out.display()))
+}

@@ -1,7 +1,9 @@
-//! `pipeline ablation DIR --out TABLE.md`: pre-train every config of DIR
-//! (sorted by file name, e.g. `configs/ablation/1-baseline.yaml` ...
+//! `pipeline ablation DIR --out TABLE.md [--seeds N]`: pre-train every config
+//! of DIR (sorted by file name, e.g. `configs/ablation/1-baseline.yaml` ...
 //! `5-predictor.yaml`, the rows of the paper's Table 8), evaluate each
-//! backbone by linear probe and kNN, and write a markdown table.
+//! backbone by linear probe, kNN and end-to-end fine-tunes (all labels and
+//! 1% of them by default), N times with seeds 0..N, and write a markdown
+//! table of mean ± std with which differences exceed the seed spread.
 //!
 //! Every row gets the same `--set` overrides (the data and the budget), so
 //! the rows differ only in what their configs switch. The table is rewritten
@@ -18,9 +20,11 @@ use shards::Skips;
 use stages::eval;
 
 use crate::config::{self, RunConfig};
-use crate::evaluate::{eval_device, features_of, load_backbone, random_backbone};
+use crate::evaluate::{checkpoint_backbone_tensors, eval_device, features_of, random_backbone_tensors};
 use crate::job::{self, RunArgs};
 use crate::trainer::checkpoint_dir;
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 
 /// Arguments of `pipeline ablation`.
 #[derive(Debug, clap::Args)]
@@ -44,17 +48,91 @@ pub struct AblationArgs {
     /// Timely workers of each run.
     #[arg(long, short = 'w', default_value_t = 1)]
     pub workers: usize,
+    /// Pre-train and evaluate every row this many times, with seeds 0..N;
+    /// the table shows mean ± std.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: usize,
+    /// The fine-tune columns, `FRACTION[:EPOCHS]` each: one end-to-end
+    /// fine-tune per label fraction, with `eval.finetune`'s recipe and its
+    /// epochs unless given (all labels take fewer epochs than 1% of them);
+    /// an empty list (`--finetune=`) for none.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["1:5".to_string(), "0.01".to_string()])]
+    pub finetune: Vec<String>,
 }
 
-/// One finished row of the table.
+/// One row of the table: its runs, one per seed.
 struct Row {
     name: String,
     switches: String,
     images: u64,
     loss: String,
     pretrain_s: f64,
-    linprobe: f64,
-    knn: f64,
+    /// Per column ([`columns`]), one value per finished seed.
+    values: Vec<Vec<f64>>,
+}
+
+/// A fine-tune column: the label fraction, and its epochs when not `eval.finetune.epochs`.
+#[derive(Debug, Clone, Copy)]
+struct FinetuneColumn {
+    fraction: f64,
+    epochs: Option<usize>,
+}
+
+impl FinetuneColumn {
+    /// `FRACTION[:EPOCHS]`, e.g. `1:5` or `0.01`.
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        let (f, e) = match s.split_once(':') {
+            Some((f, e)) => (f, Some(e)),
+            None => (s, None),
+        };
+        let fraction: f64 = f
+            .trim()
+            .parse()
+            .with_context(|| format!("--finetune {s:?}: bad label fraction"))?;
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            bail!("--finetune {s:?}: the label fraction must lie in (0, 1]");
+        }
+        let epochs = match e {
+            Some(e) => {
+                let n: usize = e
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--finetune {s:?}: bad epoch count"))?;
+                if n == 0 {
+                    bail!("--finetune {s:?}: epochs must be positive");
+                }
+                Some(n)
+            }
+            None => None,
+        };
+        Ok(Self { fraction, epochs })
+    }
+}
+
+/// The table's metric columns: linear probe, kNN, then one fine-tune per fraction.
+fn columns(finetunes: &[FinetuneColumn]) -> Vec<String> {
+    let mut out = vec!["linear probe".to_string(), "kNN".to_string()];
+    for f in finetunes {
+        let mut name = if f.fraction >= 1.0 {
+            "fine-tune".to_string()
+        } else {
+            format!("fine-tune {}% labels", 100.0 * f.fraction)
+        };
+        if let Some(e) = f.epochs {
+            name.push_str(&format!(" ({e} ep)"));
+        }
+        out.push(name);
+    }
+    out
+}
+
+/// The overrides that make seed `seed` of a row: the run's seed and every
+/// evaluation seed (probe head, label subset, fine-tune).
+fn seed_overrides(seed: u64) -> Vec<String> {
+    ["seed", "eval.linprobe.seed", "eval.label_seed", "eval.finetune.seed"]
+        .iter()
+        .map(|k| format!("{k}={seed}"))
+        .collect()
 }
 
 /// Run `pipeline ablation`.
@@ -68,134 +146,259 @@ pub fn run(args: &AblationArgs) -> anyhow::Result<()> {
     if configs.is_empty() {
         bail!("{}: no *.yaml row configs", args.dir.display());
     }
-    // Check every row loads before spending hours on the first.
-    let loaded: Vec<RunConfig> = configs
+    if args.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let finetunes = args
+        .finetune
         .iter()
-        .map(|c| config::load(c, &args.set))
+        .filter(|s| !s.is_empty())
+        .map(|s| FinetuneColumn::parse(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let seeds: Vec<u64> = (0..args.seeds as u64).collect();
+    // Check every row and seed loads before spending hours on the first.
+    let loaded: Vec<Vec<RunConfig>> = configs
+        .iter()
+        .map(|c| {
+            seeds
+                .iter()
+                .map(|&s| config::load(c, &[args.set.clone(), seed_overrides(s)].concat()))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
         .collect::<anyhow::Result<_>>()?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let started = Instant::now();
-    let mut rows = Vec::new();
-
-    let first = &loaded[0];
-    let t = Instant::now();
-    let (linprobe, knn) = evaluate(&random_backbone(&first.model, first.seed, &eval_device(first)?)?, first)?;
-    rows.push(Row {
+    let names = columns(&finetunes);
+    let mut rows = vec![Row {
         name: "random init (no pre-training)".into(),
         switches: "-".into(),
         images: 0,
         loss: "-".into(),
         pretrain_s: 0.0,
-        linprobe,
-        knn,
-    });
-    tracing::info!(
-        "random init: linprobe {linprobe:.4}, knn {knn:.4} ({:.0} s)",
-        t.elapsed().as_secs_f64()
-    );
-    write_table(args, &command, first, &rows, started)?;
+        values: vec![Vec::new(); names.len()],
+    }];
+    for cfg in &loaded[0] {
+        let t = Instant::now();
+        let device = eval_device(cfg)?;
+        let backbone = random_backbone_tensors(&cfg.model, cfg.seed)?;
+        let v = evaluate(&backbone, cfg, &finetunes, &device)?;
+        tracing::info!(
+            "random init, seed {}: {v:?} ({:.0} s)",
+            cfg.seed,
+            t.elapsed().as_secs_f64()
+        );
+        push(&mut rows[0], &v);
+        write_table(args, &command, &loaded[0][0], &names, &rows, started)?;
+    }
 
-    for (path, cfg) in configs.iter().zip(&loaded) {
+    for (path, per_seed) in configs.iter().zip(&loaded) {
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let run_dir = args.runs.join(&name);
-        let mut set = args.set.clone();
-        set.push(format!("run.dir={}", run_dir.display()));
-        set.push("eval.after_run=false".into());
-        let trained = run_dir.join("summary.json").is_file() && checkpoint_dir(&run_dir).is_dir();
-        if args.skip_trained && trained {
-            tracing::info!("ablation row {name}: already trained in {}", run_dir.display());
-        } else {
-            tracing::info!("ablation row {name}: pre-training into {}", run_dir.display());
-            job::run(&RunArgs {
-                config: path.clone(),
-                set,
-                resume: None,
-                cluster: crate::cluster::ClusterArgs::local(args.workers),
-                stop_after_epochs: None,
-            })
-            .with_context(|| format!("ablation row {}", path.display()))?;
-        }
-        let summary_path = run_dir.join("summary.json");
-        let summary: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&summary_path).with_context(|| format!("reading {}", summary_path.display()))?,
-        )?;
-        let pretrain_s = summary["seconds"].as_f64().unwrap_or(f64::NAN);
-        let backbone = load_backbone(&checkpoint_dir(&run_dir), &cfg.model, &eval_device(cfg)?)?;
-        let (linprobe, knn) = evaluate(&backbone, cfg)?;
-        let m = &cfg.model;
+        let m = &per_seed[0].model;
         rows.push(Row {
-            name,
+            name: name.clone(),
             switches: format!(
                 "draw {}, noise {}, predictor {}",
                 serde_json::to_value(m.draw.mode)?.as_str().unwrap_or("?"),
                 serde_json::to_value(m.noise)?.as_str().unwrap_or("?"),
                 serde_json::to_value(m.predictor)?.as_str().unwrap_or("?"),
             ),
-            images: summary["samples"].as_u64().unwrap_or(0),
-            loss: format!(
-                "{:.4} -> {:.4}",
-                summary["first_loss"].as_f64().unwrap_or(f64::NAN),
-                summary["last_loss"].as_f64().unwrap_or(f64::NAN)
-            ),
-            pretrain_s,
-            linprobe,
-            knn,
+            images: 0,
+            loss: String::new(),
+            pretrain_s: 0.0,
+            values: vec![Vec::new(); names.len()],
         });
-        tracing::info!("{}: linprobe {linprobe:.4}, knn {knn:.4}", path.display());
-        write_table(args, &command, first, &rows, started)?;
+        let mut losses = Vec::new();
+        for (&seed, cfg) in seeds.iter().zip(per_seed) {
+            let run_dir = args.runs.join(&name).join(format!("seed{seed}"));
+            let mut set = [args.set.clone(), seed_overrides(seed)].concat();
+            set.push(format!("run.dir={}", run_dir.display()));
+            set.push("eval.after_run=false".into());
+            let trained = run_dir.join("summary.json").is_file() && checkpoint_dir(&run_dir).is_dir();
+            if args.skip_trained && trained {
+                tracing::info!(
+                    "ablation row {name}, seed {seed}: already trained in {}",
+                    run_dir.display()
+                );
+            } else {
+                tracing::info!(
+                    "ablation row {name}, seed {seed}: pre-training into {}",
+                    run_dir.display()
+                );
+                job::run(&RunArgs {
+                    config: path.clone(),
+                    set,
+                    resume: None,
+                    cluster: crate::cluster::ClusterArgs::local(args.workers),
+                    stop_after_epochs: None,
+                })
+                .with_context(|| format!("ablation row {}, seed {seed}", path.display()))?;
+            }
+            let summary_path = run_dir.join("summary.json");
+            let summary: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&summary_path)
+                    .with_context(|| format!("reading {}", summary_path.display()))?,
+            )?;
+            let backbone = checkpoint_backbone_tensors(&checkpoint_dir(&run_dir))?;
+            let v = evaluate(&backbone, cfg, &finetunes, &eval_device(cfg)?)?;
+            tracing::info!("{}, seed {seed}: {v:?}", path.display());
+            let row = rows.last_mut().expect("pushed above");
+            push(row, &v);
+            row.images = summary["samples"].as_u64().unwrap_or(0);
+            row.pretrain_s += summary["seconds"].as_f64().unwrap_or(f64::NAN) / seeds.len() as f64;
+            losses.push(summary["last_loss"].as_f64().unwrap_or(f64::NAN));
+            row.loss = format!(
+                "{:.4} -> {}",
+                summary["first_loss"].as_f64().unwrap_or(f64::NAN),
+                mean_std(&losses, 1.0, 4)
+            );
+            write_table(args, &command, &per_seed[0], &names, &rows, started)?;
+        }
     }
     println!("wrote {}", args.out.display());
     Ok(())
 }
 
-/// Linear-probe and kNN top-1 of a backbone, on one feature extraction.
-fn evaluate(vit: &stages::model::Vit, cfg: &RunConfig) -> anyhow::Result<(f64, f64)> {
+fn push(row: &mut Row, values: &[f64]) {
+    for (column, v) in row.values.iter_mut().zip(values) {
+        column.push(*v);
+    }
+}
+
+/// Linear-probe and kNN top-1 of a backbone (one feature extraction), then
+/// its fine-tunes at `fractions` of the labels.
+fn evaluate(
+    backbone: &HashMap<String, Tensor>,
+    cfg: &RunConfig,
+    finetunes: &[FinetuneColumn],
+    device: &Device,
+) -> anyhow::Result<Vec<f64>> {
     let skips = Skips::default();
-    let (train, test) = features_of(vit, cfg, [cfg.eval.train_limit, cfg.eval.test_limit], &skips)?;
-    let device = eval_device(cfg)?;
-    let linprobe = eval::linprobe::evaluate(&cfg.eval.linprobe, &train, &test, &device)?.test_top1;
-    let knn = eval::knn::evaluate(&cfg.eval.knn, &train, &test, &device)?;
-    Ok((linprobe, knn))
+    let vit = stages::model::Vit::new(
+        &cfg.model.backbone,
+        candle_nn::VarBuilder::from_tensors(backbone.clone(), candle_core::DType::F32, device),
+    )?;
+    let (train, test) = features_of(&vit, cfg, [cfg.eval.train_limit, cfg.eval.test_limit], &skips)?;
+    let mut out = vec![
+        eval::linprobe::evaluate(&cfg.eval.linprobe, &train, &test, device)?.test_top1,
+        eval::knn::evaluate(&cfg.eval.knn, &train, &test, device)?,
+    ];
+    for f in finetunes {
+        let mut cfg = cfg.clone();
+        if let Some(e) = f.epochs {
+            cfg.eval.finetune.epochs = e;
+        }
+        out.push(crate::finetune::finetune(&cfg, &cfg.model, backbone, f.fraction, device, None, &skips)?.top1);
+    }
+    Ok(out)
+}
+
+/// Sample mean and standard deviation.
+fn stats(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// `mean ± std` (the std only with two or more values), values times `scale`.
+fn mean_std(v: &[f64], scale: f64, digits: usize) -> String {
+    let (m, s) = stats(v);
+    if v.len() > 1 {
+        format!("{:.digits$} ± {:.digits$}", m * scale, s * scale)
+    } else {
+        format!("{:.digits$}", m * scale)
+    }
+}
+
+/// Whether two columns' means differ by more than their seeds spread: more
+/// than twice the standard error of the difference (Welch).
+fn exceeds_spread(a: &[f64], b: &[f64]) -> Option<bool> {
+    if a.len() < 2 || b.len() < 2 {
+        return None;
+    }
+    let ((ma, sa), (mb, sb)) = (stats(a), stats(b));
+    let se = (sa * sa / a.len() as f64 + sb * sb / b.len() as f64).sqrt();
+    Some((ma - mb).abs() > 2.0 * se)
 }
 
 fn write_table(
     args: &AblationArgs,
     command: &str,
     cfg: &RunConfig,
+    names: &[String],
     rows: &[Row],
     started: Instant,
 ) -> anyhow::Result<()> {
     let mut md = String::new();
-    writeln!(
+    let seeds = rows.iter().map(|r| r.values[0].len()).max().unwrap_or(0);
+    write!(
         md,
-        "| row | switches | images seen | loss first -> last | pre-train s | linear probe top-1 | kNN top-1 |"
+        "| row | switches | images seen | loss first -> last | pre-train s |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
-    for r in rows {
-        writeln!(
-            md,
-            "| {} | {} | {} | {} | {:.0} | {:.2}% | {:.2}% |",
-            r.name,
-            r.switches,
-            r.images,
-            r.loss,
-            r.pretrain_s,
-            100.0 * r.linprobe,
-            100.0 * r.knn
-        )?;
+    for n in names {
+        write!(md, " {n} top-1 |")?;
     }
     writeln!(md)?;
+    writeln!(md, "|---|---|---|---|---|{}", "---|".repeat(names.len()))?;
+    for r in rows {
+        write!(
+            md,
+            "| {} | {} | {} | {} | {:.0} |",
+            r.name, r.switches, r.images, r.loss, r.pretrain_s
+        )?;
+        for column in &r.values {
+            write!(md, " {}% |", mean_std(column, 100.0, 2))?;
+        }
+        writeln!(md)?;
+    }
+    writeln!(md)?;
+    if seeds > 1 {
+        writeln!(
+            md,
+            "Mean ± standard deviation over seeds 0..{seeds} (the run's seed and every evaluation seed). \
+             A difference exceeds the seed spread when the means differ by more than twice the \
+             standard error of their difference:"
+        )?;
+        writeln!(md)?;
+        let against = |md: &mut String, base: &Row| -> std::fmt::Result {
+            // Pretrained rows only (random init is the first base).
+            for r in rows.iter().skip(1).filter(|r| r.name != base.name) {
+                let mut parts = Vec::new();
+                for (i, n) in names.iter().enumerate() {
+                    let d = 100.0 * (stats(&r.values[i]).0 - stats(&base.values[i]).0);
+                    let verdict = match exceeds_spread(&r.values[i], &base.values[i]) {
+                        Some(true) => "exceeds the spread",
+                        Some(false) => "within the spread",
+                        None => "too few seeds",
+                    };
+                    parts.push(format!("{n} {d:+.2} ({verdict})"));
+                }
+                writeln!(md, "- {} vs {}: {}", r.name, base.name, parts.join(", "))?;
+            }
+            Ok(())
+        };
+        against(&mut md, &rows[0])?;
+        if rows.len() > 2 {
+            against(&mut md, &rows[1])?;
+        }
+        writeln!(md)?;
+    }
     writeln!(md, "Command: `{command}`")?;
     writeln!(
         md,
-        "Probe data: train {:?} ({}), test {:?} ({}); features: {:?}; kNN k = {}, T = {}.",
+        "Probe data: train {:?} ({}, label fraction {}), test {:?} ({}); features: {:?}; kNN k = {}, T = {}.",
         cfg.data.train,
         cfg.eval
             .train_limit
             .map_or("all samples".into(), |n| format!("first {n} samples")),
+        cfg.eval.label_fraction,
         cfg.data.test,
         cfg.eval
             .test_limit
@@ -203,6 +406,12 @@ fn write_table(
         cfg.eval.features,
         cfg.eval.knn.k,
         cfg.eval.knn.temperature
+    )?;
+    let ft = &cfg.eval.finetune;
+    writeln!(
+        md,
+        "Fine-tune: {} epochs unless the column says, batch {}, blr {}, layer decay {}, drop path {}, label smoothing {}, mixup {}, cutmix {}, crop scale {:?}.",
+        ft.epochs, ft.batch_size, ft.blr, ft.layer_decay, ft.drop_path, ft.label_smoothing, ft.mixup, ft.cutmix, ft.scale
     )?;
     writeln!(
         md,

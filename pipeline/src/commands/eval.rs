@@ -1,4 +1,7 @@
-//! `pipeline eval linprobe|knn CONFIG --checkpoint CKPT`: how good are the frozen backbone's features.
+//! `pipeline eval linprobe|knn|finetune CONFIG --checkpoint CKPT`: how good
+//! are the frozen backbone's features (linear probe, kNN), and what does the
+//! backbone give when fine-tuned end to end with a classifier head
+//! ([`crate::finetune`], MAE's recipe under `eval.finetune`).
 //!
 //! The backbone's shape comes from the run that wrote the checkpoint
 //! (`RUN/config.yaml`, one level above `RUN/ckpt`), falling back to CONFIG's
@@ -7,7 +10,9 @@
 //! (`stages.augment`) and the evaluation settings (`eval:`) come from CONFIG.
 //! Features: decode -> center crop / resize -> normalize (no masking) ->
 //! frozen backbone -> cls token or mean of patch tokens
-//! ([`crate::evaluate`]). The result is one JSON line on stdout.
+//! ([`crate::evaluate`]). All three train on the `eval.label_fraction`
+//! subset of `data.train`. The result is one JSON line on stdout; a fine-tune
+//! also writes its metrics.jsonl and finetune.png into `--out`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,13 +22,18 @@ use shards::Skips;
 use stages::eval;
 
 use crate::config;
-use crate::evaluate::{checkpoint_model, eval_device, features_of, load_backbone, random_backbone};
+use crate::evaluate::{
+    checkpoint_backbone_tensors, checkpoint_model, eval_device, features_of, load_backbone, random_backbone,
+    random_backbone_tensors,
+};
+use anyhow::Context;
 
 /// Which evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Method {
     Linprobe,
     Knn,
+    Finetune,
 }
 
 /// Arguments of `pipeline eval linprobe|knn`.
@@ -40,6 +50,10 @@ pub struct EvalArgs {
     /// Override config values: `--set eval.features=mean`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Where a fine-tune writes metrics.jsonl and finetune.png (default:
+    /// RUN/finetune next to RUN/ckpt, or runs/finetune-random-init).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Run `pipeline eval METHOD`.
@@ -47,6 +61,9 @@ pub fn run(method: Method, args: &EvalArgs) -> anyhow::Result<()> {
     let cfg = config::load(&args.config, &args.set)?;
     let started = Instant::now();
     let device = eval_device(&cfg)?;
+    if method == Method::Finetune {
+        return finetune(&cfg, args, &device);
+    }
     let (backbone, source) = match &args.checkpoint {
         Some(ckpt) => (
             load_backbone(ckpt, &checkpoint_model(ckpt, &cfg)?, &device)?,
@@ -61,7 +78,7 @@ pub fn run(method: Method, args: &EvalArgs) -> anyhow::Result<()> {
     let limits = [cfg.eval.train_limit, cfg.eval.test_limit];
     let (train, test) = features_of(&backbone, &cfg, limits, &skips)?;
     let mut line = json!({
-        "eval": match method { Method::Linprobe => "linprobe", Method::Knn => "knn" },
+        "eval": match method { Method::Linprobe => "linprobe", Method::Knn => "knn", Method::Finetune => "finetune" },
         "backbone": source,
         "features": cfg.eval.features,
         "train_samples": train.len(),
@@ -79,8 +96,50 @@ pub fn run(method: Method, args: &EvalArgs) -> anyhow::Result<()> {
             line["top1"] = json!(top1);
             line["k"] = json!(cfg.eval.knn.k);
         }
+        Method::Finetune => unreachable!("fine-tuning returned above"),
     }
     line["seconds"] = json!(started.elapsed().as_secs_f64());
+    println!("{line}");
+    Ok(())
+}
+
+/// `pipeline eval finetune`.
+fn finetune(cfg: &config::RunConfig, args: &EvalArgs, device: &candle_core::Device) -> anyhow::Result<()> {
+    let (model, backbone, source, out) = match &args.checkpoint {
+        Some(ckpt) => {
+            let model = checkpoint_model(ckpt, cfg)?;
+            let run = ckpt.parent().unwrap_or(std::path::Path::new("."));
+            (
+                model,
+                checkpoint_backbone_tensors(ckpt)?,
+                ckpt.display().to_string(),
+                run.join("finetune"),
+            )
+        }
+        None => (
+            cfg.model.clone(),
+            random_backbone_tensors(&cfg.model, cfg.seed)?,
+            format!("random init (seed {})", cfg.seed),
+            PathBuf::from("runs/finetune-random-init"),
+        ),
+    };
+    let out = args.out.clone().unwrap_or(out);
+    let skips = Skips::default();
+    let report = crate::finetune::finetune(
+        cfg,
+        &model,
+        &backbone,
+        cfg.eval.label_fraction,
+        device,
+        Some(&out),
+        &skips,
+    )
+    .with_context(|| format!("fine-tuning {source}"))?;
+    let mut line = serde_json::to_value(&report)?;
+    line["eval"] = json!("finetune");
+    line["backbone"] = json!(source);
+    line["out"] = json!(out.display().to_string());
+    line["skipped"] = json!(skips.total());
     println!("{line}");
     Ok(())
 }

@@ -15,6 +15,7 @@
 //! [`linprobe`] and [`knn`] are pure functions of feature matrices
 //! ([`Features`]) so they are tested on features with a known answer.
 
+pub mod finetune;
 pub mod knn;
 pub mod linprobe;
 
@@ -53,12 +54,25 @@ pub struct EvalConfig {
     pub linprobe: linprobe::Config,
     /// The kNN classifier.
     pub knn: knn::Config,
+    /// End-to-end fine-tuning (`pipeline eval finetune`).
+    pub finetune: finetune::Config,
+    /// The share of `data.train`'s labels that fine-tuning, the linear probe
+    /// and kNN train on: a class-balanced subset drawn by `eval.label_seed`
+    /// ([`finetune::label_subset`]). Top-1 is always on all of `data.test`
+    /// (up to `test_limit`).
+    pub label_fraction: f64,
+    /// Seeds the label subset.
+    pub label_seed: u64,
     /// `pipeline run` ends with a linear probe of the pretrained backbone
     /// beside the same probe on its random initialization.
     pub after_run: bool,
     /// Training / test samples of that probe (kept small: it should cost
     /// well under a minute on the embedded default).
     pub after_run_samples: [usize; 2],
+    /// `pipeline run` also fine-tunes on this share of `data.train`'s labels,
+    /// the pretrained backbone beside its random initialization, with
+    /// `eval.finetune`'s recipe; 0 turns it off.
+    pub after_run_finetune_fraction: f64,
 }
 
 impl Default for EvalConfig {
@@ -76,7 +90,11 @@ impl Default for EvalConfig {
             linprobe: linprobe::Config::default(),
             knn: knn::Config::default(),
             after_run: true,
-            after_run_samples: [3000, 1000],
+            after_run_samples: [10_000, 10_000],
+            finetune: finetune::Config::default(),
+            label_fraction: 1.0,
+            label_seed: 0,
+            after_run_finetune_fraction: 0.01,
         }
     }
 }
@@ -93,8 +111,21 @@ impl EvalConfig {
         if self.after_run_samples.contains(&0) {
             return Err("eval.after_run_samples must both be positive".into());
         }
+        if !(self.label_fraction > 0.0 && self.label_fraction <= 1.0) {
+            return Err(format!(
+                "eval.label_fraction {} must lie in (0, 1]",
+                self.label_fraction
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.after_run_finetune_fraction) {
+            return Err(format!(
+                "eval.after_run_finetune_fraction {} must lie in [0, 1] (0: no fine-tune after the run)",
+                self.after_run_finetune_fraction
+            ));
+        }
         self.linprobe.validate()?;
-        self.knn.validate()
+        self.knn.validate()?;
+        self.finetune.validate()
     }
 }
 

@@ -322,6 +322,20 @@ impl Module for Block {
     }
 }
 
+impl Block {
+    /// The block under stochastic depth (timm's `DropPath` on both residual
+    /// branches): `x1 = x + s1 * attn(norm1(x))`, `x1 + s2 * mlp(norm2(x1))`,
+    /// with `s1`, `s2` (B, 1, 1) per-sample scales, 0 or 1 / keep. The fused
+    /// block has no per-sample branch scale, so this composes the layers'
+    /// fused ops (fine-tuning only; pre-training drops no path).
+    pub fn forward_drop_path(&self, x: &Tensor, scales: &[Tensor; 2]) -> Result<Tensor> {
+        let attn = self.attn.forward(&self.norm1.forward(x)?)?;
+        let x1 = (x + attn.broadcast_mul(&scales[0])?)?;
+        let mlp = self.mlp.forward(&self.norm2.forward(&x1)?)?;
+        x1 + mlp.broadcast_mul(&scales[1])?
+    }
+}
+
 /// The backbone f_net.
 #[derive(Debug, Clone)]
 pub struct Vit {
@@ -371,14 +385,42 @@ impl Vit {
     /// Embedded patch tokens (B, N, D), before position embedding -> (B, 1 + N, D)
     /// after the blocks and the final norm; row 0 is the cls token.
     pub fn forward_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.blocks_of(tokens, None)?.apply(&self.norm)
+    }
+
+    /// Images (B, C, H, W) -> (B, 1 + N, D) after the blocks, before the final
+    /// norm (what fine-tuning pools: MAE's global pool replaces `norm` by
+    /// `fc_norm`). `drop_path[i]`: block i's branch scales
+    /// ([`Block::forward_drop_path`]); `None` at evaluation.
+    pub fn forward_unnormed(&self, images: &Tensor, drop_path: Option<&[[Tensor; 2]]>) -> Result<Tensor> {
+        self.blocks_of(&self.patch_embed.forward(images)?, drop_path)
+    }
+
+    fn blocks_of(&self, tokens: &Tensor, drop_path: Option<&[[Tensor; 2]]>) -> Result<Tensor> {
         let (b, n, d) = tokens.dims3()?;
         let x = tokens.broadcast_add(&self.pos_embed.narrow(1, 1, n)?)?;
         let cls = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)?)?.broadcast_as((b, 1, d))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?;
-        for block in &self.blocks {
-            x = x.apply(block)?;
+        match drop_path {
+            Some(scales) if scales.len() != self.blocks.len() => {
+                candle_core::bail!(
+                    "drop path: {} scale pairs for {} blocks",
+                    scales.len(),
+                    self.blocks.len()
+                )
+            }
+            Some(scales) => {
+                for (block, s) in self.blocks.iter().zip(scales) {
+                    x = block.forward_drop_path(&x, s)?;
+                }
+            }
+            None => {
+                for block in &self.blocks {
+                    x = x.apply(block)?;
+                }
+            }
         }
-        x.apply(&self.norm)
+        Ok(x)
     }
 
     /// Images (B, C, H, W) -> (B, 1 + N, D).

@@ -58,6 +58,8 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
+    /// Multiplies the step's lr (1 but under fine-tuning's layer-wise decay).
+    lr_scale: f64,
     m: Tensor,
     v: Tensor,
 }
@@ -81,6 +83,7 @@ impl AdamW {
                 let v = m.clone();
                 Ok(Slot {
                     decay: decays(&name, var.dims()),
+                    lr_scale: 1.0,
                     name,
                     var,
                     m,
@@ -106,6 +109,20 @@ impl AdamW {
         self.slots.iter().map(|s| (s.name.as_str(), &s.var))
     }
 
+    /// Regroups the parameters: `group(name, dims)` gives each its lr
+    /// multiplier and whether it decays (fine-tuning's layer-wise lr decay and
+    /// its own no-decay list; pre-training keeps 1 and [`decays`]).
+    pub fn set_groups(&mut self, group: impl Fn(&str, &[usize]) -> (f64, bool)) {
+        for s in &mut self.slots {
+            (s.lr_scale, s.decay) = group(&s.name, s.var.dims());
+        }
+    }
+
+    /// The lr multiplier of each parameter, in update order.
+    pub fn lr_scales(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.slots.iter().map(|s| (s.name.as_str(), s.lr_scale))
+    }
+
     /// Names of the parameters that get weight decay.
     pub fn decayed(&self) -> Vec<&str> {
         self.slots.iter().filter(|s| s.decay).map(|s| s.name.as_str()).collect()
@@ -115,8 +132,8 @@ impl AdamW {
     /// (a missing gradient counts as zero).
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
         self.t += 1;
-        let c = Coefficients::new(&self.params, self.t, lr);
         for s in &mut self.slots {
+            let c = Coefficients::new(&self.params, self.t, lr * s.lr_scale);
             let g = match grads.get(&s.name) {
                 Some(g) => g.clone(),
                 None => s.m.zeros_like()?,
