@@ -94,7 +94,8 @@ fn eval_viz_and_export_work_on_a_fresh_checkpoint() {
     );
     for key in ["pretrained_top1", "random_init_top1"] {
         let top1 = summary["finetune"][key].as_f64().unwrap_or(-1.0);
-        assert!((0.0..=1.0).contains(&top1), "{key} {top1}: {summary}");
+        // Above the 10% of chance (and of a head that never learned: one class for all).
+        assert!((0.13..=1.0).contains(&top1), "{key} {top1}: {summary}");
     }
     for dir in ["finetune-pretrained", "finetune-random-init"] {
         assert!(run_dir.join(dir).join("metrics.jsonl").is_file(), "{dir}");
@@ -103,8 +104,10 @@ fn eval_viz_and_export_work_on_a_fresh_checkpoint() {
     }
 
     // eval finetune: one JSON line; the same inputs give the same bits.
-    let finetune = |out: &Path| -> serde_json::Value {
+    // One run on 1 thread, one on 2: the bits do not depend on the thread count either.
+    let finetune = |out: &Path, threads: &str| -> serde_json::Value {
         let line = ok(pipeline()
+            .env("RAYON_NUM_THREADS", threads)
             .args(["eval", "finetune", "configs/pretrain.yaml", "--checkpoint"])
             .arg(&ckpt)
             .args([
@@ -127,7 +130,10 @@ fn eval_viz_and_export_work_on_a_fresh_checkpoint() {
             .unwrap());
         serde_json::from_str(line.trim()).unwrap()
     };
-    let (a, b) = (finetune(&dir.path().join("ft-a")), finetune(&dir.path().join("ft-b")));
+    let (a, b) = (
+        finetune(&dir.path().join("ft-a"), "1"),
+        finetune(&dir.path().join("ft-b"), "2"),
+    );
     assert_eq!(
         (a["eval"].as_str(), a["test_samples"].as_u64()),
         (Some("finetune"), Some(300)),
@@ -136,7 +142,8 @@ fn eval_viz_and_export_work_on_a_fresh_checkpoint() {
     // 10% of each class of the first 1000 (not exactly 100 per class there).
     let n = a["train_samples"].as_u64().unwrap();
     assert!((95..=105).contains(&n), "{a}");
-    assert!(a["top5"].as_f64().unwrap() >= a["top1"].as_f64().unwrap(), "{a}");
+    // 10 classes: a top-5 (null with 5 classes or fewer), above top-1 here.
+    assert!(a["top5"].as_f64().unwrap() > a["top1"].as_f64().unwrap(), "{a}");
     for key in ["top1", "top5", "final_loss"] {
         assert_eq!(a[key], b[key], "{key}: {a} vs {b}");
     }

@@ -137,7 +137,10 @@ pub fn features_of(
 }
 
 /// A labelled sample's id: its shard's file name and its key (keys are unique
-/// within a shard only), what label subsets are drawn by.
+/// within a shard only), what label subsets are drawn by. The file name and not
+/// the path, so that the subset stays when the shards move or a config names
+/// them by another relative path; two shards of one name in two directories
+/// would share ids.
 fn sample_id(shard: &Path, key: &str) -> String {
     let name = shard.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     format!("{name}/{key}")
@@ -145,7 +148,9 @@ fn sample_id(shard: &Path, key: &str) -> String {
 
 /// Visits the first `limit` labelled samples of `patterns` in shard order,
 /// those in `keep` (by [`sample_id`]) only when given; a sample without a
-/// class label is bad input under `data.on_error`.
+/// class label is bad input under `data.on_error`. The limit counts labelled
+/// samples before they are decoded, so that a label subset drawn from the
+/// first `limit` is the same set whatever decodes.
 pub fn for_each_labelled(
     cfg: &RunConfig,
     patterns: &[String],

@@ -38,7 +38,8 @@ struct Labelled {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub top1: f64,
-    pub top5: f64,
+    /// `None` with 5 classes or fewer (it would always be 1).
+    pub top5: Option<f64>,
     pub epochs: usize,
     pub train_samples: usize,
     pub test_samples: usize,
@@ -105,7 +106,12 @@ pub fn finetune(
     }
     let batch = ft.batch_size.min(train.len());
     let steps_per_epoch = train.len().div_ceil(batch) as u64;
-    let mut tuner = FineTuner::new(ft, &model.backbone, classes, backbone, steps_per_epoch, device)?;
+    // The lr follows the batch the steps take (fewer samples than eval.finetune.batch_size: all of them).
+    let recipe = stages::eval::finetune::Config {
+        batch_size: batch,
+        ..ft.clone()
+    };
+    let mut tuner = FineTuner::new(&recipe, &model.backbone, classes, backbone, steps_per_epoch, device)?;
     let mut aug = cfg.stages.augment.clone();
     aug.scale = ft.scale;
     let (channels, size) = (cfg.stages.channels, aug.size);
@@ -152,7 +158,7 @@ pub fn finetune(
             train_loss: loss_sum / seen.max(1) as f64,
             lr,
             test_top1: evaluated.map(|t| t.0),
-            test_top5: evaluated.map(|t| t.1),
+            test_top5: evaluated.filter(|_| classes > 5).map(|t| t.1),
             seconds: started.elapsed().as_secs_f64(),
         };
         // Only the evaluated epochs at info: the main job fine-tunes twice after its run.
@@ -175,7 +181,7 @@ pub fn finetune(
     }
     let report = Report {
         top1: last.0,
-        top5: last.1,
+        top5: (classes > 5).then_some(last.1),
         epochs: ft.epochs,
         train_samples: train.len(),
         test_samples: last.2,

@@ -67,6 +67,8 @@ struct Row {
     images: u64,
     loss: String,
     pretrain_s: f64,
+    /// Pre-training seconds of each finished seed (`pretrain_s` is their mean).
+    pretrain_seconds: Vec<f64>,
     /// Per column ([`columns`]), one value per finished seed.
     values: Vec<Vec<f64>>,
 }
@@ -116,7 +118,8 @@ fn columns(finetunes: &[FinetuneColumn]) -> Vec<String> {
         let mut name = if f.fraction >= 1.0 {
             "fine-tune".to_string()
         } else {
-            format!("fine-tune {}% labels", 100.0 * f.fraction)
+            // Rounded so that 0.07 prints 7, not 7.000000000000001.
+            format!("fine-tune {}% labels", (1e6 * f.fraction).round() / 1e4)
         };
         if let Some(e) = f.epochs {
             name.push_str(&format!(" ({e} ep)"));
@@ -175,6 +178,7 @@ pub fn run(args: &AblationArgs) -> anyhow::Result<()> {
         images: 0,
         loss: "-".into(),
         pretrain_s: 0.0,
+        pretrain_seconds: Vec::new(),
         values: vec![Vec::new(); names.len()],
     }];
     for cfg in &loaded[0] {
@@ -208,6 +212,7 @@ pub fn run(args: &AblationArgs) -> anyhow::Result<()> {
             images: 0,
             loss: String::new(),
             pretrain_s: 0.0,
+            pretrain_seconds: Vec::new(),
             values: vec![Vec::new(); names.len()],
         });
         let mut losses = Vec::new();
@@ -247,7 +252,9 @@ pub fn run(args: &AblationArgs) -> anyhow::Result<()> {
             let row = rows.last_mut().expect("pushed above");
             push(row, &v);
             row.images = summary["samples"].as_u64().unwrap_or(0);
-            row.pretrain_s += summary["seconds"].as_f64().unwrap_or(f64::NAN) / seeds.len() as f64;
+            row.pretrain_seconds
+                .push(summary["seconds"].as_f64().unwrap_or(f64::NAN));
+            row.pretrain_s = stats(&row.pretrain_seconds).0;
             losses.push(summary["last_loss"].as_f64().unwrap_or(f64::NAN));
             row.loss = format!(
                 "{:.4} -> {}",

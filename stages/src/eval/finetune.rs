@@ -6,7 +6,9 @@
 //!
 //! - [`Classifier`]: the ViT, the mean of its patch tokens before the final
 //!   norm, `fc_norm`, a Linear `head` (MAE: weight trunc_normal(std 2e-5), here
-//!   normal(2e-5): a 2-sigma cut of so narrow a normal changes nothing).
+//!   normal(2e-5): a 2-sigma cut of so narrow a normal changes nothing). One
+//!   difference: the sin-cos position embedding stays fixed, as in
+//!   pre-training (it is not a parameter of our ViT); MAE fine-tunes it.
 //! - [`lr_scale`]: layer-wise lr decay. Layer 0 is the embedding (`patch_embed`,
 //!   `cls_token`), block i is layer i + 1, the rest (`norm`, `fc_norm`,
 //!   `head`) layer depth + 1; a parameter of layer l gets
@@ -110,18 +112,18 @@ impl Config {
             return Err(format!("{k}.blr {} must be positive", self.blr));
         }
         let unit = [
-            ("min_lr", self.min_lr, f64::INFINITY),
-            ("warmup_epochs", self.warmup_epochs, f64::INFINITY),
-            ("weight_decay", self.weight_decay, f64::INFINITY),
-            ("mixup", self.mixup, f64::INFINITY),
-            ("cutmix", self.cutmix, f64::INFINITY),
+            ("min_lr", self.min_lr, f64::MAX),
+            ("warmup_epochs", self.warmup_epochs, f64::MAX),
+            ("weight_decay", self.weight_decay, f64::MAX),
+            ("mixup", self.mixup, f64::MAX),
+            ("cutmix", self.cutmix, f64::MAX),
             ("layer_decay", self.layer_decay, 1.0),
             ("mix_prob", self.mix_prob, 1.0),
             ("switch_prob", self.switch_prob, 1.0),
         ];
         for (name, v, hi) in unit {
-            if !(v >= 0.0 && v <= hi) {
-                return Err(format!("{k}.{name} {v} must lie in [0, {hi}]"));
+            if !(v.is_finite() && v >= 0.0 && v <= hi) {
+                return Err(format!("{k}.{name} {v} must be finite and in [0, {hi}]"));
             }
         }
         if self.layer_decay == 0.0 {
@@ -343,12 +345,23 @@ pub fn label_subset(items: &[(String, usize)], fraction: f64, seed: u64) -> Vec<
     keep
 }
 
-/// Hits of the true label among the `k` largest logits of each row.
+/// Hits of the true label among the `k` largest logits of each row. A tie
+/// with another class counts against the label, and a row whose label logit
+/// is not finite is a miss (NaN parameters must not read as accuracy).
 pub fn top_k_hits(logits: &[f32], classes: usize, labels: &[usize], k: usize) -> usize {
     logits
         .chunks_exact(classes)
         .zip(labels)
-        .filter(|(row, &label)| row.iter().filter(|&&v| v > row[label]).count() < k)
+        .filter(|(row, &label)| {
+            let own = row[label];
+            own.is_finite()
+                && row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, &v)| j != label && !(v < own))
+                    .count()
+                    < k
+        })
         .count()
 }
 
@@ -437,11 +450,15 @@ impl FineTuner {
         let mut optim = AdamW::new(vars, params)?;
         let (depth, decay) = (vit.depth, cfg.layer_decay);
         optim.set_groups(|name, dims| (lr_scale(name, depth, decay), decays(name, dims)));
+        let total_steps = cfg.epochs as u64 * steps_per_epoch;
         let schedule = Schedule {
+            // `cfg.batch_size` is the batch the steps take (the caller clamps it to the data).
             base_lr: cfg.blr * cfg.batch_size as f64 / 256.0,
             min_lr: cfg.min_lr,
-            warmup_steps: (cfg.warmup_epochs * steps_per_epoch as f64).round() as u64,
-            total_steps: cfg.epochs as u64 * steps_per_epoch,
+            // At most half the run, so a short fine-tune (2 epochs against 3 of
+            // warmup) still reaches its peak lr and decays.
+            warmup_steps: ((cfg.warmup_epochs * steps_per_epoch as f64).round() as u64).min(total_steps / 2),
+            total_steps,
         };
         Ok(Self {
             model,
@@ -651,6 +668,21 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "{diff}");
+        // Every branch dropped: the blocks are the identity, the patch rows are
+        // the embedded patches plus their position embedding.
+        let zeros: Vec<[Tensor; 2]> = (0..2)
+            .map(|_| [0, 1].map(|_| Tensor::zeros((3, 1, 1), DType::F32, &Device::Cpu).unwrap()))
+            .collect();
+        let dropped = vit
+            .forward_unnormed(&x, Some(&zeros))
+            .unwrap()
+            .narrow(1, 1, 49)
+            .unwrap();
+        let pos = vit.pos_embed().narrow(1, 1, 49).unwrap();
+        let embedded = vit.patch_embed.forward(&x).unwrap().broadcast_add(&pos).unwrap();
+        let gap = (dropped - embedded).unwrap().abs().unwrap().max_all().unwrap();
+        let gap = gap.to_scalar::<f32>().unwrap();
+        assert!(gap < 1e-6, "all paths dropped: {gap}");
     }
 
     #[test]
@@ -781,5 +813,9 @@ mod tests {
         assert_eq!(top_k_hits(&flat, 3, &[1, 1], 1), 1);
         assert_eq!(top_k_hits(&flat, 3, &[1, 1], 2), 1);
         assert_eq!(top_k_hits(&flat, 3, &[0, 2], 2), 2);
+        // Ties count against the label, NaN rows are misses.
+        assert_eq!(top_k_hits(&[1.0, 1.0, 0.0], 3, &[0], 1), 0);
+        assert_eq!(top_k_hits(&[f32::NAN, f32::NAN, f32::NAN], 3, &[0], 3), 0);
+        assert_eq!(top_k_hits(&[0.0, f32::NAN, 1.0], 3, &[2], 1), 0);
     }
 }
