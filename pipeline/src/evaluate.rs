@@ -99,12 +99,8 @@ pub fn random_backbone_tensors(model: &ModelConfig, seed: u64) -> anyhow::Result
     let varmap = candle_nn::VarMap::new();
     CrossMae::new(model, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
     init_weights(&varmap, &mut shards::rng::stage_rng(seed, 0, "model", "init"))?;
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
-    Ok(data
-        .iter()
+    Ok(stages::model::named_vars(&varmap)?
+        .into_iter()
         .filter_map(|(name, var)| {
             name.strip_prefix("backbone.")
                 .map(|n| (n.to_string(), var.as_tensor().clone()))

@@ -398,49 +398,34 @@ impl FineTuner {
         let varmap = VarMap::new();
         let model = Classifier::new(vit, classes, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
         let mut rng = shards::rng::stage_rng(cfg.seed, 0, "head", "finetune");
-        {
-            let data = varmap
-                .data()
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
-            let mut names: Vec<&String> = data.keys().collect();
-            names.sort();
-            for name in names {
-                let var = &data[name];
-                let value = match name.as_str() {
-                    "head.weight" => {
-                        let v: Vec<f32> = (0..var.elem_count())
-                            .map(|_| 2e-5 * Distribution::<f32>::sample(&StandardNormal, &mut rng))
-                            .collect();
-                        Tensor::from_vec(v, var.dims(), device)?
+        let vars = crate::model::named_vars(&varmap)?;
+        for (name, var) in &vars {
+            let value = match name.as_str() {
+                "head.weight" => {
+                    let v: Vec<f32> = (0..var.elem_count())
+                        .map(|_| 2e-5 * Distribution::<f32>::sample(&StandardNormal, &mut rng))
+                        .collect();
+                    Tensor::from_vec(v, var.dims(), device)?
+                }
+                "head.bias" | "fc_norm.bias" => var.zeros_like()?,
+                "fc_norm.weight" => var.ones_like()?,
+                "norm.weight" | "norm.bias" if !backbone.contains_key(name) => continue,
+                _ => {
+                    let Some(t) = backbone.get(name) else {
+                        candle_core::bail!("the backbone has no tensor {name}")
+                    };
+                    if t.dims() != var.dims() {
+                        candle_core::bail!(
+                            "backbone tensor {name} is {:?}, the model wants {:?}",
+                            t.dims(),
+                            var.dims()
+                        )
                     }
-                    "head.bias" | "fc_norm.bias" => var.zeros_like()?,
-                    "fc_norm.weight" => var.ones_like()?,
-                    "norm.weight" | "norm.bias" if !backbone.contains_key(name) => continue,
-                    _ => {
-                        let Some(t) = backbone.get(name) else {
-                            candle_core::bail!("the backbone has no tensor {name}")
-                        };
-                        if t.dims() != var.dims() {
-                            candle_core::bail!(
-                                "backbone tensor {name} is {:?}, the model wants {:?}",
-                                t.dims(),
-                                var.dims()
-                            )
-                        }
-                        t.to_dtype(DType::F32)?.to_device(device)?
-                    }
-                };
-                var.set(&value)?;
-            }
+                    t.to_dtype(DType::F32)?.to_device(device)?
+                }
+            };
+            var.set(&value)?;
         }
-        let vars = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
         let params = AdamWParams {
             beta1: 0.9,
             beta2: 0.999,

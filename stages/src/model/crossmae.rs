@@ -217,15 +217,10 @@ impl CrossMae {
 /// - Biases zero (MAE leaves the stem's conv bias at PyTorch's default; DESIGN.md
 ///   says zero for all).
 /// - LayerNorm weight 1, bias 0.
+///
+/// Draws in name order (a HashMap's order would change the draws).
 pub fn init_weights(varmap: &VarMap, rng: &mut impl Rng) -> Result<()> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
+    for (name, var) in &named_vars(varmap)? {
         let dims = var.dims().to_vec();
         let n: usize = dims.iter().product();
         let values: Vec<f32> = if name.ends_with("cls_token") || name.ends_with("mask_token") {
@@ -246,4 +241,16 @@ pub fn init_weights(varmap: &VarMap, rng: &mut impl Rng) -> Result<()> {
         var.set(&Tensor::from_vec(values, dims, var.device())?)?;
     }
     Ok(())
+}
+
+/// The parameters of a VarMap with their names, sorted by name: the one order
+/// initialization, optimizers and exports walk them in.
+pub fn named_vars(varmap: &VarMap) -> Result<Vec<(String, candle_core::Var)>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+    let mut vars: Vec<(String, candle_core::Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vars)
 }

@@ -22,7 +22,7 @@ pub mod patch;
 pub(crate) mod testvectors;
 pub mod vit;
 
-pub use crossmae::{init_weights, CrossMae, Inputs, Losses};
+pub use crossmae::{init_weights, named_vars, CrossMae, Inputs, Losses};
 pub use draw_head::{DrawConfig, DrawHead, DrawMode};
 pub use vit::{Vit, VitConfig};
 

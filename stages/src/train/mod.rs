@@ -40,7 +40,7 @@ pub mod schedule;
 
 use crate::model::autocast::{self, Precision};
 use crate::model::{init_weights, CrossMae, DrawMode, Inputs, ModelConfig, TargetSource};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ema::Ema;
 pub use feed::{U8Pixels, Uploaded, Uploader};
@@ -324,14 +324,7 @@ impl Trainer {
             eps: train_cfg.eps,
             weight_decay: train_cfg.weight_decay,
         };
-        let vars: Vec<(String, Var)> = {
-            let data = varmap
-                .data()
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("varmap lock".into()))?;
-            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-        };
-        let optim = AdamW::new(vars, params)?;
+        let optim = AdamW::new(crate::model::named_vars(&varmap)?, params)?;
         let schedule = Schedule {
             base_lr: train_cfg.peak_lr(),
             min_lr: train_cfg.min_lr,
