@@ -42,6 +42,10 @@ pub struct RunConfig {
     /// The role whose workers run each stage.
     #[serde(default)]
     pub placement: crate::placement::PlacementConfig,
+    /// Object storage (shards and the target cache at `s3://`, `gs://`,
+    /// `az://`, `http(s)://` URLs): read-ahead, prefetch, retries, client options.
+    #[serde(default)]
+    pub storage: shards::storage::StorageOptions,
 }
 
 /// The `run:` section.
@@ -109,7 +113,10 @@ fn default_shuffle_buffer() -> usize {
 pub fn load(path: &Path, sets: &[String]) -> anyhow::Result<RunConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new(""));
-    parse(&text, sets, base).with_context(|| format!("config {}", path.display()))
+    let cfg = parse(&text, sets, base).with_context(|| format!("config {}", path.display()))?;
+    // Every shard and cache access of this process reads with these from now on.
+    shards::storage::configure(&cfg.storage);
+    Ok(cfg)
 }
 
 /// Parse config text (see [`load`]); `base` is the directory relative paths
@@ -161,7 +168,7 @@ fn apply_set(root: &mut Value, set: &str) -> anyhow::Result<()> {
 }
 
 fn resolve(base: &Path, pattern: &str) -> String {
-    if Path::new(pattern).is_absolute() || base.as_os_str().is_empty() {
+    if Path::new(pattern).is_absolute() || base.as_os_str().is_empty() || shards::storage::is_url(pattern) {
         pattern.to_string()
     } else {
         base.join(pattern).to_string_lossy().into_owned()
@@ -203,6 +210,7 @@ impl RunConfig {
         self.model.validate().map_err(|e| anyhow::anyhow!("model: {e}"))?;
         self.train.validate().map_err(|e| anyhow::anyhow!("train: {e}"))?;
         self.eval.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.storage.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let backbone = &self.model.backbone;
         if backbone.in_chans != self.stages.channels {
             bail!(

@@ -272,8 +272,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 /// a run with a target cache checks its views against the same keys).
 fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, ShardKeys)> {
     let shard_paths = cfg.train_shards()?;
-    let missing: Vec<&PathBuf> = shard_paths.iter().filter(|p| !p.exists()).collect();
-    if missing.len() == shard_paths.len() {
+    // Stops at the first shard found (one HEAD request for shards on object storage).
+    let mut any_exists = false;
+    for path in &shard_paths {
+        match shards::storage::exists(path) {
+            Ok(false) => {}
+            Ok(true) => {
+                any_exists = true;
+                break;
+            }
+            Err(e) => bail!("data.train: {}: {e}", path.display()),
+        }
+    }
+    if !any_exists {
+        let missing = &shard_paths;
         let shown: Vec<String> = missing.iter().take(3).map(|p| p.display().to_string()).collect();
         bail!(
             "data.train: none of the {} shards exists ({}{}; patterns {:?})",

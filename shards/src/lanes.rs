@@ -6,13 +6,15 @@
 //! order through a seeded shuffle buffer. Which worker owns a lane changes
 //! nothing: the sequence of a lane depends only on (seed, epoch, lane, shards).
 
+use std::collections::VecDeque;
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use rand::Rng;
 
 use crate::rng::{stage_rng, ChaCha8Rng};
-use crate::{OnError, Result, Sample, ShardReader, Skips};
+use crate::{storage, OnError, Result, Sample, ShardReader, Skips};
 
 /// The shards of each lane for one epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +62,10 @@ pub struct LaneReader {
     lane: usize,
     shards: std::vec::IntoIter<PathBuf>,
     current: Option<(Arc<PathBuf>, ShardReader)>,
+    /// The next shards, already opened: a remote one streams into its
+    /// read-ahead while the current one is read (`storage.prefetch_shards`).
+    upcoming: VecDeque<(PathBuf, std::io::Result<Box<dyn Read + Send>>)>,
+    prefetch: usize,
     buffer: Vec<(Arc<PathBuf>, Sample)>,
     buffer_size: usize,
     rng: ChaCha8Rng,
@@ -85,6 +91,8 @@ impl LaneReader {
             lane,
             shards: shards.into_iter(),
             current: None,
+            upcoming: VecDeque::new(),
+            prefetch: storage::options().prefetch_shards,
             buffer: Vec::with_capacity(buffer_size.min(1 << 16)),
             buffer_size: buffer_size.max(1),
             rng: stage_rng(seed, epoch, &format!("lane-{lane}"), "shuffle"),
@@ -104,8 +112,20 @@ impl LaneReader {
                     None => self.current = None,
                 }
             }
-            let shard = self.shards.next()?;
-            match ShardReader::open(&shard, self.policy, &self.skips) {
+            let (shard, opened) = match self.upcoming.pop_front() {
+                Some(next) => next,
+                None => {
+                    let shard = self.shards.next()?;
+                    let opened = storage::open_read(&shard);
+                    (shard, opened)
+                }
+            };
+            while self.upcoming.len() < self.prefetch {
+                let Some(next) = self.shards.next() else { break };
+                let opened = storage::open_read(&next);
+                self.upcoming.push_back((next, opened));
+            }
+            match ShardReader::from_stream(&shard, opened, self.policy, &self.skips) {
                 Ok(reader) => self.current = Some((Arc::new(shard), reader)),
                 Err(e) => return Some(Err(e)),
             }

@@ -28,6 +28,7 @@ pub mod reader;
 pub mod rng;
 pub mod sample;
 pub mod skips;
+pub mod storage;
 pub mod store;
 pub mod writer;
 

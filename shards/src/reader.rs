@@ -10,14 +10,13 @@
 //! the crate's grouper reports these as bare errors or not at all.
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use webdataset::shard::{compress::decompress, TarEntries};
 
 use crate::skips::handle_bad;
-use crate::{Error, OnError, Result, Sample, Skips};
+use crate::{storage, Error, OnError, Result, Sample, Skips};
 
 /// Split a member name into (key, extension) the way Python's `webdataset`
 /// does: the key is the path up to the first dot of the base name; the
@@ -55,6 +54,17 @@ impl ShardReader {
     /// Open `shard`. A missing or unreadable file is a skipped shard under
     /// `Skip` (the reader is then empty) and an error under `Fail`.
     pub fn open(shard: &Path, policy: OnError, skips: &Skips) -> Result<ShardReader> {
+        ShardReader::from_stream(shard, storage::open_read(shard), policy, skips)
+    }
+
+    /// A reader over `opened`, the shard's byte stream as [`storage::open_read`]
+    /// gave it (opened ahead of time by a lane that prefetches).
+    pub fn from_stream(
+        shard: &Path,
+        opened: std::io::Result<Box<dyn Read + Send>>,
+        policy: OnError,
+        skips: &Skips,
+    ) -> Result<ShardReader> {
         let mut reader = ShardReader {
             shard: shard.to_path_buf(),
             entries: None,
@@ -63,10 +73,9 @@ impl ShardReader {
             pending: None,
             seen: HashSet::new(),
         };
-        let opened = File::open(shard).map_err(|e| e.to_string()).and_then(|file| {
-            let stream: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 16, file));
-            decompress(stream).map_err(|e| e.to_string())
-        });
+        let opened = opened
+            .map_err(|e| e.to_string())
+            .and_then(|stream| decompress(stream).map_err(|e| e.to_string()));
         match opened {
             Ok((_, stream)) => reader.entries = Some(TarEntries::new(stream)),
             Err(why) => {

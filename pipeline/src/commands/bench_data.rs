@@ -71,6 +71,12 @@ pub fn run(args: &BenchDataArgs) -> anyhow::Result<()> {
     if args.cluster.processes > 1 {
         return graph_figure(&cfg, patterns, &args.cluster, args.graph_epochs);
     }
+    if args.only.iter().all(|o| o == "graph") && !args.only.is_empty() {
+        // The graph reads its shards itself: no copy in memory first (for
+        // shards on object storage that would be a second download).
+        let local = crate::cluster::ClusterArgs::local(args.threads);
+        return graph_figure(&cfg, patterns, &local, args.graph_epochs);
+    }
     let paths = shards::expand(&patterns).context("expanding --shards")?;
     let skips = shards::Skips::default();
     let mut raws = Vec::new();

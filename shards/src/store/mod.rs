@@ -21,6 +21,12 @@
 //! two copies are equal (the reader takes the first shard by name). The index
 //! on disk is the set of index files: loading it is listing them.
 //!
+//! The root may be an object-store URL (`s3://bucket/cache`): every file
+//! access goes through [`crate::storage`], a shard is staged locally and put
+//! whole, and a PUT is atomic as the rename is, so the same order (shard,
+//! then its index) keeps the same guarantees. Quarantine there is a copy and
+//! a delete.
+//!
 //! The sample count K is not part of the name: view v of a sample is drawn
 //! from (view seed, key, v) whatever K is, so raising K only adds views to the
 //! same store.
@@ -37,7 +43,7 @@ use webdataset::shard::TarEntries;
 
 pub use codec::Dtype;
 
-use crate::{Error, Result, Sample, ShardWriter, WriterOptions};
+use crate::{storage, Error, Result, Sample, ShardWriter, WriterOptions};
 
 /// Bumped when the store's files change meaning; part of every spec hash.
 pub const FORMAT: u32 = 1;
@@ -174,17 +180,17 @@ pub struct Store {
     pub spec: StoreSpec,
 }
 
+/// On disk a temporary file renamed over the target; on object storage one PUT.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temp = PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id()));
-    std::fs::write(&temp, bytes).map_err(|e| Error::io(&temp, e))?;
-    std::fs::rename(&temp, path).map_err(|e| Error::io(path, e))
+    storage::write_atomic(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 impl Store {
     /// The store for `spec` under `root`, if one exists.
     pub fn find(root: &Path, spec: &StoreSpec) -> Result<Option<Store>> {
         let dir = root.join(spec.dir_name());
-        if !dir.join(SPEC_FILE).exists() {
+        let spec_file = dir.join(SPEC_FILE);
+        if !storage::exists(&spec_file).map_err(|e| Error::io(&spec_file, e))? {
             return Ok(None);
         }
         let store = Store::open_dir(&dir)?;
@@ -203,7 +209,7 @@ impl Store {
             return Ok(store);
         }
         let dir = root.join(spec.dir_name());
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        storage::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let json = serde_json::to_vec_pretty(spec).expect("a spec serializes");
         // Two runs creating it at once write the same bytes; the rename is atomic.
         write_atomic(&dir.join(SPEC_FILE), &json)?;
@@ -216,7 +222,7 @@ impl Store {
     /// A store directory by path (its `spec.json` says what it holds).
     pub fn open_dir(dir: &Path) -> Result<Store> {
         let path = dir.join(SPEC_FILE);
-        let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let text = storage::read(&path).map_err(|e| Error::io(&path, e))?;
         let spec: StoreSpec = serde_json::from_slice(&text).map_err(|e| Error::format(&path, e))?;
         Ok(Store {
             dir: dir.to_path_buf(),
@@ -228,11 +234,7 @@ impl Store {
     /// BLAKE3 compared with its index (what precompute does before trusting
     /// the store); without, only the index files are read.
     pub fn load_index(&self, verify: bool) -> Result<StoreIndex> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
-            .map_err(|e| Error::io(&self.dir, e))?
-            .filter_map(|entry| entry.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect();
-        names.sort();
+        let names = storage::list(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let mut index = StoreIndex::default();
         let indexed: std::collections::HashSet<&str> =
             names.iter().filter_map(|n| n.strip_suffix(INDEX_SUFFIX)).collect();
@@ -248,7 +250,7 @@ impl Store {
                 shard: shard.to_string(),
                 reason,
             };
-            let text = match std::fs::read(&path) {
+            let text = match storage::read(&path) {
                 Ok(t) => t,
                 // Quarantined by a concurrent run between the listing and now.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -281,7 +283,7 @@ impl Store {
     /// Read a shard's file and check it against its index: the bytes, or why not.
     fn read_verified(&self, entry: &ShardIndex) -> std::result::Result<Vec<u8>, String> {
         let path = self.dir.join(&entry.shard);
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes = storage::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let hash = blake3::hash(&bytes).to_hex().to_string();
         if bytes.len() as u64 != entry.bytes || hash != entry.blake3 {
             return Err(format!(
@@ -333,11 +335,7 @@ impl Store {
         for name in [shard.to_string(), format!("{shard}{INDEX_SUFFIX}")] {
             let from = self.dir.join(&name);
             let to = self.dir.join(format!("{name}{CORRUPT_SUFFIX}"));
-            match std::fs::rename(&from, &to) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&from, e)),
-            }
+            storage::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
         }
         Ok(())
     }
@@ -366,7 +364,19 @@ impl Store {
     /// A writer for views computed by one run (one writer per worker: `run_id`
     /// must be unique among everything writing to this store at once).
     pub fn writer(&self, run_id: &str, shard_views: usize) -> Result<StoreWriter> {
-        let pattern = self.dir.join(format!("part-{run_id}-%06d.tar.zst"));
+        // A store on object storage: each shard is written to a local staging
+        // directory, then uploaded whole (see `StoreWriter::flush`).
+        let staging = if storage::is_remote(&self.dir) {
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("crossmae-store-{run_id}-"))
+                .tempdir()
+                .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            Some(dir)
+        } else {
+            None
+        };
+        let shard_dir = staging.as_ref().map_or(self.dir.as_path(), |d| d.path());
+        let pattern = shard_dir.join(format!("part-{run_id}-%06d.tar.zst"));
         let writer = ShardWriter::new(
             &pattern.to_string_lossy(),
             WriterOptions {
@@ -381,6 +391,7 @@ impl Store {
             buffer: BTreeMap::new(),
             shard_views: shard_views.max(1),
             written: Vec::new(),
+            staging,
         })
     }
 
@@ -413,6 +424,8 @@ pub struct StoreWriter {
     buffer: BTreeMap<ViewKey, Vec<u8>>,
     shard_views: usize,
     written: Vec<ShardIndex>,
+    /// Where shards are written before upload, for a store on object storage.
+    staging: Option<tempfile::TempDir>,
 }
 
 impl StoreWriter {
@@ -446,6 +459,14 @@ impl StoreWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        if self.staging.is_some() {
+            // The shard object is put whole before its index (below), so a
+            // killed run leaves at most an orphan shard, never an index
+            // pointing at a partial object (a PUT is atomic).
+            let target = self.store.dir.join(&shard);
+            write_atomic(&target, &bytes)?;
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
         let entry = ShardIndex {
             blake3: blake3::hash(&bytes).to_hex().to_string(),
             bytes: bytes.len() as u64,
