@@ -18,14 +18,41 @@ use shards::{plan_epoch, EpochPlan, OnError, ShardReader, Skips};
 /// target cache must hold both come from them.
 pub type ShardKeys = Vec<(PathBuf, Vec<String>)>;
 
-/// [`ShardKeys`] of `shards`.
+/// [`ShardKeys`] of `shards`, in their order. Several shards are read at once
+/// (8 when any is on object storage, where the time is the network's; the
+/// cores otherwise): at the scale of a bucket of shards this pass is the
+/// start-up time of a run.
 pub fn shard_keys(shards: &[PathBuf], policy: OnError, skips: &Skips) -> anyhow::Result<ShardKeys> {
+    let readers = if shards.iter().any(shards::storage::is_remote) {
+        8
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+    .min(shards.len())
+    .max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<anyhow::Result<Vec<String>>>>> =
+        shards.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..readers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(path) = shards.get(i) else { break };
+                let keys = ShardReader::open(path, policy, skips)
+                    .and_then(|reader| reader.map(|s| s.map(|s| s.key)).collect::<Result<Vec<_>, _>>())
+                    .map_err(anyhow::Error::from);
+                *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(keys);
+            });
+        }
+    });
     shards
         .iter()
-        .map(|path| {
-            let keys = ShardReader::open(path, policy, skips)?
-                .map(|s| s.map(|s| s.key))
-                .collect::<Result<Vec<_>, _>>()?;
+        .zip(slots)
+        .map(|(path, slot)| {
+            let keys = slot
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every shard was read by one of the threads")?;
             Ok((path.clone(), keys))
         })
         .collect::<anyhow::Result<ShardKeys>>()

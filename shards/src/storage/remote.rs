@@ -173,15 +173,6 @@ impl Remote {
         })
     }
 
-    /// The object `name` under this prefix.
-    pub fn child(&self, name: &str) -> Remote {
-        Remote {
-            url: format!("{}/{name}", self.url.trim_end_matches('/')),
-            store: self.store.clone(),
-            key: self.key.clone().join(name),
-        }
-    }
-
     /// Run one request with the retry policy, on the storage runtime.
     fn retried<T, F, Fut>(&self, what: &str, opts: &StorageOptions, request: F) -> io::Result<T>
     where
