@@ -383,6 +383,76 @@ fn run_skips_bad_input_with_counts_or_fails_naming_shard_and_key() {
     );
 }
 
+/// Once a run has read its shards' keys, the next takes them from the key
+/// cache (`data.key_cache`): the same batches and the same bad samples
+/// counted, and a shard that changed is read again.
+#[test]
+fn a_second_run_takes_the_shard_keys_from_the_key_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    // d-000000: 10 good samples; d-000001: cut in half (one bad); d-000002: missing.
+    let config = damaged_dataset(dir.path());
+    let keys = dir.path().join("keys");
+    let run = |name: &str, key_cache: &str| -> (String, Vec<String>, serde_json::Value) {
+        let run_dir = dir.path().join(name);
+        let out = pipeline()
+            .arg("run")
+            .arg(&config)
+            .args(["--set", "train.epochs=1", "--set", "train.batch_size=2"])
+            .args(["--set", "data.max_skip_fraction=0.5"])
+            .args(TINY_MODEL)
+            .arg("--set")
+            .arg(format!("data.key_cache={key_cache}"))
+            .arg("--set")
+            .arg(format!("run.dir={}", run_dir.display()))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        ok(out);
+        let digests = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "step")
+            .map(|v| v["batch_digest"].as_str().unwrap().to_string())
+            .collect();
+        let summary = serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+        (stderr, digests, summary)
+    };
+    let cache = keys.display().to_string();
+    let (first, digests, summary) = run("first", &cache);
+    assert!(first.contains("keys of 3 shards: 0 from the key cache"), "{first}");
+    // The two shards that exist have entries; the missing one is read (and skipped) each time.
+    assert_eq!(std::fs::read_dir(&keys).unwrap().count(), 2);
+    let (second, digests2, summary2) = run("second", &cache);
+    assert!(second.contains("keys of 3 shards: 2 from the key cache"), "{second}");
+    assert_eq!(digests2, digests);
+    assert!(!digests.is_empty());
+    assert_eq!(summary2["skipped_samples"], summary["skipped_samples"]);
+    assert!(second.contains("(1 bad, skipped each epoch)"), "{second}");
+
+    // A new d-000000 of 6 samples: read again, and the batches follow it.
+    let source = repo().join("shards/data/fashion-mnist/train-000000.tar.zst");
+    let mut writer = shards::ShardWriter::new(
+        dir.path().join("new-%06d.tar").to_str().unwrap(),
+        shards::WriterOptions::default(),
+    )
+    .unwrap();
+    for sample in shards::ShardReader::open(&source, shards::OnError::Fail, &shards::Skips::default())
+        .unwrap()
+        .skip(50)
+        .take(6)
+    {
+        writer.write(&sample.unwrap()).unwrap();
+    }
+    let written = writer.close().unwrap();
+    std::fs::rename(&written[0], dir.path().join("d-000000.tar")).unwrap();
+    let (third, digests3, _) = run("third", &cache);
+    assert!(third.contains("keys of 3 shards: 1 from the key cache"), "{third}");
+    let (_, uncached, _) = run("uncached", "off");
+    assert_eq!(digests3, uncached, "the cached keys of a changed shard were used");
+    assert_ne!(digests3, digests);
+}
+
 /// A run whose shards are all missing names them; a finished run resumed has
 /// nothing to train and says so: neither exits 0.
 #[test]

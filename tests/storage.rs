@@ -174,6 +174,16 @@ fn embedded_shard(i: usize) -> PathBuf {
 
 /// A one-epoch run of the tiny model over `shards`; its batch digests.
 fn run_digests(shards: &[String], run_dir: &Path, server: Option<&Server>) -> Vec<String> {
+    run_with_key_cache(shards, run_dir, server, "auto").0
+}
+
+/// [`run_digests`] with `data.key_cache` set; also its standard error.
+fn run_with_key_cache(
+    shards: &[String],
+    run_dir: &Path,
+    server: Option<&Server>,
+    key_cache: &str,
+) -> (Vec<String>, String) {
     let list = shards.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
     let mut cmd = pipeline();
     cmd.env("RAYON_NUM_THREADS", "1")
@@ -189,11 +199,14 @@ fn run_digests(shards: &[String], run_dir: &Path, server: Option<&Server>) -> Ve
         ])
         .args(["--set", "run.log_every=5", "--set", "eval.after_run=false"])
         .args(TINY_MODEL)
+        .args(["--set", &format!("data.key_cache={key_cache}")])
         .args(["--set", &format!("run.dir={}", run_dir.display())]);
     if let Some(server) = server {
         server.env(&mut cmd);
     }
-    ok(cmd.output().unwrap());
+    let output = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    ok(output);
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     let digests: Vec<String> = text
         .lines()
@@ -202,7 +215,38 @@ fn run_digests(shards: &[String], run_dir: &Path, server: Option<&Server>) -> Ve
         .map(|v| v["batch_digest"].as_str().unwrap().to_string())
         .collect();
     assert!(!digests.is_empty(), "no steps in {}", run_dir.display());
-    digests
+    (digests, stderr)
+}
+
+#[test]
+fn a_second_run_from_a_bucket_takes_the_shard_keys_from_the_key_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("s3"), true);
+    let bucket = server.bucket("data");
+    for i in 0..2 {
+        std::fs::copy(embedded_shard(i), bucket.join(format!("train-{i:06}.tar.zst"))).unwrap();
+    }
+    let shards = ["s3://data/train-{000000..000001}.tar.zst".to_string()];
+    let keys = tmp.path().join("keys").display().to_string();
+    let (first, log) = run_with_key_cache(&shards, &tmp.path().join("first"), Some(&server), &keys);
+    assert!(log.contains("keys of 2 shards: 0 from the key cache"), "{log}");
+    let (second, log) = run_with_key_cache(&shards, &tmp.path().join("second"), Some(&server), &keys);
+    assert!(log.contains("keys of 2 shards: 2 from the key cache"), "{log}");
+    assert_eq!(second, first);
+    // Another object under the first name (the third embedded shard): its keys are read again.
+    std::fs::copy(embedded_shard(2), bucket.join("train-000000.tar.zst")).unwrap();
+    let (third, log) = run_with_key_cache(&shards, &tmp.path().join("third"), Some(&server), &keys);
+    assert!(log.contains("keys of 2 shards: 1 from the key cache"), "{log}");
+    let (local, _) = run_with_key_cache(
+        &[
+            embedded_shard(2).display().to_string(),
+            embedded_shard(1).display().to_string(),
+        ],
+        &tmp.path().join("local"),
+        None,
+        "off",
+    );
+    assert_eq!(third, local);
 }
 
 #[test]

@@ -95,6 +95,30 @@ pub struct DataConfig {
     /// data failing is a broken dataset or config.
     #[serde(default = "default_max_skip_fraction")]
     pub max_skip_fraction: f64,
+    /// Where the shards' sample keys are kept between runs, so that a run does
+    /// not read every shard before its first batch once an earlier run has
+    /// (`shards::key_cache`): `auto` ($XDG_CACHE_HOME/crossmae-pipeline/shard-keys,
+    /// else ~/.cache/crossmae-pipeline/shard-keys), `off`, or a directory.
+    #[serde(default = "default_key_cache")]
+    pub key_cache: String,
+}
+
+fn default_key_cache() -> String {
+    "auto".into()
+}
+
+impl DataConfig {
+    /// The key cache this config names, `None` when it is `off` (or `auto` without a home directory).
+    pub fn key_cache(&self) -> Option<shards::key_cache::KeyCache> {
+        let env_dir = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        match self.key_cache.as_str() {
+            "off" => None,
+            "auto" => env_dir("XDG_CACHE_HOME")
+                .or_else(|| env_dir("HOME").map(|home| home.join(".cache")))
+                .map(|dir| shards::key_cache::KeyCache::new(dir.join("crossmae-pipeline").join("shard-keys"))),
+            dir => Some(shards::key_cache::KeyCache::new(dir)),
+        }
+    }
 }
 
 fn default_max_skip_fraction() -> f64 {
@@ -196,6 +220,12 @@ impl RunConfig {
         }
         if self.data.shuffle_buffer == 0 {
             bail!("data.shuffle_buffer is 0: it must hold at least 1 sample (1 reads each lane in order)");
+        }
+        if self.data.key_cache.is_empty() || shards::storage::is_url(&self.data.key_cache) {
+            bail!(
+                "data.key_cache {:?}: must be auto, off or a local directory",
+                self.data.key_cache
+            );
         }
         if !(0.0..=1.0).contains(&self.data.max_skip_fraction) {
             bail!(

@@ -297,7 +297,7 @@ fn plan_run(cfg: &RunConfig) -> anyhow::Result<(RunPlan, ShardKeys)> {
     }
     // Bad input found while counting is reported when the lanes read it.
     let found = Skips::quiet();
-    let keys = shard_keys(&shard_paths, cfg.data.on_error, &found)?;
+    let keys = shard_keys(&shard_paths, cfg.data.on_error, &found, cfg.data.key_cache().as_ref())?;
     let counts: Vec<u64> = keys.iter().map(|(_, k)| k.len() as u64).collect();
     let micro_batch = cfg.train.batch_size / cfg.train.accum_iter;
     let mut plan = RunPlan::new(

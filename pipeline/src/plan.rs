@@ -8,21 +8,44 @@
 //! for that epoch (counted in the summary). Lane lengths come from counting
 //! the samples of each shard once at start.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use shards::{plan_epoch, EpochPlan, OnError, ShardReader, Skips};
+use shards::key_cache::{KeyCache, ShardKeysEntry};
+use shards::{plan_epoch, EpochPlan, OnError, ShardReader, SkipRecord, Skips};
 
 /// The sample keys of each shard, read once at the start of a run (bad samples
 /// left out, counted in `skips`): the lane lengths of the plan and the views a
 /// target cache must hold both come from them.
 pub type ShardKeys = Vec<(PathBuf, Vec<String>)>;
 
-/// [`ShardKeys`] of `shards`, in their order. Several shards are read at once
+/// [`ShardKeys`] of `shards`, in their order. With a key cache, a shard whose
+/// version the cache holds is not read (the cache is checked against every
+/// shard's current version first: one listing per prefix on object storage),
+/// and each shard read is added to it. The others are read several at a time
 /// (8 when any is on object storage, where the time is the network's; the
 /// cores otherwise): at the scale of a bucket of shards this pass is the
-/// start-up time of a run.
-pub fn shard_keys(shards: &[PathBuf], policy: OnError, skips: &Skips) -> anyhow::Result<ShardKeys> {
+/// start-up time of a run that has no key cache yet.
+pub fn shard_keys(
+    shards: &[PathBuf],
+    policy: OnError,
+    skips: &Skips,
+    cache: Option<&KeyCache>,
+) -> anyhow::Result<ShardKeys> {
+    let started = std::time::Instant::now();
+    // A shard whose version cannot be found is read, and its errors are handled there.
+    let versions: Vec<Option<String>> = match cache {
+        Some(_) => shards::storage::versions(shards)
+            .into_iter()
+            .map(|v| {
+                v.unwrap_or_else(|e| {
+                    tracing::debug!("{e} (its keys are read)");
+                    None
+                })
+            })
+            .collect(),
+        None => vec![None; shards.len()],
+    };
     let readers = if shards.iter().any(shards::storage::is_remote) {
         8
     } else {
@@ -31,32 +54,90 @@ pub fn shard_keys(shards: &[PathBuf], policy: OnError, skips: &Skips) -> anyhow:
     .min(shards.len())
     .max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<std::sync::Mutex<Option<anyhow::Result<Vec<String>>>>> =
-        shards.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let from_cache = std::sync::atomic::AtomicUsize::new(0);
+    type Slot = std::sync::Mutex<Option<anyhow::Result<(Vec<String>, Vec<SkipRecord>)>>>;
+    let slots: Vec<Slot> = shards.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..readers {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(path) = shards.get(i) else { break };
-                let keys = ShardReader::open(path, policy, skips)
-                    .and_then(|reader| reader.map(|s| s.map(|s| s.key)).collect::<Result<Vec<_>, _>>())
-                    .map_err(anyhow::Error::from);
+                let cached = match (cache, &versions[i]) {
+                    (Some(cache), Some(version)) => cache
+                        .get(path, version)
+                        // Under `fail` a bad sample must stop the run, as reading the shard would.
+                        .filter(|entry| policy == OnError::Skip || entry.skipped.is_empty()),
+                    _ => None,
+                };
+                let keys = match cached {
+                    Some(entry) => {
+                        from_cache.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Ok((entry.keys, entry.skipped))
+                    }
+                    None => read_keys(path, policy).map(|(keys, found)| {
+                        let skipped = found.records();
+                        // Keep it only if every bad sample is on record (Skips keeps the first 1,000).
+                        if let (Some(cache), Some(version)) = (cache, &versions[i]) {
+                            if skipped.len() as u64 == found.total() + found.shards() {
+                                let entry = ShardKeysEntry {
+                                    shard: path.to_string_lossy().into_owned(),
+                                    version: version.clone(),
+                                    keys: keys.clone(),
+                                    skipped: skipped.clone(),
+                                };
+                                if let Err(e) = cache.put(&entry) {
+                                    tracing::warn!(
+                                        "key cache {}: {e} (the keys are read again next run)",
+                                        cache.dir().display()
+                                    );
+                                }
+                            }
+                        }
+                        (keys, skipped)
+                    }),
+                };
                 *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(keys);
             });
         }
     });
-    shards
+    let keys = shards
         .iter()
         .zip(slots)
         .map(|(path, slot)| {
-            let keys = slot
+            let (keys, skipped) = slot
                 .into_inner()
                 .unwrap_or_else(|e| e.into_inner())
                 .expect("every shard was read by one of the threads")?;
+            for record in skipped {
+                if record.key == "*" {
+                    skips.record_shard(&record.shard, &record.reason);
+                } else {
+                    skips.record(&record.shard, &record.key, &record.reason);
+                }
+            }
             Ok((path.clone(), keys))
         })
         .collect::<anyhow::Result<ShardKeys>>()
-        .context("reading the keys of the training shards")
+        .context("reading the keys of the training shards")?;
+    if let Some(cache) = cache {
+        let hits = from_cache.into_inner();
+        tracing::info!(
+            "keys of {} shards: {hits} from the key cache ({}), {} read ({:.1} s)",
+            shards.len(),
+            cache.dir().display(),
+            shards.len() - hits,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(keys)
+}
+
+/// The good keys of one shard, and its bad samples counted on their own.
+fn read_keys(path: &Path, policy: OnError) -> anyhow::Result<(Vec<String>, Skips)> {
+    let found = Skips::quiet();
+    let keys = ShardReader::open(path, policy, &found)
+        .and_then(|reader| reader.map(|s| s.map(|s| s.key)).collect::<Result<Vec<_>, _>>())?;
+    Ok((keys, found))
 }
 
 /// The whole run's batch layout.

@@ -22,6 +22,7 @@
 pub mod error;
 pub mod import;
 pub mod inspect;
+pub mod key_cache;
 pub mod lanes;
 pub mod pattern;
 pub mod reader;

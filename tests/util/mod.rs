@@ -34,6 +34,14 @@ pub fn pipeline() -> Command {
     );
     let mut cmd = Command::new(bin);
     cmd.current_dir(repo());
+    // The default key cache (`data.key_cache: auto`) in the build directory, not the home directory.
+    cmd.env(
+        "XDG_CACHE_HOME",
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .join("test-cache"),
+    );
     cmd
 }
 

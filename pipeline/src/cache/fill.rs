@@ -502,7 +502,12 @@ pub fn fill(cfg: &RunConfig, options: &FillOptions) -> anyhow::Result<Precompute
         indexes.push(index);
     }
     let shards = cfg.train_shards()?;
-    let keys = crate::plan::shard_keys(&shards, cfg.data.on_error, &Skips::quiet())?;
+    let keys = crate::plan::shard_keys(
+        &shards,
+        cfg.data.on_error,
+        &Skips::quiet(),
+        cfg.data.key_cache().as_ref(),
+    )?;
     let wanted = cache::wanted(&keys, stores.len(), k);
     let present = cache::present(&indexes);
     report.wanted = wanted.len() as u64;

@@ -183,7 +183,12 @@ pub fn prepare_run(
     let keys = match keys {
         Some(keys) => keys,
         None => {
-            read = crate::plan::shard_keys(&cfg.train_shards()?, cfg.data.on_error, &Skips::quiet())?;
+            read = crate::plan::shard_keys(
+                &cfg.train_shards()?,
+                cfg.data.on_error,
+                &Skips::quiet(),
+                cfg.data.key_cache().as_ref(),
+            )?;
             &read
         }
     };

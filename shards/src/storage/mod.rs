@@ -18,7 +18,7 @@
 pub mod remote;
 pub mod stream;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{OnceLock, RwLock};
@@ -249,6 +249,84 @@ pub fn list(dir: &Path) -> io::Result<Vec<String>> {
     };
     names.sort();
     Ok(names)
+}
+
+/// For each of `paths`, a text that changes whenever the file or object does
+/// (`Ok(None)` when it does not exist): size, modification time and inode of
+/// a local file; size and ETag (or modification time) of an object. Objects
+/// are looked up by listing each distinct prefix once, so a bucket of
+/// 100,000 shards costs about 100 requests, not 100,000; where listing is not
+/// allowed (or over plain HTTP), by a HEAD request each. An error stays with
+/// its path: the caller reads that shard as if it had no version.
+pub fn versions(paths: &[PathBuf]) -> Vec<io::Result<Option<String>>> {
+    let mut listed: HashMap<String, Result<HashMap<String, String>, String>> = HashMap::new();
+    paths
+        .iter()
+        .map(|path| {
+            let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+            match locate(path).map_err(named)? {
+                Location::Local(local) => match std::fs::metadata(&local) {
+                    Ok(meta) => Ok(Some(local_version(&meta))),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(named(e)),
+                },
+                Location::Remote(remote) => {
+                    let head = || remote.version(&options()).map_err(named);
+                    // Plain HTTP servers cannot list (object_store lists over WebDAV).
+                    let Some((parent, name)) = remote.url.rsplit_once('/').filter(|_| !remote.url.starts_with("http"))
+                    else {
+                        return head();
+                    };
+                    let versions = listed.entry(parent.to_string()).or_insert_with(|| {
+                        let dir = match locate(Path::new(&format!("{parent}/"))).map_err(|e| e.to_string())? {
+                            Location::Remote(dir) => dir,
+                            Location::Local(_) => return Err(format!("{parent}/ is not in an object store")),
+                        };
+                        match dir.list_versions(&options()) {
+                            Ok(versions) => Ok(versions),
+                            // A bucket policy may allow GET and not LIST: ask object by object.
+                            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                                tracing::warn!("listing {parent}/: {e}; asking for each shard's version instead");
+                                Ok(HashMap::new())
+                            }
+                            Err(e) => Err(format!("listing {parent}/: {e}")),
+                        }
+                    });
+                    match versions {
+                        Ok(versions) => match versions.get(name) {
+                            Some(version) => Ok(Some(version.clone())),
+                            None => head(),
+                        },
+                        Err(e) => Err(io::Error::other(e.clone())),
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(unix)]
+fn local_version(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "size {} modified {}.{:09} changed {}.{:09} inode {}",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+        meta.ino()
+    )
+}
+
+#[cfg(not(unix))]
+fn local_version(meta: &std::fs::Metadata) -> String {
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("size {} modified {modified}", meta.len())
 }
 
 /// Make the directory `dir` (a no-op on object stores, which have prefixes).

@@ -134,6 +134,14 @@ fn build_client(
     built.map_err(|e| format!("cannot make a client for it: {e}"))
 }
 
+/// Size and ETag (else modification time) of an object.
+fn version_text(meta: &object_store::ObjectMeta) -> String {
+    match &meta.e_tag {
+        Some(tag) => format!("size {} etag {tag}", meta.size),
+        None => format!("size {} modified {}", meta.size, meta.last_modified.to_rfc3339()),
+    }
+}
+
 impl Remote {
     /// The object (or prefix) `url` names, with the process's client for its
     /// bucket (made on first use with [`super::options`]).
@@ -245,6 +253,32 @@ impl Remote {
             .filter(|meta| meta.location.parts().count() == depth + 1)
             .filter_map(|meta| meta.location.filename().map(str::to_string))
             .collect())
+    }
+
+    /// What identifies a version of each object directly under this prefix,
+    /// by file name: its size and its ETag (else its modification time), from
+    /// one listing (a thousand objects a request on S3) rather than a HEAD each.
+    pub fn list_versions(&self, opts: &StorageOptions) -> io::Result<HashMap<String, String>> {
+        let prefix = self.key.clone();
+        let listed = self.retried("LIST", opts, || {
+            let prefix = prefix.clone();
+            async move { self.store.list(Some(&prefix)).try_collect::<Vec<_>>().await }
+        })?;
+        let depth = prefix.parts().count();
+        Ok(listed
+            .into_iter()
+            .filter(|meta| meta.location.parts().count() == depth + 1)
+            .filter_map(|meta| Some((meta.location.filename()?.to_string(), version_text(&meta))))
+            .collect())
+    }
+
+    /// [`Self::list_versions`] of this one object, by a HEAD request (`None` when it is absent).
+    pub fn version(&self, opts: &StorageOptions) -> io::Result<Option<String>> {
+        match self.retried("HEAD", opts, || self.store.head(&self.key)) {
+            Ok(meta) => Ok(Some(version_text(&meta))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Copy to `to`, then delete this one; `Ok(false)` when this one is gone.
