@@ -190,7 +190,7 @@ pub fn locate(path: &Path) -> io::Result<Location> {
             .map_err(|()| bad("a file:// URL needs an absolute path and no host".into()))?;
         return Ok(Location::Local(local));
     }
-    Remote::parse(&url).map(Location::Remote).map_err(|e| bad(e))
+    Remote::parse(&url).map(Location::Remote).map_err(bad)
 }
 
 // Errors from these functions do not repeat the location: every caller names it.
