@@ -240,8 +240,8 @@ impl Remote {
         }
     }
 
-    /// The names of the objects directly under this prefix.
-    pub fn list(&self, opts: &StorageOptions) -> io::Result<Vec<String>> {
+    /// The objects directly under this prefix (object_store lists recursively).
+    fn list_children(&self, opts: &StorageOptions) -> io::Result<Vec<object_store::ObjectMeta>> {
         let prefix = self.key.clone();
         let listed = self.retried("LIST", opts, || {
             let prefix = prefix.clone();
@@ -251,6 +251,14 @@ impl Remote {
         Ok(listed
             .into_iter()
             .filter(|meta| meta.location.parts().count() == depth + 1)
+            .collect())
+    }
+
+    /// The names of the objects directly under this prefix.
+    pub fn list(&self, opts: &StorageOptions) -> io::Result<Vec<String>> {
+        Ok(self
+            .list_children(opts)?
+            .into_iter()
             .filter_map(|meta| meta.location.filename().map(str::to_string))
             .collect())
     }
@@ -259,15 +267,9 @@ impl Remote {
     /// by file name: its size and its ETag (else its modification time), from
     /// one listing (a thousand objects a request on S3) rather than a HEAD each.
     pub fn list_versions(&self, opts: &StorageOptions) -> io::Result<HashMap<String, String>> {
-        let prefix = self.key.clone();
-        let listed = self.retried("LIST", opts, || {
-            let prefix = prefix.clone();
-            async move { self.store.list(Some(&prefix)).try_collect::<Vec<_>>().await }
-        })?;
-        let depth = prefix.parts().count();
-        Ok(listed
+        Ok(self
+            .list_children(opts)?
             .into_iter()
-            .filter(|meta| meta.location.parts().count() == depth + 1)
             .filter_map(|meta| Some((meta.location.filename()?.to_string(), version_text(&meta))))
             .collect())
     }
