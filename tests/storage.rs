@@ -184,6 +184,18 @@ fn run_with_key_cache(
     server: Option<&Server>,
     key_cache: &str,
 ) -> (Vec<String>, String) {
+    let mut cmd = run_command(shards, run_dir, key_cache);
+    if let Some(server) = server {
+        server.env(&mut cmd);
+    }
+    let output = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    ok(output);
+    (step_digests(run_dir), stderr)
+}
+
+/// The command of a one-epoch run of the tiny model over `shards` into `run_dir`.
+fn run_command(shards: &[String], run_dir: &Path, key_cache: &str) -> Command {
     let list = shards.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
     let mut cmd = pipeline();
     cmd.env("RAYON_NUM_THREADS", "1")
@@ -201,12 +213,11 @@ fn run_with_key_cache(
         .args(TINY_MODEL)
         .args(["--set", &format!("data.key_cache={key_cache}")])
         .args(["--set", &format!("run.dir={}", run_dir.display())]);
-    if let Some(server) = server {
-        server.env(&mut cmd);
-    }
-    let output = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    ok(output);
+    cmd
+}
+
+/// The batch digests of the steps a run wrote to its `metrics.jsonl`.
+fn step_digests(run_dir: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     let digests: Vec<String> = text
         .lines()
@@ -215,7 +226,7 @@ fn run_with_key_cache(
         .map(|v| v["batch_digest"].as_str().unwrap().to_string())
         .collect();
     assert!(!digests.is_empty(), "no steps in {}", run_dir.display());
-    (digests, stderr)
+    digests
 }
 
 #[test]
@@ -290,6 +301,76 @@ fn runs_from_a_bucket_and_over_http_see_the_batches_of_local_files() {
         None,
     );
     assert_eq!(from_http, local, "http:// and local files disagree");
+}
+
+#[test]
+fn keys_region_and_endpoint_come_from_an_aws_profile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("s3"), true);
+    for i in 0..2 {
+        std::fs::copy(
+            embedded_shard(i),
+            server.bucket("data").join(format!("train-{i:06}.tar.zst")),
+        )
+        .unwrap();
+    }
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(home.join(".aws")).unwrap();
+    std::fs::write(
+        home.join(".aws/config"),
+        format!(
+            "[default]\nregion = eu-west-1\n\n[profile lab]\nregion = us-east-1\ns3 =\n  endpoint_url = {}\n",
+            server.endpoint()
+        ),
+    )
+    .unwrap();
+    let credentials = |secret: &str| {
+        let text = format!("[lab]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {secret}\n");
+        std::fs::write(home.join(".aws/credentials"), text).unwrap();
+    };
+    let run = |name: &str, profile: &str| {
+        let dir = tmp.path().join(name);
+        let mut cmd = run_command(&["s3://data/train-{000000..000001}.tar.zst".to_string()], &dir, "off");
+        for var in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT",
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_DEFAULT_PROFILE",
+        ] {
+            cmd.env_remove(var);
+        }
+        let output = cmd
+            .env("HOME", &home)
+            .env("AWS_PROFILE", profile)
+            .env("AWS_ALLOW_HTTP", "true")
+            .output()
+            .unwrap();
+        (output, dir)
+    };
+    credentials(SECRET_KEY);
+    let (output, dir) = run("profile", "lab");
+    ok(output);
+    let local: Vec<String> = (0..2).map(|i| embedded_shard(i).display().to_string()).collect();
+    let local = run_digests(&local, &tmp.path().join("local"), None);
+    assert_eq!(step_digests(&dir), local);
+    // The secret is the profile's: a wrong one there is refused by the server.
+    credentials("not-the-secret");
+    let (output, _) = run("wrong-secret", "lab");
+    assert!(!output.status.success(), "a wrong secret in the profile was accepted");
+    // A profile that neither file holds is an error naming it.
+    let (output, _) = run("no-profile", "nope");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("AWS_PROFILE=nope"),
+        "{stderr}"
+    );
 }
 
 #[test]

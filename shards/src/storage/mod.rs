@@ -12,9 +12,11 @@
 //!
 //! Object stores are reached through the `object_store` crate (its S3, GCS,
 //! Azure and HTTP clients); credentials and endpoints come from the
-//! environment as its builders read them (`AWS_*`, `GOOGLE_*`, `AZURE_*`)
-//! and from [`StorageOptions::options`]. Reads stream (see [`stream`]).
+//! environment as its builders read them (`AWS_*`, `GOOGLE_*`, `AZURE_*`),
+//! for `s3://` also from the AWS profile files ([`aws_profile`]), and from
+//! [`StorageOptions::options`]. Reads stream (see [`stream`]).
 
+pub mod aws_profile;
 pub mod remote;
 pub mod stream;
 

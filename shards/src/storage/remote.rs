@@ -89,6 +89,15 @@ fn build_client(
                 .with_url(url.as_str())
                 .with_retry(retry)
                 .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), timeout);
+            let env = |var: &str| std::env::var(var).ok();
+            let read = |path: &std::path::Path| match std::fs::read_to_string(path) {
+                Ok(text) => Ok(Some(text)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("{}: {e}", path.display())),
+            };
+            for (k, v) in super::aws_profile::settings(&env, &read)? {
+                b = b.with_config(k, v);
+            }
             for (k, v) in &opts.options {
                 b = b.with_config(option("S3", k)?, v);
             }
