@@ -182,8 +182,42 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_text(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes, `: `-joined as anyhow's `{:#}` does, but a cause
+/// whose text the message before it already ends with is said once (our
+/// `shards::Error::Io` names its path and its source, and is the source's
+/// parent as well).
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_its_parent_is_said_once() {
+        let io = std::io::Error::other("HEAD failed after 6 retries: 501");
+        let err = anyhow::Error::new(shards::Error::io("gs://b/spec.json", io)).context("stages.targets.cache gs://b");
+        assert_eq!(
+            super::error_text(&err),
+            "stages.targets.cache gs://b: gs://b/spec.json: HEAD failed after 6 retries: 501"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_text(&plain), "outer: inner");
     }
 }

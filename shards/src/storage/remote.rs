@@ -342,11 +342,16 @@ pub(crate) fn is_transient(e: &object_store::Error) -> bool {
         | E::UnknownConfigurationKey { .. }
         | E::AlreadyExists { .. } => false,
         E::Generic { source, .. } => {
-            // 4xx answers other than 408 (timeout) and 429 (slow down) will not change.
+            // 4xx answers other than 408 (timeout) and 429 (slow down) will not change,
+            // nor will a server's 501 (it does not implement the request at all).
             let text = source.to_string();
-            !["400 ", "401 ", "403 ", "404 ", "405 ", "411 ", "413 ", "416 "]
+            !["400 ", "401 ", "403 ", "404 ", "405 ", "411 ", "413 ", "416 ", "501 "]
                 .iter()
-                .any(|code| text.contains(&format!("status {code}")) || text.contains(&format!("Client error {code}")))
+                .any(|code| {
+                    ["status ", "status code: ", "Client error "]
+                        .iter()
+                        .any(|before| text.contains(&format!("{before}{code}")))
+                })
         }
         _ => true,
     }
@@ -397,6 +402,17 @@ mod tests {
             source: "connection reset by peer".into(),
         };
         assert!(is_transient(&reset));
+        // As object_store words an answer it does not map to a variant (seen from a GCS emulator).
+        let refused = |code: &str| object_store::Error::Generic {
+            store: "GCS",
+            source: format!(
+                "Error performing HEAD http://127.0.0.1:9023/b/k - Server returned non-2xx status code: {code}: "
+            )
+            .into(),
+        };
+        assert!(!is_transient(&refused("501 Not Implemented")));
+        assert!(!is_transient(&refused("400 Bad Request")));
+        assert!(is_transient(&refused("503 Service Unavailable")));
     }
 
     #[test]
