@@ -374,3 +374,45 @@ fn bench_data_measures_the_graph_across_processes() {
     assert!((2.0 * 2352.0 + 49.0 * 36.0 * 4.0..30_000.0).contains(&bytes), "{graph}");
     assert!(String::from_utf8_lossy(&outputs[1].stderr).contains("the data stages ran"));
 }
+
+/// `RUN/shards.json` records the shards a run's patterns resolved to. A resumed
+/// run whose pattern now reads other samples (a shard rewritten under its name)
+/// is refused, naming that shard; over the same shards it continues.
+#[test]
+fn resume_refuses_shards_that_changed_since_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, run) = (dir.path().join("data"), dir.path().join("run"));
+    std::fs::create_dir(&data).unwrap();
+    let embedded = util::repo().join("shards/data/fashion-mnist");
+    let copy = |from: &str, to: &str| std::fs::copy(embedded.join(from), data.join(to)).unwrap();
+    copy("train-000000.tar.zst", "s-0.tar.zst");
+    copy("train-000001.tar.zst", "s-1.tar.zst");
+    let pattern = format!("data.train=['{}/s-{{0..1}}.tar.zst']", data.display());
+    let args = ["--set", &pattern, "--set", "eval.after_run=false"];
+    let first = run_single(&run, 1, &[&args[..], &["--stop-after-epochs", "1"]].concat());
+    assert_eq!(first.len(), 25);
+    let text = std::fs::read_to_string(run.join("shards.json")).expect("RUN/shards.json");
+    let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(list["shards"].as_array().unwrap().len(), 2);
+    assert_eq!(list["shards"][1]["samples"], 1250);
+    assert!(list["shards"][1]["path"].as_str().unwrap().ends_with("s-1.tar.zst"));
+
+    copy("train-000002.tar.zst", "s-1.tar.zst");
+    let out = pipeline()
+        .args(small_run_args(&run))
+        .args(args)
+        .args(["--resume", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "resumed over a rewritten shard:\n{err}");
+    assert!(
+        err.contains("shards.json") && err.contains("shard 1 was") && err.contains("s-1.tar.zst"),
+        "unclear message:\n{err}"
+    );
+
+    copy("train-000001.tar.zst", "s-1.tar.zst");
+    let resumed = run_single(&run, 1, &[&args[..], &["--resume", run.to_str().unwrap()]].concat());
+    assert_eq!(resumed.len(), 50);
+    assert_eq!(resumed[..25], first[..]);
+}

@@ -140,6 +140,111 @@ fn read_keys(path: &Path, policy: OnError) -> anyhow::Result<(Vec<String>, Skips
     Ok((keys, found))
 }
 
+/// `RUN/shards.json`: what a run's `data.train` patterns resolved to, each shard
+/// with its sample count and a digest of its keys in order. The checkpoint's data
+/// position counts batches of this list: a resumed run over another list (a shard
+/// added under the pattern, one rewritten) would train other batches while saying
+/// it continued, so `--resume` checks it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShardList {
+    pub patterns: Vec<String>,
+    pub shards: Vec<ListedShard>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ListedShard {
+    pub path: String,
+    pub samples: usize,
+    /// BLAKE3 of the shard's good keys, each followed by a newline.
+    pub keys_blake3: String,
+}
+
+impl ShardList {
+    pub const FILE: &'static str = "shards.json";
+
+    pub fn new(patterns: &[String], keys: &ShardKeys) -> Self {
+        let shards = keys
+            .iter()
+            .map(|(path, keys)| {
+                let mut hash = blake3::Hasher::new();
+                for key in keys {
+                    hash.update(key.as_bytes());
+                    hash.update(b"\n");
+                }
+                ListedShard {
+                    path: path.display().to_string(),
+                    samples: keys.len(),
+                    keys_blake3: hash.finalize().to_hex().to_string(),
+                }
+            })
+            .collect();
+        Self {
+            patterns: patterns.to_vec(),
+            shards,
+        }
+    }
+
+    /// Writes the list into `run_dir`. When resuming, the list already there must
+    /// hold the same shards, in the same order, with the same keys: the paths may
+    /// differ (shards moved, or read from a bucket instead of a disk), which is
+    /// logged. A run from before this file existed has none to check.
+    pub fn record(&self, run_dir: &Path, resuming: bool) -> anyhow::Result<()> {
+        let path = run_dir.join(Self::FILE);
+        if resuming && path.exists() {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let before: ShardList =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            self.check_continues(&before)
+                .with_context(|| format!("--resume: the shards differ from those of {}", path.display()))?;
+            if before == *self {
+                return Ok(());
+            }
+            tracing::info!(
+                "the shards' paths changed since {} (the same keys): {:?} -> {:?}",
+                path.display(),
+                before.patterns,
+                self.patterns
+            );
+        }
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Whether this list reads the same samples as `before`: the first difference named.
+    fn check_continues(&self, before: &ShardList) -> anyhow::Result<()> {
+        for (i, (was, now)) in before.shards.iter().zip(&self.shards).enumerate() {
+            if was.samples != now.samples || was.keys_blake3 != now.keys_blake3 {
+                bail!(
+                    "shard {i} was {} with {} samples (keys blake3 {}), now {} with {} samples (keys blake3 {})",
+                    was.path,
+                    was.samples,
+                    &was.keys_blake3[..16.min(was.keys_blake3.len())],
+                    now.path,
+                    now.samples,
+                    &now.keys_blake3[..16]
+                );
+            }
+        }
+        if before.shards.len() != self.shards.len() {
+            let (longer, what) = if self.shards.len() > before.shards.len() {
+                (&self.shards, "now also")
+            } else {
+                (&before.shards, "no longer")
+            };
+            let first = &longer[before.shards.len().min(self.shards.len())];
+            bail!(
+                "{} shards then, {} now: the patterns {:?} {what} match {} (and {} more)",
+                before.shards.len(),
+                self.shards.len(),
+                self.patterns,
+                first.path,
+                before.shards.len().abs_diff(self.shards.len()) - 1
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The whole run's batch layout.
 #[derive(Debug, Clone)]
 pub struct RunPlan {

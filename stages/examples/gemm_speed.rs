@@ -3,10 +3,11 @@
 //!
 //!     cargo run --release -p stages --example gemm_speed [SECONDS_PER_SHAPE]
 //!
-//! Prints one JSON line per shape and thread count; compare with a BLAS on the
-//! same shapes (`scripts/blas_gemm_speed.py`).
+//! Prints one JSON line per shape, thread count, backend and round: every
+//! backend this build and CPU can run (`matmul::backends`, the reference left
+//! out), interleaved, two rounds, so that drift hits them alike.
 
-use stages::model::matmul::{gemm, Init, Mat};
+use stages::model::matmul::{backends, gemm_on, Backend, Init, Mat};
 use std::time::Instant;
 
 fn main() {
@@ -46,16 +47,20 @@ fn main() {
             Mat::rows(&b, 0, n)
         };
         for parallel in [false, true] {
-            let (mut runs, t0) = (0u64, Instant::now());
-            while t0.elapsed().as_secs_f64() < secs {
-                gemm(m, n, k, am, bm, &mut c, n, Init::Zero, parallel);
-                runs += 1;
+            for round in 0..2 {
+                for backend in backends().into_iter().filter(|b| *b != Backend::Reference) {
+                    let (mut runs, t0) = (0u64, Instant::now());
+                    while t0.elapsed().as_secs_f64() < secs {
+                        gemm_on(backend, m, n, k, am, bm, &mut c, n, Init::Zero, parallel);
+                        runs += 1;
+                    }
+                    let gflops = 2.0 * (m * n * k) as f64 * runs as f64 / t0.elapsed().as_secs_f64() / 1e9;
+                    println!(
+                        "{{\"shape\":\"{name}\",\"m\":{m},\"k\":{k},\"n\":{n},\"threads\":{},\"backend\":\"{backend:?}\",\"round\":{round},\"gflops\":{gflops:.1}}}",
+                        if parallel { threads } else { 1 }
+                    );
+                }
             }
-            let gflops = 2.0 * (m * n * k) as f64 * runs as f64 / t0.elapsed().as_secs_f64() / 1e9;
-            println!(
-                "{{\"shape\":\"{name}\",\"m\":{m},\"k\":{k},\"n\":{n},\"threads\":{},\"gflops\":{gflops:.1}}}",
-                if parallel { threads } else { 1 }
-            );
         }
     }
 }

@@ -113,20 +113,57 @@ pub unsafe fn gemm_ptr(
     init: Init,
     parallel: bool,
 ) {
+    gemm_ptr_on(backend(), m, n, k, a, b, c, ldc, init, parallel)
+}
+
+/// [`gemm`] on a given backend (one of [`backends`]), to compare them in one process.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_on(
+    backend: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    ldc: usize,
+    init: Init,
+    parallel: bool,
+) {
+    assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "gemm: C too small");
+    // SAFETY: C holds the m rows of stride ldc, checked above, and is borrowed mutably.
+    unsafe { gemm_ptr_on(backend, m, n, k, a, b, c.as_mut_ptr(), ldc, init, parallel) }
+}
+
+/// # Safety
+/// As [`gemm_ptr`]; `backend` must be one of [`backends`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_ptr_on(
+    backend: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    parallel: bool,
+) {
     if let Init::Bias(bias) = init {
         assert!(bias.len() >= n, "gemm: bias of {} for {n} columns", bias.len());
     }
     if m == 0 || n == 0 {
         return;
     }
-    #[cfg(openblas)]
-    if backend() == Backend::OpenBlas && blas::gemm(m, n, k, a, b, c, ldc, init, parallel) {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        x86::gemm(m, n, k, a, b, c, ldc, init, parallel);
-        return;
+    match backend {
+        #[cfg(openblas)]
+        Backend::OpenBlas if blas::gemm(m, n, k, a, b, c, ldc, init, parallel) => return,
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 | Backend::OpenBlas if x86_available() => {
+            return x86::gemm(m, n, k, a, b, c, ldc, init, parallel);
+        }
+        _ => {}
     }
     let _ = parallel;
     for i in 0..m {
@@ -154,25 +191,43 @@ pub fn gemm_reference(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32
     }
 }
 
-/// Which GEMM runs: OpenBLAS's single-threaded sgemm on our row blocks where the
-/// build found it (`cfg(openblas)`), else our kernel. `CROSSMAE_GEMM=ours` picks
-/// ours in an OpenBLAS build (to compare the two in one binary).
+/// Which GEMM runs. `CROSSMAE_GEMM=openblas|avx2|reference` picks one (`ours` =
+/// the best of our kernels here), to compare them in one binary; the default is
+/// the first of [`backends`]. A backend this CPU or build lacks falls to the next
+/// (OpenBLAS where strides do not fit cblas, AVX2 to the reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     OpenBlas,
-    Ours,
+    Avx2,
+    Reference,
+}
+
+/// The backends this build and CPU can run, the default first.
+pub fn backends() -> Vec<Backend> {
+    let mut out = Vec::new();
+    if cfg!(openblas) {
+        out.push(Backend::OpenBlas);
+    }
+    if x86_available() {
+        out.push(Backend::Avx2);
+    }
+    out.push(Backend::Reference);
+    out
 }
 
 /// The GEMM in use (read once).
 pub fn backend() -> Backend {
     static BACKEND: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
     *BACKEND.get_or_init(|| {
-        let ours = std::env::var("CROSSMAE_GEMM").is_ok_and(|v| v == "ours");
-        if cfg!(openblas) && !ours {
-            Backend::OpenBlas
-        } else {
-            Backend::Ours
-        }
+        let all = backends();
+        let named = match std::env::var("CROSSMAE_GEMM").as_deref() {
+            Ok("openblas") => Some(Backend::OpenBlas),
+            Ok("avx2") => Some(Backend::Avx2),
+            Ok("reference") => Some(Backend::Reference),
+            Ok("ours") => all.iter().copied().find(|b| *b != Backend::OpenBlas),
+            _ => None,
+        };
+        named.filter(|b| all.contains(b)).unwrap_or(all[0])
     })
 }
 
@@ -188,6 +243,9 @@ mod blas {
 
     const ROW_MAJOR: c_int = 101;
     const SPLIT_MIN_MNK: usize = 1 << 22;
+    /// Row block edges fall on multiples of this: a multiple of every register tile
+    /// side of OpenBLAS's sgemm kernels (4, 8, 16, 24, 32, 48).
+    const EDGE_ALIGN: usize = 96;
     const NO_TRANS: c_int = 111;
     const TRANS: c_int = 112;
 
@@ -247,35 +305,32 @@ mod blas {
             return false;
         }
         ONE_THREAD.call_once(|| openblas_set_num_threads(1));
-        // Blocks of C, one per thread along C's longer side: each call packs the operand
-        // it does not split again, so fewer blocks pack less (one thread, sequential
-        // calls, GFLOP/s: qkv dW 86-87 whole, 77-80 in 4 blocks; forward 90-97 either
-        // way). The blocks may follow the thread count because OpenBLAS sums each
-        // element over k in the same order whatever the blocks of C (its k blocking
-        // depends on k alone). Its small-matrix kernel (M*N*K up to about 1e6 here) sums
-        // in another order, so no block goes below SPLIT_MIN_MNK: a product runs whole
-        // or in blocks that all take the regular kernel, with the same bits (tested on
-        // 1, 2, 3 and 5 threads; an OpenBLAS that broke this would fail those tests).
+        // Blocks of rows of C, one per thread. The blocks may follow the thread count
+        // only where OpenBLAS sums each element over k in the same order whatever the
+        // blocks: its k blocking depends on k alone, but (OpenBLAS 0.3.21, Zen 3,
+        // measured with cblas on whole against split products) a block edge inside a
+        // register tile of rows changes the bits, and so does a column edge anywhere
+        // but at a multiple of its 320-column block. So C is split along its rows
+        // only, at multiples of EDGE_ALIGN. Its small-matrix kernel (M*N*K up to about
+        // 1e6 on Cooper Lake) sums in another order too, so no block goes below
+        // SPLIT_MIN_MNK. The test runs 1, 2, 3 and 5 threads on both layouts: an
+        // OpenBLAS that broke this would fail it.
         let threads = if parallel { rayon::current_num_threads() } else { 1 };
-        let long = m.max(n);
-        let per_line = m * n * k / long;
-        let mut count = threads.clamp(1, long);
-        while count > 1 && (long / count) * per_line < SPLIT_MIN_MNK {
+        let mut count = threads.clamp(1, (m / EDGE_ALIGN).max(1));
+        while count > 1 && (m / count / EDGE_ALIGN * EDGE_ALIGN) * n * k < SPLIT_MIN_MNK {
             count -= 1;
         }
         let c_ptr = SendPtr(c);
-        // (first row, rows, first column, columns) of each block; sizes differ by at most one.
-        let edge = |i: usize| long * i / count;
-        let blocks: Vec<(usize, usize, usize, usize)> = (0..count)
-            .map(|i| {
-                let (start, len) = (edge(i), edge(i + 1) - edge(i));
-                if n > m {
-                    (0, m, start, len)
-                } else {
-                    (start, len, 0, n)
-                }
-            })
-            .collect();
+        let edge = |i: usize| {
+            if i == count {
+                m
+            } else {
+                (m * i / count) / EDGE_ALIGN * EDGE_ALIGN
+            }
+        };
+        // (first row, rows, first column, columns) of each block.
+        let blocks: Vec<(usize, usize, usize, usize)> =
+            (0..count).map(|i| (edge(i), edge(i + 1) - edge(i), 0, n)).collect();
         let task = |(i0, mb, j0, nb): (usize, usize, usize, usize)| {
             let c0 = c_ptr.get().add(i0 * ldc + j0);
             let beta = match init {
@@ -314,8 +369,8 @@ mod blas {
     }
 }
 
-/// Whether our fast kernel can run here.
-pub fn available() -> bool {
+/// Whether our AVX2 kernel can run here.
+fn x86_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
@@ -381,11 +436,12 @@ impl CustomOp2 for MatMul {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! A and B are read in place where their layout allows (row-major B with a
-    //! width that is a multiple of NR; A with any strides in full MR-row panels):
-    //! at our sizes (K of 64 to 3072, attention's 50 x 50 heads) packing cost as
-    //! much as the kernel. B is copied to a zero-padded row-major buffer when it is
-    //! transposed (W^T, K^T) or ragged; A's last partial panel is packed.
+    //! B is packed once per product into NR-wide panels ([`pack_panels`]). A
+    //! row-major is read in place in full MR-row panels (its last partial panel
+    //! packed); any other A is packed per row block and k block. Single-thread
+    //! GFLOP/s on a 2-core Zen 3 (`examples/gemm_speed`, interleaved with
+    //! OpenBLAS 0.3.21): forward 80-88 (B read in place: 52-60; OpenBLAS 74-83),
+    //! dx 82-90 (OpenBLAS 66-82), dW 54-68 (OpenBLAS 63-86).
 
     use super::{Init, Mat, SendPtr};
     use rayon::prelude::*;
@@ -397,51 +453,55 @@ mod x86 {
     /// Rows of C per task: fixed, so the split never depends on the thread count.
     const MC: usize = 72;
 
-    /// B as the kernel reads it: row-major rows of stride `ld`, at least `round_up(n, NR)` wide.
-    struct RowMajorB<'a> {
-        data: &'a [f32],
-        off: usize,
-        ld: usize,
+    /// B as the kernel reads it: panel `pj` (columns `pj * NR ..`) row `kk` starts at
+    /// `data + pj * panel + kk * row`, with NR readable values (zero past n).
+    struct PanelB {
+        data: *const f32,
+        row: usize,
+        panel: usize,
     }
 
-    /// Copies B (k, n) into a zero-padded row-major (k, round_up(n, NR)) buffer.
-    fn pad_b(n: usize, k: usize, b: &Mat, parallel: bool) -> Vec<f32> {
-        let ld = n.div_ceil(NR) * NR;
-        let mut out = vec![0f32; k * ld];
+    /// B (k, n) as panels of NR columns, each k x NR contiguous and zero-padded past
+    /// n, from a 64-byte boundary: every kernel row of B is one cache line, and a
+    /// panel of KC rows is 16 KiB on 4 pages. Read in place, B's rows straddle two
+    /// lines and each k of a panel is on another page (a 590 KiB W^T spans 144): on
+    /// a Zen 3 core that cost the kernel a quarter of its speed. Returns the buffer
+    /// and where the panels start in it.
+    fn pack_panels(n: usize, k: usize, b: &Mat, parallel: bool) -> (Vec<f32>, usize) {
+        let np = n.div_ceil(NR);
+        let mut buf = vec![0f32; np * k * NR + 16];
+        let start = buf.as_ptr().align_offset(64).min(16);
         let d = b.data;
-        if b.rs == 1 {
-            // Transposed (B^T is row-major): blocks of 64 rows of B, each gathering
-            // its stretch of every row of B^T.
-            const ROWS: usize = 64;
-            let fill = |(blk, rows): (usize, &mut [f32])| {
-                let k0 = blk * ROWS;
-                let kn = rows.len() / ld;
-                for j in 0..n {
-                    let src = &d[b.off + j * b.cs + k0..][..kn];
-                    for (r, &v) in src.iter().enumerate() {
-                        rows[r * ld + j] = v;
+        let fill = |(pj, panel): (usize, &mut [f32])| {
+            let (j0, cols) = (pj * NR, NR.min(n - pj * NR));
+            if b.cs == 1 {
+                for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+                    let src = b.off + kk * b.rs + j0;
+                    row[..cols].copy_from_slice(&d[src..src + cols]);
+                }
+            } else if b.rs == 1 {
+                // B^T row-major: each column of B is contiguous over k.
+                for jj in 0..cols {
+                    let src = &d[b.off + (j0 + jj) * b.cs..][..k];
+                    for (kk, &v) in src.iter().enumerate() {
+                        panel[kk * NR + jj] = v;
                     }
                 }
-            };
-            if parallel && k * n > 1 << 16 {
-                out.par_chunks_mut(ROWS * ld).enumerate().for_each(fill);
             } else {
-                out.chunks_mut(ROWS * ld).enumerate().for_each(fill);
-            }
-        } else {
-            let rows = out.chunks_mut(ld).enumerate();
-            let copy = |(kk, row): (usize, &mut [f32])| {
-                for (j, o) in row[..n].iter_mut().enumerate() {
-                    *o = d[b.off + kk * b.rs + j * b.cs];
+                for kk in 0..k {
+                    for jj in 0..cols {
+                        panel[kk * NR + jj] = b.at(kk, j0 + jj);
+                    }
                 }
-            };
-            if parallel && k * n > 1 << 16 {
-                rows.collect::<Vec<_>>().into_par_iter().for_each(copy);
-            } else {
-                rows.for_each(copy);
             }
+        };
+        let panels = buf[start..start + np * k * NR].chunks_mut(k * NR).enumerate();
+        if parallel && k * n > 1 << 16 {
+            panels.collect::<Vec<_>>().into_par_iter().for_each(fill);
+        } else {
+            panels.for_each(fill);
         }
-        out
+        (buf, start)
     }
 
     /// # Safety
@@ -458,26 +518,24 @@ mod x86 {
         init: Init,
         parallel: bool,
     ) {
-        let padded;
-        let bm = if b.cs == 1 && n % NR == 0 {
-            RowMajorB {
-                data: b.data,
-                off: b.off,
-                ld: b.rs,
-            }
-        } else {
-            padded = pad_b(n, k, &b, parallel);
-            RowMajorB {
-                data: &padded,
-                off: 0,
-                ld: n.div_ceil(NR) * NR,
-            }
+        let packed = pack_panels(n, k, &b, parallel);
+        let bm = PanelB {
+            data: packed.0.as_ptr().add(packed.1),
+            row: NR,
+            panel: k * NR,
         };
+        let b_ptr = SendPtr(bm.data as *mut f32);
+        let (row, panel) = (bm.row, bm.panel);
         let c_ptr = SendPtr(c);
         let task = |blk: usize| {
             let i0 = blk * MC;
             let rows = MC.min(m - i0);
             // SAFETY: rows [i0, i0 + rows) of C belong to this task alone.
+            let bm = PanelB {
+                data: b_ptr.get(),
+                row,
+                panel,
+            };
             unsafe { block(rows, n, k, &a.skip_rows(i0), &bm, c_ptr.get().add(i0 * ldc), ldc, init) };
         };
         let blocks = m.div_ceil(MC);
@@ -494,7 +552,7 @@ mod x86 {
     /// `c` must be valid for m rows of stride `ldc` and n columns, owned by the caller;
     /// A must hold m rows and k columns, B k rows of `round_up(n, NR)` readable values.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block(m: usize, n: usize, k: usize, a: &Mat, b: &RowMajorB, c: *mut f32, ldc: usize, init: Init) {
+    unsafe fn block(m: usize, n: usize, k: usize, a: &Mat, b: &PanelB, c: *mut f32, ldc: usize, init: Init) {
         if k == 0 {
             for i in 0..m {
                 for j in 0..n {
@@ -509,21 +567,31 @@ mod x86 {
             return;
         }
         let full_rows = m / MR * MR;
-        let mut edge_a = [0f32; MR * KC];
+        // A row-major is read in place (MR contiguous streams), its last partial
+        // panel packed. A transposed (dW = g^T x) would give each k of a tile its
+        // own cache line and, every few k, its own page: then every panel of the
+        // block is packed, kc x MR each, once per k block for all of B's panels.
+        let pack_all = a.cs != 1;
+        let mut packed_a = vec![0f32; if pack_all { m.div_ceil(MR) * MR * KC } else { MR * KC }];
         let mut tmp = [0f32; MR * NR];
         let np = n.div_ceil(NR);
-        let (ad, bd) = (a.data.as_ptr(), b.data.as_ptr());
+        let ad = a.data.as_ptr();
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            // The last partial panel of A, packed (kc x MR) with zero rows.
-            if full_rows < m {
-                for kk in 0..kc {
-                    for i in 0..MR {
-                        edge_a[kk * MR + i] = if full_rows + i < m {
-                            a.at(full_rows + i, pc + kk)
+            // Rows past m in the last panel only reach the scratch tile's unused rows.
+            let first = if pack_all { 0 } else { full_rows };
+            if first < m {
+                for (p, panel) in packed_a.chunks_mut(MR * kc).take((m - first).div_ceil(MR)).enumerate() {
+                    let (i0, rows) = (first + p * MR, MR.min(m - first - p * MR));
+                    for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                        if a.rs == 1 {
+                            let src = a.off + i0 + (pc + kk) * a.cs;
+                            dst[..rows].copy_from_slice(&a.data[src..src + rows]);
                         } else {
-                            0.0
-                        };
+                            for (i, o) in dst[..rows].iter_mut().enumerate() {
+                                *o = a.at(i0 + i, pc + kk);
+                            }
+                        }
                     }
                 }
             }
@@ -531,7 +599,7 @@ mod x86 {
             let mode = if pc == 0 { init } else { Init::Accumulate };
             for pj in 0..np {
                 let cols = NR.min(n - pj * NR);
-                let pb = bd.add(b.off + pc * b.ld + pj * NR);
+                let pb = b.data.add(pj * b.panel + pc * b.row);
                 let bias = match mode {
                     Init::Bias(bias) => Some(&bias[pj * NR..pj * NR + cols]),
                     _ => None,
@@ -539,10 +607,10 @@ mod x86 {
                 for i0 in (0..m).step_by(MR) {
                     let rows = MR.min(m - i0);
                     let c0 = c.add(i0 * ldc + pj * NR);
-                    let (pa, ia, ka) = if rows == MR {
-                        (ad.add(a.off + i0 * a.rs + pc * a.cs), a.rs, a.cs)
+                    let (pa, ia, ka) = if i0 >= first {
+                        (packed_a.as_ptr().add((i0 - first) * kc), 1, MR)
                     } else {
-                        (edge_a.as_ptr(), 1, MR)
+                        (ad.add(a.off + i0 * a.rs + pc * a.cs), a.rs, a.cs)
                     };
                     if rows == MR && cols == NR {
                         kernel(
@@ -551,7 +619,7 @@ mod x86 {
                             ia,
                             ka,
                             pb,
-                            b.ld,
+                            b.row,
                             c0,
                             ldc,
                             matches!(mode, Init::Accumulate),
@@ -559,7 +627,7 @@ mod x86 {
                         );
                     } else {
                         // Edge tile: into a scratch tile, then what fits into C.
-                        kernel(kc, pa, ia, ka, pb, b.ld, tmp.as_mut_ptr(), NR, false, None);
+                        kernel(kc, pa, ia, ka, pb, b.row, tmp.as_mut_ptr(), NR, false, None);
                         for i in 0..rows {
                             for jj in 0..cols {
                                 let o = c0.add(i * ldc + jj);
@@ -716,7 +784,7 @@ mod tests {
         Ok(())
     }
 
-    /// The kernel against the triple loop, every init mode, and the same bits
+    /// Every backend here against the triple loop, every init mode, and the same bits
     /// for 1 thread and for several (C split into blocks, never the reduction):
     /// several row blocks with a ragged last one (600 rows), and column blocks
     /// (100 x 700, where the bias is sliced per block).
@@ -734,6 +802,9 @@ mod tests {
             (197, 64, 197),
             (700, 100, 200),
             (100, 300, 700),
+            // Two k blocks, a ragged column panel, a packed row tail.
+            (30, 260, 50),
+            (13, 129, 17),
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -752,24 +823,26 @@ mod tests {
                 ] {
                     let mut want = start.clone();
                     gemm_reference(m, n, k, at, bm, &mut want, n, init);
-                    let mut serial = start.clone();
-                    gemm(m, n, k, at, bm, &mut serial, n, init, false);
-                    let on = |threads| {
-                        let mut par = start.clone();
-                        on_threads(threads, || gemm(m, n, k, at, bm, &mut par, n, init, true));
-                        par
-                    };
-                    let err = want
-                        .iter()
-                        .zip(&serial)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0f32, f32::max);
-                    assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n} {name}: {err}");
-                    for threads in [2, 3, 5] {
-                        assert!(
-                            serial.iter().zip(&on(threads)).all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{m}x{k}x{n} {name}: {threads} threads changed the bits"
-                        );
+                    for backend in backends() {
+                        let mut serial = start.clone();
+                        gemm_on(backend, m, n, k, at, bm, &mut serial, n, init, false);
+                        let on = |threads| {
+                            let mut par = start.clone();
+                            on_threads(threads, || gemm_on(backend, m, n, k, at, bm, &mut par, n, init, true));
+                            par
+                        };
+                        let err = want
+                            .iter()
+                            .zip(&serial)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, f32::max);
+                        assert!(err < 1e-4 * (k as f32).sqrt(), "{backend:?} {m}x{k}x{n} {name}: {err}");
+                        for threads in [2, 3, 5] {
+                            assert!(
+                                serial.iter().zip(&on(threads)).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{backend:?} {m}x{k}x{n} {name}: {threads} threads changed the bits"
+                            );
+                        }
                     }
                 }
             }
