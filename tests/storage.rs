@@ -508,6 +508,8 @@ fn a_server_that_stays_down_is_a_counted_skip_or_an_error_naming_the_offset() {
         records.contains("gave up at byte") && records.contains("after 2 retries"),
         "{records}"
     );
+    // The storage's fault, not the shard's: a key cache must not keep this read.
+    assert!(records.contains(shards::skips::UNAVAILABLE), "{records}");
 
     server.restart();
     let skips = Skips::default();

@@ -76,9 +76,12 @@ pub fn shard_keys(
                     }
                     None => read_keys(path, policy).map(|(keys, found)| {
                         let skipped = found.records();
-                        // Keep it only if every bad sample is on record (Skips keeps the first 1,000).
+                        // Keep it only if every bad sample is on record (Skips keeps the first
+                        // 1,000), and not when the storage cut the read short: the shard may
+                        // read whole next time.
                         if let (Some(cache), Some(version)) = (cache, &versions[i]) {
-                            if skipped.len() as u64 == found.total() + found.shards() {
+                            let cut_short = found.by_reason().contains_key(shards::skips::UNAVAILABLE);
+                            if skipped.len() as u64 == found.total() + found.shards() && !cut_short {
                                 let entry = ShardKeysEntry {
                                     shard: path.to_string_lossy().into_owned(),
                                     version: version.clone(),
@@ -218,10 +221,10 @@ impl ShardList {
                     "shard {i} was {} with {} samples (keys blake3 {}), now {} with {} samples (keys blake3 {})",
                     was.path,
                     was.samples,
-                    &was.keys_blake3[..16.min(was.keys_blake3.len())],
+                    was.keys_blake3.chars().take(16).collect::<String>(),
                     now.path,
                     now.samples,
-                    &now.keys_blake3[..16]
+                    now.keys_blake3.chars().take(16).collect::<String>()
                 );
             }
         }

@@ -127,10 +127,17 @@ impl ShardReader {
                     return self.finish_pending();
                 }
                 Some(Err(e)) => {
-                    // The stream is damaged: nothing after this point can be trusted.
+                    // The stream is damaged, or the storage gave up: nothing after this
+                    // point can be trusted.
                     self.entries = None;
                     let key = self.pending.take().map_or_else(|| "?".to_string(), |(s, _)| s.key);
-                    self.bad(&key, &format!("damaged shard: {e}"))?;
+                    let transport = matches!(&e, webdataset::Error::Io(io) if crate::skips::is_unavailable(io));
+                    let kind = if transport {
+                        crate::skips::UNAVAILABLE
+                    } else {
+                        "damaged shard"
+                    };
+                    self.bad(&key, &format!("{kind}: {e}"))?;
                     return Ok(None);
                 }
                 Some(Ok(entry)) => entry,

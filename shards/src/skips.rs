@@ -125,6 +125,23 @@ impl Skips {
     }
 }
 
+/// The reason kind of a shard cut short by its storage (retries exhausted, a
+/// download that stopped), not by its content: the same shard may read whole
+/// next time, so what was read of it must not be remembered as the shard (the
+/// key cache leaves it out).
+pub const UNAVAILABLE: &str = "shard unavailable";
+
+/// Whether a read error came from the transport rather than the bytes: a remote
+/// stream's exhausted retries ([`std::io::ErrorKind::TimedOut`]), a download
+/// task that stopped, a connection gone.
+pub fn is_unavailable(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        TimedOut | BrokenPipe | ConnectionReset | ConnectionAborted | NotConnected
+    )
+}
+
 fn reason_kind(reason: &str) -> String {
     reason.split(':').next().unwrap_or(reason).trim().to_string()
 }

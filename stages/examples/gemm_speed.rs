@@ -1,7 +1,7 @@
 //! GFLOP/s of the training GEMM (`model::matmul::gemm`) on the Linear layers'
 //! shapes of the tiny preset and ViT-S/16, one thread and the pool:
 //!
-//!     cargo run --release -p stages --example gemm_speed [SECONDS_PER_SHAPE]
+//!     cargo run --release -p stages --example gemm_speed [SECONDS_PER_SHAPE [NAME_PART]]
 //!
 //! Prints one JSON line per shape, thread count, backend and round: every
 //! backend this build and CPU can run (`matmul::backends`, the reference left
@@ -12,6 +12,8 @@ use std::time::Instant;
 
 fn main() {
     let secs: f64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    // Only the shapes whose name holds this (e.g. `dW`), to profile one kind.
+    let only = std::env::args().nth(2).unwrap_or_default();
     // (name, m, k, n, layout): x W^T forward (B transposed), g W (dx), g^T x (dW, A transposed).
     #[derive(PartialEq)]
     enum Layout {
@@ -32,7 +34,7 @@ fn main() {
         ("hot 72x256x64", 72, 256, 64, Dx),
     ];
     let threads = rayon::current_num_threads();
-    for (name, m, k, n, layout) in shapes {
+    for (name, m, k, n, layout) in shapes.into_iter().filter(|s| s.0.contains(only.as_str())) {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1).collect();
         let mut c = vec![0f32; m * n];

@@ -34,7 +34,15 @@ fn parse(text: &str, config_file: bool) -> BTreeMap<String, Section> {
         if body.is_empty() || body.starts_with('#') || body.starts_with(';') {
             continue;
         }
-        if let Some(header) = body.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        // A header may end with a comment (`[profile lab] # test`), as botocore and the SDKs allow.
+        let header = body
+            .strip_prefix('[')
+            .and_then(|h| h.split_once(']'))
+            .and_then(|(h, after)| {
+                let after = after.trim();
+                (after.is_empty() || after.starts_with('#') || after.starts_with(';')).then_some(h)
+            });
+        if let Some(header) = header {
             let header = header.trim();
             // The config file names profiles `[profile x]` (and may write `[default]`);
             // other headers there (`[sso-session x]`, `[services x]`) are not profiles.
@@ -203,7 +211,7 @@ sso_session = corp
 aws_access_key_id = AKDEFAULT
 aws_secret_access_key = secret-default
 
-[lab]
+[lab] # a header's comment (its keys would fall into [default] if the header were missed)
 aws_access_key_id=AKLAB
 aws_secret_access_key=secret-lab
 aws_session_token=token-lab

@@ -95,11 +95,28 @@ fn build_client(
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(format!("{}: {e}", path.display())),
             };
+            let given: Vec<(AmazonS3ConfigKey, &String)> = opts
+                .options
+                .iter()
+                .map(|(k, v)| Ok((option("S3", k)?, v)))
+                .collect::<Result<_, String>>()?;
+            // Credentials from `storage.options` come whole: none of the profile's
+            // (its session token beside the options' keys would spoil the signature).
+            use AmazonS3ConfigKey::{AccessKeyId, RoleArn, SecretAccessKey, Token, WebIdentityTokenFile};
+            let credential = |k: &AmazonS3ConfigKey| {
+                matches!(
+                    k,
+                    AccessKeyId | SecretAccessKey | Token | RoleArn | WebIdentityTokenFile
+                )
+            };
+            let options_have_credentials = given.iter().any(|(k, _)| credential(k));
             for (k, v) in super::aws_profile::settings(&env, &read)? {
-                b = b.with_config(k, v);
+                if !(options_have_credentials && credential(&k)) {
+                    b = b.with_config(k, v);
+                }
             }
-            for (k, v) in &opts.options {
-                b = b.with_config(option("S3", k)?, v);
+            for (k, v) in given {
+                b = b.with_config(k, v);
             }
             b.build().map(|s| Arc::new(s) as _)
         }
@@ -151,17 +168,28 @@ fn version_text(meta: &object_store::ObjectMeta) -> String {
     }
 }
 
+/// What tells one client from another: the URL without its object key. The
+/// bucket or container is in the host (`s3://bucket/...`), in the user info
+/// (`abfss://container@account...`) or in the path's first segments (path-style
+/// `https://s3.region.amazonaws.com/bucket/...`), so all of those stay.
+fn client_key(url: &url::Url, key: &object_store::path::Path) -> String {
+    let segments: Vec<&str> = url.path().split('/').filter(|s| !s.is_empty()).collect();
+    let keep = segments.len().saturating_sub(key.parts().count());
+    format!(
+        "{}://{}/{}",
+        url.scheme(),
+        &url[url::Position::BeforeUsername..url::Position::BeforePath],
+        segments[..keep].join("/")
+    )
+}
+
 impl Remote {
     /// The object (or prefix) `url` names, with the process's client for its
     /// bucket (made on first use with [`super::options`]).
     pub fn parse(url: &url::Url) -> Result<Remote, String> {
         let (kind, key) = scheme_of(url)?;
         let opts = super::options();
-        let authority = format!(
-            "{}://{}",
-            url.scheme(),
-            &url[url::Position::BeforeHost..url::Position::BeforePath]
-        );
+        let authority = client_key(url, &key);
         let mut clients = clients().lock().unwrap_or_else(|e| e.into_inner());
         let store = match clients.get(&authority) {
             Some(store) => store.clone(),
@@ -376,6 +404,39 @@ pub(crate) fn to_io(e: object_store::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two buckets on one endpoint get two clients; two objects of one bucket, one.
+    #[test]
+    fn a_client_serves_one_bucket() {
+        let key = |u: &str| {
+            let url = url::Url::parse(u).unwrap();
+            let (_, path) = scheme_of(&url).unwrap();
+            client_key(&url, &path)
+        };
+        let pairs = [
+            ("s3://a/x/1.tar", "s3://a/y/2.tar", true),
+            ("s3://a/x/1.tar", "s3://b/x/1.tar", false),
+            (
+                "https://s3.us-east-2.amazonaws.com/a/x/1.tar",
+                "https://s3.us-east-2.amazonaws.com/a/2.tar",
+                true,
+            ),
+            (
+                "https://s3.us-east-2.amazonaws.com/a/x/1.tar",
+                "https://s3.us-east-2.amazonaws.com/b/x/1.tar",
+                false,
+            ),
+            (
+                "abfss://c1@acct.dfs.core.windows.net/x/1.tar",
+                "abfss://c2@acct.dfs.core.windows.net/x/1.tar",
+                false,
+            ),
+            ("az://c/x/1.tar", "az://c/cache", true),
+        ];
+        for (a, b, same) in pairs {
+            assert_eq!(key(a) == key(b), same, "{a} | {b}: {} | {}", key(a), key(b));
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {

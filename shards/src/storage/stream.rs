@@ -32,6 +32,10 @@ pub struct RemoteStream {
     current: Bytes,
     /// An error ends the stream: later reads repeat it.
     failed: Option<(io::ErrorKind, String)>,
+    /// The task sent its end-of-object marker (an empty chunk): a channel that
+    /// closes without it (the task panicked or was cancelled) is an error, not
+    /// an end of file a tar could take for the end of the shard.
+    ended: bool,
     task: tokio::task::JoinHandle<()>,
     retries: Arc<AtomicU32>,
 }
@@ -48,6 +52,7 @@ impl RemoteStream {
             chunks: rx,
             current: Bytes::new(),
             failed: None,
+            ended: false,
             task,
             retries,
         }
@@ -72,13 +77,24 @@ impl Read for RemoteStream {
             return Err(io::Error::new(*kind, message.clone()));
         }
         while self.current.is_empty() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.chunks.blocking_recv() {
+                Some(Ok(chunk)) if chunk.is_empty() => self.ended = true,
                 Some(Ok(chunk)) => self.current = chunk,
                 Some(Err(e)) => {
                     self.failed = Some((e.kind(), e.to_string()));
                     return Err(e);
                 }
-                None => return Ok(0),
+                None => {
+                    let e = io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the download stopped before the end of the object",
+                    );
+                    self.failed = Some((e.kind(), e.to_string()));
+                    return Err(e);
+                }
             }
         }
         let n = buf.len().min(self.current.len());
@@ -111,9 +127,11 @@ async fn download(remote: Remote, opts: StorageOptions, tx: mpsc::Sender<io::Res
         let outcome = get_from(&remote, &tx, &mut offset, &mut size, &mut etag, &mut pending).await;
         let error = match outcome {
             Outcome::Done => {
-                if !pending.is_empty() {
-                    let _ = tx.send(Ok(pending.split().freeze())).await;
+                if !pending.is_empty() && tx.send(Ok(pending.split().freeze())).await.is_err() {
+                    return;
                 }
+                // The end-of-object marker: the only empty chunk ever sent.
+                let _ = tx.send(Ok(Bytes::new())).await;
                 return;
             }
             Outcome::Closed => return,

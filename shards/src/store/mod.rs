@@ -171,6 +171,15 @@ pub struct Manifest {
     pub bytes: u64,
 }
 
+/// A store shard read back against its index.
+enum Verified {
+    Good(Vec<u8>),
+    /// Its size or BLAKE3 differs from the index: why.
+    Mismatch(String),
+    /// No longer there (quarantined by another run since the listing).
+    Gone,
+}
+
 /// One extractor spec's store directory.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -270,9 +279,14 @@ impl Store {
                 continue;
             }
             if verify {
-                if let Err(reason) = self.read_verified(&entry).map(drop) {
-                    index.corrupt.push(corrupt(reason));
-                    continue;
+                match self.read_verified(&entry)? {
+                    Verified::Good(_) => {}
+                    Verified::Mismatch(reason) => {
+                        index.corrupt.push(corrupt(reason));
+                        continue;
+                    }
+                    // Quarantined by a concurrent run between the listing and now.
+                    Verified::Gone => continue,
                 }
             }
             index.shards.push(entry);
@@ -280,30 +294,41 @@ impl Store {
         Ok(index)
     }
 
-    /// Read a shard's file and check it against its index: the bytes, or why not.
-    fn read_verified(&self, entry: &ShardIndex) -> std::result::Result<Vec<u8>, String> {
+    /// Read a shard's file and check it against its index. A failed read is an
+    /// error, not a bad shard: a storage that refuses or times out must not get
+    /// a good shard quarantined.
+    fn read_verified(&self, entry: &ShardIndex) -> Result<Verified> {
         let path = self.dir.join(&entry.shard);
-        let bytes = storage::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes = match storage::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Verified::Gone),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
         let hash = blake3::hash(&bytes).to_hex().to_string();
         if bytes.len() as u64 != entry.bytes || hash != entry.blake3 {
-            return Err(format!(
+            return Ok(Verified::Mismatch(format!(
                 "{}: checksum mismatch ({} bytes, BLAKE3 {}; its index says {} bytes, {})",
                 path.display(),
                 bytes.len(),
                 &hash[..16],
                 entry.bytes,
-                &entry.blake3[..entry.blake3.len().min(16)]
-            ));
+                entry.blake3.chars().take(16).collect::<String>()
+            )));
         }
-        Ok(bytes)
+        Ok(Verified::Good(bytes))
     }
 
     /// Read every view of one shard, checksum first. Errors name the shard.
     pub fn read_shard(&self, entry: &ShardIndex) -> Result<Vec<(ViewKey, Vec<u8>)>> {
         let path = self.dir.join(&entry.shard);
-        let bytes = self
-            .read_verified(entry)
-            .map_err(|reason| Error::format(&path, reason))?;
+        let bytes = match self.read_verified(entry)? {
+            Verified::Good(bytes) => bytes,
+            Verified::Mismatch(reason) => return Err(Error::format(&path, reason)),
+            Verified::Gone => {
+                let gone = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or object");
+                return Err(Error::io(&path, gone));
+            }
+        };
         let stream: Box<dyn Read + Send> =
             Box::new(zstd::Decoder::new(Cursor::new(bytes)).map_err(|e| Error::io(&path, e))?);
         let ext = self.spec.dtype.extension();
@@ -330,9 +355,10 @@ impl Store {
 
     /// Move a bad shard and its index aside (`*.corrupt`) so no reader uses it
     /// and its views count as missing. A file already gone (another run moved
-    /// it) is fine.
+    /// it) is fine. The index goes first: it is what makes a shard count, so no
+    /// moment (nor a crash between the two) leaves an index naming a moved shard.
     pub fn quarantine(&self, shard: &str) -> Result<()> {
-        for name in [shard.to_string(), format!("{shard}{INDEX_SUFFIX}")] {
+        for name in [format!("{shard}{INDEX_SUFFIX}"), shard.to_string()] {
             let from = self.dir.join(&name);
             let to = self.dir.join(format!("{name}{CORRUPT_SUFFIX}"));
             storage::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
