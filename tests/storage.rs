@@ -488,6 +488,35 @@ fn a_server_restarted_in_the_middle_of_a_shard_is_resumed_with_the_same_samples(
     assert_eq!(skips.total(), 0);
 }
 
+/// An object replaced while its read is interrupted: the resumed read is an
+/// error naming the change, never the old object's start spliced to the new
+/// one's rest.
+#[test]
+fn an_object_replaced_while_the_server_is_down_is_an_error_not_a_spliced_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&tmp.path().join("s3"), true);
+    let local = write_big_shard(tmp.path());
+    let object = server.bucket("big").join("shard.tar");
+    std::fs::copy(&local, &object).unwrap();
+    let skips = Skips::default();
+    let (reader, _, _) = read_into_the_shard_then_kill(&mut server, 8, OnError::Fail, &skips);
+    // The same size, one byte changed far past the read-ahead.
+    let mut bytes = std::fs::read(&local).unwrap();
+    let at = bytes.len() * 3 / 4;
+    bytes[at] ^= 0xff;
+    std::fs::write(&object, &bytes).unwrap();
+    server.restart();
+    let err = reader
+        .filter_map(|s| s.err())
+        .next()
+        .expect("the changed object was read as if nothing happened");
+    let message = err.to_string();
+    assert!(
+        message.contains("the object changed") && message.contains("s3://big/shard.tar"),
+        "{message}"
+    );
+}
+
 #[test]
 fn a_server_that_stays_down_is_a_counted_skip_or_an_error_naming_the_offset() {
     let tmp = tempfile::tempdir().unwrap();

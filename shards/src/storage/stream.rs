@@ -178,7 +178,13 @@ async fn get_from(
             return Outcome::Done;
         }
         options.range = Some(GetRange::Offset(*offset));
-        options.if_match = etag.clone();
+        // A weak ETag (`W/"..."`, nginx with gzip) fails If-Match's strong
+        // comparison on every server: such a resume is checked below instead.
+        options.if_match = etag.clone().filter(|t| !t.starts_with("W/"));
+    } else {
+        // Nothing was passed on yet: a new version of the object may start over.
+        *size = None;
+        *etag = None;
     }
     let result = match remote.store.get_opts(&remote.key, options).await {
         Ok(result) => result,
@@ -194,6 +200,19 @@ async fn get_from(
         return Outcome::Final(io::Error::other(format!(
             "asked for bytes from {offset}, the server sent from {}",
             result.range.start
+        )));
+    }
+    // A server may ignore If-Match (or have no strong ETag to match): the object
+    // must still be the one the first answer described.
+    let changed = size.is_some_and(|s| s != result.meta.size)
+        || (etag.is_some() && result.meta.e_tag.is_some() && *etag != result.meta.e_tag);
+    if *offset > 0 && changed {
+        return Outcome::Final(io::Error::other(format!(
+            "the object changed while it was read (at byte {offset}): size {} / ETag {:?}, first {} / {:?}",
+            result.meta.size,
+            result.meta.e_tag,
+            size.unwrap_or_default(),
+            etag
         )));
     }
     size.get_or_insert(result.meta.size);
