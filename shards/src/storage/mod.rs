@@ -225,8 +225,19 @@ pub fn read(path: &Path) -> io::Result<Vec<u8>> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     match locate(path)? {
         Location::Local(local) => {
-            let temp = PathBuf::from(format!("{}.tmp-{}", local.display(), std::process::id()));
-            std::fs::write(&temp, bytes)?;
+            // A name of its own (not only the PID: processes of a cluster writing one
+            // shared NFS directory often have the same PID in their containers);
+            // `fs::write` keeps the usual file mode, where a tempfile's is 0600.
+            let temp = PathBuf::from(format!(
+                "{}.tmp-{}-{:016x}",
+                local.display(),
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            if let Err(e) = std::fs::write(&temp, bytes) {
+                let _ = std::fs::remove_file(&temp);
+                return Err(e);
+            }
             std::fs::rename(&temp, &local)
         }
         Location::Remote(remote) => remote.put(bytes.to_vec(), &options()),

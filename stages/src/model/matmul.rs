@@ -90,9 +90,7 @@ pub enum Init<'a> {
 /// `parallel`: split the rows of C over rayon's pool (same bits either way).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: usize, init: Init, parallel: bool) {
-    assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "gemm: C too small");
-    // SAFETY: C holds the m rows of stride ldc, checked above, and is borrowed mutably.
-    unsafe { gemm_ptr(m, n, k, a, b, c.as_mut_ptr(), ldc, init, parallel) }
+    gemm_on(backend(), m, n, k, a, b, c, ldc, init, parallel)
 }
 
 /// [`gemm`] into C through a pointer, for tasks that write disjoint blocks of one
