@@ -151,8 +151,10 @@ pub struct Classifier {
 impl Classifier {
     /// Parameters are created as zeros; [`FineTuner::new`] fills them.
     pub fn new(cfg: &VitConfig, classes: usize, vb: VarBuilder) -> Result<Self> {
+        let mut vit = Vit::new(cfg, vb.clone())?;
+        vit.learn_pos_embed(&vb)?;
         Ok(Self {
-            vit: Vit::new(cfg, vb.clone())?,
+            vit,
             fc_norm: LayerNorm::new(cfg.embed_dim, vb.pp("fc_norm"))?,
             head: linear(cfg.embed_dim, classes, vb.pp("head"))?,
         })
@@ -410,6 +412,11 @@ impl FineTuner {
                 "head.bias" | "fc_norm.bias" => var.zeros_like()?,
                 "fc_norm.weight" => var.ones_like()?,
                 "norm.weight" | "norm.bias" if !backbone.contains_key(name) => continue,
+                // Our checkpoints hold no pos_embed (fixed in pre-training): it starts as the sin-cos.
+                "pos_embed" if !backbone.contains_key(name) => {
+                    let table = crate::model::patch::pos_embed_2d(vit.embed_dim, vit.grid(), true);
+                    Tensor::from_vec(table, var.dims(), device)?
+                }
                 _ => {
                     let Some(t) = backbone.get(name) else {
                         candle_core::bail!("the backbone has no tensor {name}")
@@ -747,6 +754,18 @@ mod tests {
             .collect();
         let n = train.1.len();
         let mut ft = FineTuner::new(&cfg, &vit, 2, &backbone, n.div_ceil(16) as u64, &Device::Cpu).unwrap();
+        // The position embedding starts as the sin-cos and is trained (MAE's fine-tuning).
+        let sincos = crate::model::patch::pos_embed_2d(vit.embed_dim, vit.grid(), true);
+        fn ft_pos(ft: &FineTuner) -> Vec<f32> {
+            ft.model
+                .vit
+                .pos_embed()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        }
+        assert_eq!(ft_pos(&ft), sincos);
         for epoch in 0..cfg.epochs as u64 {
             for (b, start) in (0..n).step_by(16).enumerate() {
                 let end = (start + 16).min(n);
@@ -755,6 +774,7 @@ mod tests {
                     .unwrap();
             }
         }
+        assert_ne!(ft_pos(&ft), sincos, "pos_embed was not trained");
         let x = Tensor::from_slice(&test.0, (test.1.len(), 1, 28, 28), &Device::Cpu).unwrap();
         let logits = ft.logits(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         top_k_hits(&logits, 2, &test.1, 1) as f64 / test.1.len() as f64

@@ -341,7 +341,7 @@ impl Block {
 pub struct Vit {
     pub patch_embed: PatchEmbed,
     cls_token: Tensor,
-    /// (1, 1 + N, D), fixed sin-cos, row 0 (cls) zero.
+    /// (1, 1 + N, D), fixed sin-cos, row 0 (cls) zero (a parameter in fine-tuning).
     pos_embed: Tensor,
     blocks: Vec<Block>,
     norm: LayerNorm,
@@ -377,7 +377,16 @@ impl Vit {
         &self.cfg
     }
 
-    /// The fixed position embedding (1, 1 + N, D), for export under `pos_embed`.
+    /// Makes the position embedding the parameter `pos_embed` of `vb`, as MAE's
+    /// fine-tuning trains it (its pre-training, like ours, keeps it fixed). The
+    /// parameter starts as zeros: the caller sets it (the sin-cos, or a checkpoint's).
+    pub fn learn_pos_embed(&mut self, vb: &VarBuilder) -> Result<()> {
+        self.pos_embed = vb.get_with_hints(self.pos_embed.dims(), "pos_embed", ZERO)?;
+        Ok(())
+    }
+
+    /// The position embedding (1, 1 + N, D), for export under `pos_embed`: the
+    /// fixed sin-cos unless [`Vit::learn_pos_embed`] made it a parameter.
     pub fn pos_embed(&self) -> &Tensor {
         &self.pos_embed
     }
