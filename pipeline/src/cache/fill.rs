@@ -39,7 +39,9 @@ use crate::cache;
 use crate::cache::index;
 use crate::cluster::ClusterArgs;
 use crate::config::RunConfig;
-use crate::graph::operators::{check, fail, gather_by_frontier, route, stage, BadInput, Failure, Routed};
+use crate::graph::operators::{
+    check, drain, fail, gather_by_frontier, posting_failure, route, stage, wait_for_window, BadInput, Failure, Routed,
+};
 use crate::placement::Placement;
 
 /// How [`fill`] runs.
@@ -363,11 +365,7 @@ const WINDOW: u64 = 4;
 /// the process's shared failure too, so the other workers stop instead of
 /// waiting for this one.
 fn run_worker(worker: &mut timely::worker::Worker, ctx: Arc<Shared>) -> anyhow::Result<()> {
-    let result = drive(worker, &ctx);
-    if let Err(e) = &result {
-        fail(&ctx.failure, format!("{e:#}"));
-    }
-    result
+    posting_failure(&ctx.failure, || drive(worker, &ctx))
 }
 
 fn drive(worker: &mut timely::worker::Worker, ctx: &Arc<Shared>) -> anyhow::Result<()> {
@@ -431,21 +429,13 @@ fn drive(worker: &mut timely::worker::Worker, ctx: &Arc<Shared>) -> anyhow::Resu
                 in_chunk = 0;
                 t += 1;
                 input.advance_to(t);
-                while t >= WINDOW && probe.less_equal(&(t - WINDOW)) {
-                    worker.step();
-                    check(&ctx.failure)?;
-                }
+                wait_for_window(worker, &probe, (t, 0, WINDOW), &ctx.failure)?;
                 worker.step();
                 check(&ctx.failure)?;
             }
         }
     }
-    input.close();
-    while !probe.done() {
-        worker.step();
-        check(&ctx.failure)?;
-    }
-    check(&ctx.failure)?;
+    drain(worker, input, &probe, &ctx.failure)?;
     for writer in writers.borrow_mut().iter_mut() {
         if let Some(writer) = writer.take() {
             writer.finish().context("writing the last store shard")?;

@@ -32,7 +32,9 @@ use crate::plan::RunPlan;
 pub mod operators;
 pub mod sink;
 
-use operators::{check, fail, gather_by_frontier, route, stage, BadInput, Failure, Routed};
+use operators::{
+    check, drain, fail, gather_by_frontier, posting_failure, route, stage, wait_for_window, BadInput, Failure, Routed,
+};
 
 use sink::{assemble_batch, ReadyBatch, Recycler, SinkShape};
 
@@ -239,11 +241,7 @@ pub fn run_worker(
     ctx: Arc<GraphContext>,
     to_trainer: Option<Sender<ReadyBatch>>,
 ) -> anyhow::Result<()> {
-    let result = drive(worker, &ctx, to_trainer);
-    if let Err(e) = &result {
-        fail(&ctx.failure, format!("{e:#}"));
-    }
-    result
+    posting_failure(&ctx.failure, || drive(worker, &ctx, to_trainer))
 }
 
 fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender<ReadyBatch>>) -> anyhow::Result<()> {
@@ -257,10 +255,7 @@ fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender
     input.advance_to(ctx.start_batch);
     for t in ctx.start_batch..ctx.stop_batch {
         // Flow control: batch t opens once the sink has handed batch t - window to the trainer.
-        while t >= ctx.start_batch + ctx.window && probe.less_equal(&(t - ctx.window)) {
-            worker.step();
-            check(&failure)?;
-        }
+        wait_for_window(worker, &probe, (t, ctx.start_batch, ctx.window), &failure)?;
         let (epoch, b) = ctx.plan.locate(t);
         if !my_lanes.is_empty() && epoch != reader_epoch {
             let plan = ctx.plan.epoch_plan(ctx.stages.seed(), epoch);
@@ -301,12 +296,7 @@ fn drive(worker: &mut Worker, ctx: &Arc<GraphContext>, to_trainer: Option<Sender
         worker.step();
         check(&failure)?;
     }
-    input.close();
-    while !probe.done() {
-        worker.step();
-        check(&failure)?;
-    }
-    check(&failure)
+    drain(worker, input, &probe, &failure)
 }
 
 /// The record the lanes send into the graph for a sample of batch `t`.

@@ -1,8 +1,9 @@
 //! The pieces both timely graphs are built from: `pipeline run`'s (this
 //! module's parent) and the target cache's fill graph (`cache/fill.rs`).
 //! Routing a record into a stage's worker set, a stage operator that skips or
-//! fails on bad input, an operator that gathers each timestamp's records, and
-//! the failure every worker of a process checks.
+//! fails on bad input, an operator that gathers each timestamp's records, the
+//! failure every worker of a process checks, and the two halves of a
+//! probe-paced driver loop (the window before a time opens, the drain at the end).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,48 @@ pub fn check(failure: &Failure) -> anyhow::Result<()> {
         Some(msg) => bail!("{msg}"),
         None => Ok(()),
     }
+}
+
+/// Runs a worker's driver, posting its error to the process's failure too, so
+/// the other workers stop instead of waiting for this one's progress.
+pub fn posting_failure<T>(failure: &Failure, drive: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let result = drive();
+    if let Err(e) = &result {
+        fail(failure, format!("{e:#}"));
+    }
+    result
+}
+
+/// Flow control of a source driven by a probe (timely's queues are unbounded):
+/// before time `t` opens, step the worker until the graph's output has passed
+/// `t - window`, so at most `window` times are in flight. Times before
+/// `start + window` open at once.
+pub fn wait_for_window(
+    worker: &mut timely::worker::Worker,
+    probe: &timely::dataflow::ProbeHandle<u64>,
+    (t, start, window): (u64, u64, u64),
+    failure: &Failure,
+) -> anyhow::Result<()> {
+    while t >= start + window && probe.less_equal(&(t - window)) {
+        worker.step();
+        check(failure)?;
+    }
+    Ok(())
+}
+
+/// Closes the source and steps the worker until the graph has passed every time.
+pub fn drain<D: Clone + 'static>(
+    worker: &mut timely::worker::Worker,
+    input: timely::dataflow::InputHandleVec<u64, D>,
+    probe: &timely::dataflow::ProbeHandle<u64>,
+    failure: &Failure,
+) -> anyhow::Result<()> {
+    input.close();
+    while !probe.done() {
+        worker.step();
+        check(failure)?;
+    }
+    check(failure)
 }
 
 /// What a stage operator needs of the records it routes and reports.
