@@ -15,7 +15,6 @@ use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
@@ -279,13 +278,16 @@ impl Remote {
 
     /// The objects directly under this prefix (object_store lists recursively).
     fn list_children(&self, opts: &StorageOptions) -> io::Result<Vec<object_store::ObjectMeta>> {
+        // A delimited listing: the direct children only, not every object below
+        // (shards at a bucket's top level beside a deep tree of other data).
         let prefix = self.key.clone();
         let listed = self.retried("LIST", opts, || {
             let prefix = prefix.clone();
-            async move { self.store.list(Some(&prefix)).try_collect::<Vec<_>>().await }
+            async move { self.store.list_with_delimiter(Some(&prefix)).await }
         })?;
         let depth = prefix.parts().count();
         Ok(listed
+            .objects
             .into_iter()
             .filter(|meta| meta.location.parts().count() == depth + 1)
             .collect())
