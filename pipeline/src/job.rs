@@ -107,7 +107,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 
     let counters = Arc::new(Counters::default());
     let cache = crate::cache::prepare_run(&cfg, args.cluster.workers, &counters, Some(&keys))?;
-    let shard_list = ShardList::new(&cfg.data.train, &keys);
+    // Only the process that trains keeps the run directory (and hashes the keys).
+    let shard_list = trains.then(|| ShardList::new(&cfg.data.train, &keys));
     drop(keys); // a run's whole key list (ImageNet: 1.28M keys); the lanes read their own
     let run_dir = run_dir(&cfg, args);
     let recycler = crate::graph::sink::Recycler::default();
@@ -123,7 +124,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         std::fs::write(run_dir.join("config.yaml"), serde_norway::to_string(&cfg)?)
             .with_context(|| format!("writing {}", run_dir.display()))?;
-        shard_list.record(&run_dir, args.resume.is_some())?;
+        if let Some(list) = &shard_list {
+            list.record(&run_dir, args.resume.is_some())?;
+        }
         let setup = TrainerSetup {
             model: cfg.model.clone(),
             train: cfg.train.clone(),

@@ -451,14 +451,6 @@ mod x86 {
     /// Rows of C per task: fixed, so the split never depends on the thread count.
     const MC: usize = 72;
 
-    /// B as the kernel reads it: panel `pj` (columns `pj * NR ..`) row `kk` starts at
-    /// `data + pj * panel + kk * row`, with NR readable values (zero past n).
-    struct PanelB {
-        data: *const f32,
-        row: usize,
-        panel: usize,
-    }
-
     /// B (k, n) as panels of NR columns, each k x NR contiguous and zero-padded past
     /// n, from a 64-byte boundary: every kernel row of B is one cache line, and a
     /// panel of KC rows is 16 KiB on 4 pages. Read in place, B's rows straddle two
@@ -516,25 +508,25 @@ mod x86 {
         init: Init,
         parallel: bool,
     ) {
-        let packed = pack_panels(n, k, &b, parallel);
-        let bm = PanelB {
-            data: packed.0.as_ptr().add(packed.1),
-            row: NR,
-            panel: k * NR,
-        };
-        let b_ptr = SendPtr(bm.data as *mut f32);
-        let (row, panel) = (bm.row, bm.panel);
+        let (buf, start) = pack_panels(n, k, &b, parallel);
+        let panels = &buf[start..];
         let c_ptr = SendPtr(c);
         let task = |blk: usize| {
             let i0 = blk * MC;
             let rows = MC.min(m - i0);
             // SAFETY: rows [i0, i0 + rows) of C belong to this task alone.
-            let bm = PanelB {
-                data: b_ptr.get(),
-                row,
-                panel,
+            unsafe {
+                block(
+                    rows,
+                    n,
+                    k,
+                    &a.skip_rows(i0),
+                    panels,
+                    c_ptr.get().add(i0 * ldc),
+                    ldc,
+                    init,
+                )
             };
-            unsafe { block(rows, n, k, &a.skip_rows(i0), &bm, c_ptr.get().add(i0 * ldc), ldc, init) };
         };
         let blocks = m.div_ceil(MC);
         if parallel && blocks > 1 && m * n * k >= 1 << 18 {
@@ -548,9 +540,9 @@ mod x86 {
     ///
     /// # Safety
     /// `c` must be valid for m rows of stride `ldc` and n columns, owned by the caller;
-    /// A must hold m rows and k columns, B k rows of `round_up(n, NR)` readable values.
+    /// A must hold m rows and k columns; `b` is B as [`pack_panels`] lays it out (panel pj, row kk at `(pj * k + kk) * NR`).
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block(m: usize, n: usize, k: usize, a: &Mat, b: &PanelB, c: *mut f32, ldc: usize, init: Init) {
+    unsafe fn block(m: usize, n: usize, k: usize, a: &Mat, b: &[f32], c: *mut f32, ldc: usize, init: Init) {
         if k == 0 {
             for i in 0..m {
                 for j in 0..n {
@@ -609,7 +601,7 @@ mod x86 {
             let mode = if pc == 0 { init } else { Init::Accumulate };
             for pj in 0..np {
                 let cols = NR.min(n - pj * NR);
-                let pb = b.data.add(pj * b.panel + pc * b.row);
+                let pb = b.as_ptr().add((pj * k + pc) * NR);
                 let bias = match mode {
                     Init::Bias(bias) => Some(&bias[pj * NR..pj * NR + cols]),
                     _ => None,
@@ -623,21 +615,10 @@ mod x86 {
                         (ad.add(a.off + i0 * a.rs + pc * a.cs), a.rs, a.cs)
                     };
                     if rows == MR && cols == NR {
-                        kernel(
-                            kc,
-                            pa,
-                            ia,
-                            ka,
-                            pb,
-                            b.row,
-                            c0,
-                            ldc,
-                            matches!(mode, Init::Accumulate),
-                            bias,
-                        );
+                        kernel(kc, pa, ia, ka, pb, NR, c0, ldc, matches!(mode, Init::Accumulate), bias);
                     } else {
                         // Edge tile: into a scratch tile, then what fits into C.
-                        kernel(kc, pa, ia, ka, pb, b.row, tmp.as_mut_ptr(), NR, false, None);
+                        kernel(kc, pa, ia, ka, pb, NR, tmp.as_mut_ptr(), NR, false, None);
                         for i in 0..rows {
                             for jj in 0..cols {
                                 let o = c0.add(i * ldc + jj);
