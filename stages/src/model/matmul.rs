@@ -6,11 +6,11 @@
 //! about 60, and it can start C from a bias (the Linear layer's bias costs no
 //! pass of its own) or overwrite C (no zero-fill).
 //!
-//! Threads: [`gemm`] packs B once and splits the rows of C into fixed blocks of
-//! `MC` rows run on rayon's pool. Every element of C is summed by one task in a
-//! fixed k order (never split over the reduction), so the bits do not depend on
-//! the thread count. [`gemm_reference`] is the triple loop it is tested against;
-//! it also runs where the CPU lacks AVX2 / FMA.
+//! Threads: [`gemm`] splits the rows of C into one run per rayon thread. Every
+//! element of C is summed by one task in a fixed k order (never split over the
+//! reduction), so the bits do not depend on the thread count. [`gemm_reference`]
+//! is the triple loop it is tested against; it also runs where the CPU lacks
+//! AVX2 / FMA.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -158,8 +158,12 @@ unsafe fn gemm_ptr_on(
         #[cfg(openblas)]
         Backend::OpenBlas if blas::gemm(m, n, k, a, b, c, ldc, init, parallel) => return,
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 | Backend::OpenBlas if x86_available() => {
-            return x86::gemm(m, n, k, a, b, c, ldc, init, parallel);
+        Backend::Avx512 if avx512_available() => {
+            return x86::gemm::<x86::Avx512Tile>(m, n, k, a, b, c, ldc, init, parallel);
+        }
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 | Backend::Avx2 | Backend::OpenBlas if x86_available() => {
+            return x86::gemm::<x86::Avx2Tile>(m, n, k, a, b, c, ldc, init, parallel);
         }
         _ => {}
     }
@@ -189,13 +193,14 @@ pub fn gemm_reference(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32
     }
 }
 
-/// Which GEMM runs. `CROSSMAE_GEMM=openblas|avx2|reference` picks one (`ours` =
+/// Which GEMM runs. `CROSSMAE_GEMM=openblas|avx512|avx2|reference` picks one (`ours` =
 /// the best of our kernels here), to compare them in one binary; the default is
 /// the first of [`backends`]. A backend this CPU or build lacks falls to the next
-/// (OpenBLAS where strides do not fit cblas, AVX2 to the reference).
+/// (OpenBLAS where strides do not fit cblas, AVX-512 to AVX2, AVX2 to the reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     OpenBlas,
+    Avx512,
     Avx2,
     Reference,
 }
@@ -205,6 +210,9 @@ pub fn backends() -> Vec<Backend> {
     let mut out = Vec::new();
     if cfg!(openblas) {
         out.push(Backend::OpenBlas);
+    }
+    if avx512_available() {
+        out.push(Backend::Avx512);
     }
     if x86_available() {
         out.push(Backend::Avx2);
@@ -220,6 +228,7 @@ pub fn backend() -> Backend {
         let all = backends();
         let named = match std::env::var("CROSSMAE_GEMM").as_deref() {
             Ok("openblas") => Some(Backend::OpenBlas),
+            Ok("avx512") => Some(Backend::Avx512),
             Ok("avx2") => Some(Backend::Avx2),
             Ok("reference") => Some(Backend::Reference),
             Ok("ours") => all.iter().copied().find(|b| *b != Backend::OpenBlas),
@@ -379,6 +388,18 @@ fn x86_available() -> bool {
     }
 }
 
+/// Whether our AVX-512 kernel can run here.
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `a (m, k) @ b (k, n)` with a backward pass; any strides. Runs at the thread's
 /// precision (see [`super::autocast`]); this kernel for f32 CPU products.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -434,70 +455,115 @@ impl CustomOp2 for MatMul {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! B is packed once per product into NR-wide panels ([`pack_panels`]). A
-    //! row-major is read in place in full MR-row panels (its last partial panel
-    //! packed); any other A is packed per row block and k block. Single-thread
-    //! GFLOP/s on a 2-core Zen 3 (`examples/gemm_speed`, interleaved with
-    //! OpenBLAS 0.3.21): forward 80-88 (B read in place: 52-60; OpenBLAS 74-83),
-    //! dx 82-90 (OpenBLAS 66-82), dW 54-68 (OpenBLAS 63-86).
+    //! BLIS's loop order, per thread: a slice of B's columns (packed into
+    //! NR-wide panels, [`pack_b`]), a block of k, then the thread's blocks of MC
+    //! rows of C. A row-major is read in place in full MR-row panels (its last
+    //! partial panel packed); any other A is packed per row block and k block.
+    //! Two register tiles ([`Tile`]): AVX-512 12 x 32 and AVX2 6 x 16. GFLOP/s
+    //! on one core of a 2-core Intel Xeon (`examples/gemm_speed`, interleaved
+    //! with OpenBLAS 0.3.21's SkylakeX kernels): AVX-512 forward 151-166
+    //! (OpenBLAS 136-152), dW 137-145 (130-140); AVX2 forward 93-103.
 
     use super::{Init, Mat, SendPtr};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
-    const MR: usize = 6;
-    const NR: usize = 16;
+    /// The k block. The same for every tile: each element of C is summed over k in
+    /// the same order (one FMA per k, C updated once per k block), so the AVX-512
+    /// and AVX2 tiles give the same bits.
     const KC: usize = 256;
-    /// Rows of C per task: fixed, so the split never depends on the thread count.
+    /// Rows of C per block (a multiple of every tile's MR): A's packed block,
+    /// MC x KC, stays in L2.
     const MC: usize = 72;
+    /// The largest MR x NR of a tile (the edge tiles' scratch).
+    const MAX_TILE: usize = 12 * 32;
 
-    /// B (k, n) as panels of NR columns, each k x NR contiguous and zero-padded past
-    /// n, from a 64-byte boundary: every kernel row of B is one cache line, and a
-    /// panel of KC rows is 16 KiB on 4 pages. Read in place, B's rows straddle two
-    /// lines and each k of a panel is on another page (a 590 KiB W^T spans 144): on
-    /// a Zen 3 core that cost the kernel a quarter of its speed. Returns the buffer
-    /// and where the panels start in it.
-    fn pack_panels(n: usize, k: usize, b: &Mat, parallel: bool) -> (Vec<f32>, usize) {
-        let np = n.div_ceil(NR);
-        let mut buf = vec![0f32; np * k * NR + 16];
-        let start = buf.as_ptr().align_offset(64).min(16);
+    /// A register tile: the MR x NR block of C its kernel keeps in registers.
+    pub(super) trait Tile {
+        const MR: usize;
+        const NR: usize;
+        /// C (MR x NR, row stride ldc) = [C +] [bias +] A (MR x kc; element (i, kk)
+        /// at `a + i ia + kk ka`) B (kc x NR, row stride ldb).
+        ///
+        /// # Safety
+        /// The CPU has the tile's features; the pointers cover what they describe.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn kernel(
+            kc: usize,
+            a: *const f32,
+            ia: usize,
+            ka: usize,
+            b: *const f32,
+            ldb: usize,
+            c: *mut f32,
+            ldc: usize,
+            acc: bool,
+            bias: Option<&[f32]>,
+        );
+    }
+
+    /// 6 x 16 in 12 AVX registers.
+    pub(super) struct Avx2Tile;
+    /// 12 x 32 in 24 of the 32 AVX-512 registers: per k, 2 loads of B and 12
+    /// broadcasts of A feed 24 FMAs (the 6 x 16 tile: 2 and 6 feed 12).
+    pub(super) struct Avx512Tile;
+
+    thread_local! {
+        /// Each thread's packing buffers (B's slice, then A's block), kept between
+        /// products: a fresh zeroed 1 MiB per product was 1-2% of a training step
+        /// in memset. Stale values are harmless: a partial panel of B is zeroed
+        /// when packed, and the rows of A past m only reach unused scratch rows.
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Columns of B per packed slice: a KC x NC slice (1 MiB) stays in L2 while
+    /// every row block of the thread's run uses it.
+    const NC: usize = 1024;
+    /// No thread's run of rows is smaller than this many multiply-adds (below it,
+    /// rayon's fork and a second pack of B cost more than they save).
+    const SPLIT_MIN_MNK: usize = 1 << 20;
+
+    /// B's slice (rows pc..pc + kc, columns j0..j0 + nc) as panels of NR columns,
+    /// panel pj's row kk at `(pj * kc + kk) * NR`, zero-padded past nc, into `out`
+    /// (which starts on a 64-byte boundary): every kernel row of B is one or two
+    /// whole cache lines and a panel is on a few pages. Read in place, B's rows
+    /// straddled two lines and each k of a panel was on another page (a 590 KiB
+    /// W^T spans 144): on a Zen 3 core that cost the kernel a quarter of its speed.
+    fn pack_b<T: Tile>(b: &Mat, pc: usize, kc: usize, j0: usize, nc: usize, out: &mut [f32]) {
+        let nr = T::NR;
         let d = b.data;
-        let fill = |(pj, panel): (usize, &mut [f32])| {
-            let (j0, cols) = (pj * NR, NR.min(n - pj * NR));
+        for (pj, panel) in out[..nc.div_ceil(nr) * kc * nr].chunks_mut(kc * nr).enumerate() {
+            let (j, cols) = (j0 + pj * nr, nr.min(nc - pj * nr));
+            if cols < nr {
+                panel.fill(0.0);
+            }
             if b.cs == 1 {
-                for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
-                    let src = b.off + kk * b.rs + j0;
+                for (kk, row) in panel.chunks_exact_mut(nr).enumerate() {
+                    let src = b.off + (pc + kk) * b.rs + j;
                     row[..cols].copy_from_slice(&d[src..src + cols]);
                 }
             } else if b.rs == 1 {
                 // B^T row-major: each column of B is contiguous over k.
                 for jj in 0..cols {
-                    let src = &d[b.off + (j0 + jj) * b.cs..][..k];
+                    let src = &d[b.off + (j + jj) * b.cs + pc..][..kc];
                     for (kk, &v) in src.iter().enumerate() {
-                        panel[kk * NR + jj] = v;
+                        panel[kk * nr + jj] = v;
                     }
                 }
             } else {
-                for kk in 0..k {
+                for kk in 0..kc {
                     for jj in 0..cols {
-                        panel[kk * NR + jj] = b.at(kk, j0 + jj);
+                        panel[kk * nr + jj] = b.at(pc + kk, j + jj);
                     }
                 }
             }
-        };
-        let panels = buf[start..start + np * k * NR].chunks_mut(k * NR).enumerate();
-        if parallel && k * n > 1 << 16 {
-            panels.collect::<Vec<_>>().into_par_iter().for_each(fill);
-        } else {
-            panels.for_each(fill);
         }
-        (buf, start)
     }
 
     /// # Safety
     /// `c` must be valid for m rows of stride `ldc` and n columns, owned by the caller.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn gemm(
+    pub(super) unsafe fn gemm<T: Tile>(
         m: usize,
         n: usize,
         k: usize,
@@ -508,127 +574,177 @@ mod x86 {
         init: Init,
         parallel: bool,
     ) {
-        let (buf, start) = pack_panels(n, k, &b, parallel);
-        let panels = &buf[start..];
-        let c_ptr = SendPtr(c);
-        let task = |blk: usize| {
-            let i0 = blk * MC;
-            let rows = MC.min(m - i0);
-            // SAFETY: rows [i0, i0 + rows) of C belong to this task alone.
-            unsafe {
-                block(
-                    rows,
-                    n,
-                    k,
-                    &a.skip_rows(i0),
-                    panels,
-                    c_ptr.get().add(i0 * ldc),
-                    ldc,
-                    init,
-                )
-            };
-        };
-        let blocks = m.div_ceil(MC);
-        if parallel && blocks > 1 && m * n * k >= 1 << 18 {
-            (0..blocks).into_par_iter().for_each(task);
-        } else {
-            (0..blocks).for_each(task);
-        }
-    }
-
-    /// Rows 0..m (m <= MC) of C.
-    ///
-    /// # Safety
-    /// `c` must be valid for m rows of stride `ldc` and n columns, owned by the caller;
-    /// A must hold m rows and k columns; `b` is B as [`pack_panels`] lays it out (panel pj, row kk at `(pj * k + kk) * NR`).
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block(m: usize, n: usize, k: usize, a: &Mat, b: &[f32], c: *mut f32, ldc: usize, init: Init) {
         if k == 0 {
             for i in 0..m {
-                for j in 0..n {
-                    let o = c.add(i * ldc + j);
-                    match init {
-                        Init::Zero => *o = 0.0,
-                        Init::Bias(bias) => *o = bias[j],
-                        Init::Accumulate => {}
-                    }
+                let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+                match init {
+                    Init::Zero => row.fill(0.0),
+                    Init::Bias(bias) => row.copy_from_slice(&bias[..n]),
+                    Init::Accumulate => {}
                 }
             }
             return;
         }
-        let full_rows = m / MR * MR;
+        let c_ptr = SendPtr(c);
+        // One run of whole tiles per thread (an even split: a fixed grain of 72 rows
+        // left one of 2 threads idle for a third of a 192-row dW). The split cannot
+        // change the bits: every row of C is computed alike wherever the edges fall.
+        let tiles = m.div_ceil(T::MR);
+        let runs = if parallel {
+            rayon::current_num_threads()
+                .clamp(1, tiles)
+                .min((m * n * k / SPLIT_MIN_MNK).max(1))
+        } else {
+            1
+        };
+        // The BLIS loop order: a slice of B's columns, a block of k, then the run's
+        // blocks of MC rows. Each run packs the slices of B it uses itself, into a
+        // buffer that stays in L2 (packing all of B once to memory cost a dW with
+        // k = 3200 a fifth of its time, and its blocks read B back from L3).
+        let task = |run: usize| {
+            let first = (tiles * run / runs * T::MR).min(m);
+            let end = (tiles * (run + 1) / runs * T::MR).min(m);
+            if first == end {
+                return;
+            }
+            let nc_max = NC.min(n).div_ceil(T::NR) * T::NR;
+            let b_len = KC.min(k) * nc_max + 16;
+            SCRATCH.with(|cell| {
+                // A product inside a product on this thread (none today) gets its own.
+                let (mut guard, mut own) = (cell.try_borrow_mut(), Vec::new());
+                let buf = match guard {
+                    Ok(ref mut kept) => &mut **kept,
+                    Err(_) => &mut own,
+                };
+                if buf.len() < b_len + MC * KC {
+                    buf.resize(b_len + MC * KC, 0.0);
+                }
+                let (b_buf, a_buf) = buf.split_at_mut(b_len);
+                let aligned = b_buf.as_ptr().align_offset(64).min(16);
+                let b_buf = &mut b_buf[aligned..];
+                for j0 in (0..n).step_by(NC) {
+                    let nc = NC.min(n - j0);
+                    for pc in (0..k).step_by(KC) {
+                        let kc = KC.min(k - pc);
+                        pack_b::<T>(&b, pc, kc, j0, nc, b_buf);
+                        // The first k block sets C from `init`; later ones accumulate.
+                        let mode = match init {
+                            _ if pc > 0 => Init::Accumulate,
+                            Init::Bias(bias) => Init::Bias(&bias[j0..j0 + nc]),
+                            other => other,
+                        };
+                        for i0 in (first..end).step_by(MC) {
+                            let rows = MC.min(end - i0);
+                            // SAFETY: rows [first, end) of C belong to this run alone.
+                            unsafe {
+                                block::<T>(
+                                    rows,
+                                    nc,
+                                    (pc, kc),
+                                    &a.skip_rows(i0),
+                                    b_buf,
+                                    a_buf,
+                                    c_ptr.get().add(i0 * ldc + j0),
+                                    ldc,
+                                    mode,
+                                )
+                            };
+                        }
+                    }
+                }
+            });
+        };
+        if runs > 1 {
+            (0..runs).into_par_iter().for_each(task);
+        } else {
+            task(0);
+        }
+    }
+
+    /// Rows 0..m (m <= MC) and columns 0..n of C from columns pc..pc + kc of A and
+    /// the packed slice `b` of B ([`pack_b`]).
+    ///
+    /// # Safety
+    /// `c` must be valid for m rows of stride `ldc` and n columns, owned by the
+    /// caller; A must hold m rows and pc + kc columns; `packed_a` holds MC x KC.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<T: Tile>(
+        m: usize,
+        n: usize,
+        (pc, kc): (usize, usize),
+        a: &Mat,
+        b: &[f32],
+        packed_a: &mut [f32],
+        c: *mut f32,
+        ldc: usize,
+        mode: Init,
+    ) {
+        let (mr, nr) = (T::MR, T::NR);
+        let full_rows = m / mr * mr;
         // A row-major is read in place (MR contiguous streams), its last partial
         // panel packed. A transposed (dW = g^T x) would give each k of a tile its
         // own cache line and, every few k, its own page: then every panel of the
-        // block is packed, kc x MR each, once per k block for all of B's panels.
-        let pack_all = a.cs != 1;
-        let mut packed_a = vec![0f32; if pack_all { m.div_ceil(MR) * MR * KC } else { MR * KC }];
-        let mut tmp = [0f32; MR * NR];
-        let np = n.div_ceil(NR);
-        let ad = a.data.as_ptr();
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
-            // Rows past m in the last panel only reach the scratch tile's unused rows.
-            let first = if pack_all { 0 } else { full_rows };
-            if first < m {
-                if a.rs == 1 {
-                    // Each k's rows are contiguous: MR values at a time, a copy of fixed
-                    // size (a memcpy call per 6 values cost a quarter of a dW product).
-                    for kk in 0..kc {
-                        let src = &a.data[a.off + first + (pc + kk) * a.cs..][..m - first];
-                        let (full, rest) = src.split_at(src.len() / MR * MR);
-                        for (p, vals) in full.chunks_exact(MR).enumerate() {
-                            let at = p * MR * kc + kk * MR;
-                            packed_a[at..at + MR].copy_from_slice(vals);
-                        }
-                        if !rest.is_empty() {
-                            let at = full.len() / MR * MR * kc + kk * MR;
-                            packed_a[at..at + rest.len()].copy_from_slice(rest);
-                        }
+        // block is packed, kc x MR each.
+        let first = if a.cs != 1 { 0 } else { full_rows };
+        // Rows past m in the last panel only reach the scratch tile's unused rows.
+        if first < m {
+            if a.rs == 1 {
+                // Each k's rows are contiguous: MR values at a time, a copy of fixed
+                // size (a memcpy call per 6 values cost a quarter of a dW product).
+                for kk in 0..kc {
+                    let src = &a.data[a.off + first + (pc + kk) * a.cs..][..m - first];
+                    let (full, rest) = src.split_at(src.len() / mr * mr);
+                    for (p, vals) in full.chunks_exact(mr).enumerate() {
+                        let at = p * mr * kc + kk * mr;
+                        packed_a[at..at + mr].copy_from_slice(vals);
                     }
-                } else {
-                    for (p, panel) in packed_a.chunks_mut(MR * kc).take((m - first).div_ceil(MR)).enumerate() {
-                        let (i0, rows) = (first + p * MR, MR.min(m - first - p * MR));
-                        for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
-                            for (i, o) in dst[..rows].iter_mut().enumerate() {
-                                *o = a.at(i0 + i, pc + kk);
-                            }
+                    if !rest.is_empty() {
+                        let at = full.len() / mr * mr * kc + kk * mr;
+                        packed_a[at..at + rest.len()].copy_from_slice(rest);
+                    }
+                }
+            } else {
+                for (p, panel) in packed_a.chunks_mut(mr * kc).take((m - first).div_ceil(mr)).enumerate() {
+                    let (i0, rows) = (first + p * mr, mr.min(m - first - p * mr));
+                    for (kk, dst) in panel.chunks_exact_mut(mr).enumerate() {
+                        for (i, o) in dst[..rows].iter_mut().enumerate() {
+                            *o = a.at(i0 + i, pc + kk);
                         }
                     }
                 }
             }
-            // The first k block sets C from `init`; later ones accumulate.
-            let mode = if pc == 0 { init } else { Init::Accumulate };
-            for pj in 0..np {
-                let cols = NR.min(n - pj * NR);
-                let pb = b.as_ptr().add((pj * k + pc) * NR);
-                let bias = match mode {
-                    Init::Bias(bias) => Some(&bias[pj * NR..pj * NR + cols]),
-                    _ => None,
+        }
+        let mut tmp = [0f32; MAX_TILE];
+        let ad = a.data.as_ptr();
+        for pj in 0..n.div_ceil(nr) {
+            let cols = nr.min(n - pj * nr);
+            let pb = b.as_ptr().add(pj * kc * nr);
+            let bias = match mode {
+                Init::Bias(bias) => Some(&bias[pj * nr..pj * nr + cols]),
+                _ => None,
+            };
+            for i0 in (0..m).step_by(mr) {
+                let rows = mr.min(m - i0);
+                let c0 = c.add(i0 * ldc + pj * nr);
+                let (pa, ia, ka) = if i0 >= first {
+                    (packed_a.as_ptr().add((i0 - first) * kc), 1, mr)
+                } else {
+                    (ad.add(a.off + i0 * a.rs + pc * a.cs), a.rs, a.cs)
                 };
-                for i0 in (0..m).step_by(MR) {
-                    let rows = MR.min(m - i0);
-                    let c0 = c.add(i0 * ldc + pj * NR);
-                    let (pa, ia, ka) = if i0 >= first {
-                        (packed_a.as_ptr().add((i0 - first) * kc), 1, MR)
-                    } else {
-                        (ad.add(a.off + i0 * a.rs + pc * a.cs), a.rs, a.cs)
-                    };
-                    if rows == MR && cols == NR {
-                        kernel(kc, pa, ia, ka, pb, NR, c0, ldc, matches!(mode, Init::Accumulate), bias);
-                    } else {
-                        // Edge tile: into a scratch tile, then what fits into C.
-                        kernel(kc, pa, ia, ka, pb, NR, tmp.as_mut_ptr(), NR, false, None);
-                        for i in 0..rows {
-                            for jj in 0..cols {
-                                let o = c0.add(i * ldc + jj);
-                                let v = tmp[i * NR + jj];
-                                *o = match mode {
-                                    Init::Zero => v,
-                                    Init::Bias(_) => bias.map_or(0.0, |b| b[jj]) + v,
-                                    Init::Accumulate => *o + v,
-                                };
-                            }
+                if rows == mr && cols == nr {
+                    T::kernel(kc, pa, ia, ka, pb, nr, c0, ldc, matches!(mode, Init::Accumulate), bias);
+                } else {
+                    // Edge tile: into a scratch tile, then what fits into C.
+                    T::kernel(kc, pa, ia, ka, pb, nr, tmp.as_mut_ptr(), nr, false, None);
+                    for i in 0..rows {
+                        for jj in 0..cols {
+                            let o = c0.add(i * ldc + jj);
+                            let v = tmp[i * nr + jj];
+                            *o = match mode {
+                                Init::Zero => v,
+                                Init::Bias(_) => bias.map_or(0.0, |b| b[jj]) + v,
+                                Init::Accumulate => *o + v,
+                            };
                         }
                     }
                 }
@@ -636,11 +752,48 @@ mod x86 {
         }
     }
 
-    /// C (MR x NR, row stride ldc) = [C +] [bias +] A (MR x kc; element (i, kk) at
-    /// `a + i ia + kk ka`) B (kc x NR, row stride ldb), in 12 AVX registers.
+    impl Tile for Avx2Tile {
+        const MR: usize = 6;
+        const NR: usize = 16;
+        unsafe fn kernel(
+            kc: usize,
+            a: *const f32,
+            ia: usize,
+            ka: usize,
+            b: *const f32,
+            ldb: usize,
+            c: *mut f32,
+            ldc: usize,
+            acc: bool,
+            bias: Option<&[f32]>,
+        ) {
+            kernel_avx2(kc, a, ia, ka, b, ldb, c, ldc, acc, bias)
+        }
+    }
+
+    impl Tile for Avx512Tile {
+        const MR: usize = 12;
+        const NR: usize = 32;
+        unsafe fn kernel(
+            kc: usize,
+            a: *const f32,
+            ia: usize,
+            ka: usize,
+            b: *const f32,
+            ldb: usize,
+            c: *mut f32,
+            ldc: usize,
+            acc: bool,
+            bias: Option<&[f32]>,
+        ) {
+            kernel_avx512(kc, a, ia, ka, b, ldb, c, ldc, acc, bias)
+        }
+    }
+
+    /// [`Tile::kernel`] for 6 x 16 in 12 AVX registers.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel(
+    unsafe fn kernel_avx2(
         kc: usize,
         a: *const f32,
         ia: usize,
@@ -703,6 +856,62 @@ mod x86 {
             };
             _mm256_storeu_ps(row, lo);
             _mm256_storeu_ps(row.add(8), hi);
+        }
+    }
+
+    /// [`Tile::kernel`] for 12 x 32 in 24 AVX-512 registers. The same operations per
+    /// element as [`kernel_avx2`] (one FMA per k in k order, then C or the bias
+    /// added once), so the same bits.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_avx512(
+        kc: usize,
+        a: *const f32,
+        ia: usize,
+        ka: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+        bias: Option<&[f32]>,
+    ) {
+        const MR: usize = 12;
+        let z = _mm512_setzero_ps();
+        // Fixed-size arrays indexed by constants after unrolling: LLVM keeps them in
+        // zmm registers (checked in the disassembly: no spills in the k loop).
+        let mut lo = [z; MR];
+        let mut hi = [z; MR];
+        let rows: [*const f32; MR] = std::array::from_fn(|i| a.add(i * ia));
+        for kk in 0..kc {
+            let bk = b.add(kk * ldb);
+            let b0 = _mm512_loadu_ps(bk);
+            let b1 = _mm512_loadu_ps(bk.add(16));
+            let o = kk * ka;
+            for i in 0..MR {
+                let x = _mm512_set1_ps(*rows[i].add(o));
+                lo[i] = _mm512_fmadd_ps(x, b0, lo[i]);
+                hi[i] = _mm512_fmadd_ps(x, b1, hi[i]);
+            }
+        }
+        let (bias0, bias1) = match bias {
+            Some(b) => (_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(b.as_ptr().add(16))),
+            None => (z, z),
+        };
+        for i in 0..MR {
+            let row = c.add(i * ldc);
+            let (l, h) = if acc {
+                (
+                    _mm512_add_ps(_mm512_loadu_ps(row), lo[i]),
+                    _mm512_add_ps(_mm512_loadu_ps(row.add(16)), hi[i]),
+                )
+            } else if bias.is_some() {
+                (_mm512_add_ps(bias0, lo[i]), _mm512_add_ps(bias1, hi[i]))
+            } else {
+                (lo[i], hi[i])
+            };
+            _mm512_storeu_ps(row, l);
+            _mm512_storeu_ps(row.add(16), h);
         }
     }
 }
@@ -835,6 +1044,56 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 tile sums every element of C with the AVX2 tile's FMAs in the
+    /// same order, so the two give the same bits: a model trained on one CPU
+    /// resumes bit for bit on the other. Partial tiles of both, two k blocks, every
+    /// init and both layouts.
+    #[test]
+    fn avx512_tile_gives_the_avx2_bits() {
+        use rand::{Rng, SeedableRng};
+        if !backends().contains(&Backend::Avx512) {
+            eprintln!("avx512_tile_gives_the_avx2_bits: skipped, this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        for (m, k, n) in [
+            (150, 257, 40),
+            (73, 64, 197),
+            (13, 600, 17),
+            (100, 300, 700),
+            (25, 5, 33),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let start: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for (name, init) in [
+                ("zero", Init::Zero),
+                ("bias", Init::Bias(&bias)),
+                ("acc", Init::Accumulate),
+            ] {
+                for (at, bm) in [
+                    (Mat::cols(&a, 0, m), Mat::rows(&b, 0, n)),
+                    (Mat::rows(&a, 0, k), Mat::cols(&b, 0, k)),
+                    (Mat::rows(&a, 0, k), Mat::rows(&b, 0, n)),
+                ] {
+                    let run = |backend| {
+                        let mut c = start.clone();
+                        gemm_on(backend, m, n, k, at, bm, &mut c, n, init, true);
+                        c
+                    };
+                    let (wide, narrow) = (run(Backend::Avx512), run(Backend::Avx2));
+                    let differ = wide
+                        .iter()
+                        .zip(&narrow)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    assert_eq!(differ, 0, "{m}x{k}x{n} {name}: {differ} elements differ");
                 }
             }
         }
