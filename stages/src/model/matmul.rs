@@ -478,28 +478,27 @@ mod x86 {
     /// The largest MR x NR of a tile (the edge tiles' scratch).
     const MAX_TILE: usize = 12 * 32;
 
+    /// C (MR x NR, row stride ldc) = [C +] [bias +] A (MR x kc; element (i, kk) at
+    /// `a + i ia + kk ka`) B (kc x NR, row stride ldb). Unsafe to call: the CPU
+    /// must have the tile's features, and the pointers cover what they describe.
+    type Kernel = unsafe fn(
+        kc: usize,
+        a: *const f32,
+        ia: usize,
+        ka: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+        bias: Option<&[f32]>,
+    );
+
     /// A register tile: the MR x NR block of C its kernel keeps in registers.
     pub(super) trait Tile {
         const MR: usize;
         const NR: usize;
-        /// C (MR x NR, row stride ldc) = [C +] [bias +] A (MR x kc; element (i, kk)
-        /// at `a + i ia + kk ka`) B (kc x NR, row stride ldb).
-        ///
-        /// # Safety
-        /// The CPU has the tile's features; the pointers cover what they describe.
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn kernel(
-            kc: usize,
-            a: *const f32,
-            ia: usize,
-            ka: usize,
-            b: *const f32,
-            ldb: usize,
-            c: *mut f32,
-            ldc: usize,
-            acc: bool,
-            bias: Option<&[f32]>,
-        );
+        const KERNEL: Kernel;
     }
 
     /// 6 x 16 in 12 AVX registers.
@@ -732,10 +731,10 @@ mod x86 {
                     (ad.add(a.off + i0 * a.rs + pc * a.cs), a.rs, a.cs)
                 };
                 if rows == mr && cols == nr {
-                    T::kernel(kc, pa, ia, ka, pb, nr, c0, ldc, matches!(mode, Init::Accumulate), bias);
+                    (T::KERNEL)(kc, pa, ia, ka, pb, nr, c0, ldc, matches!(mode, Init::Accumulate), bias);
                 } else {
                     // Edge tile: into a scratch tile, then what fits into C.
-                    T::kernel(kc, pa, ia, ka, pb, nr, tmp.as_mut_ptr(), nr, false, None);
+                    (T::KERNEL)(kc, pa, ia, ka, pb, nr, tmp.as_mut_ptr(), nr, false, None);
                     for i in 0..rows {
                         for jj in 0..cols {
                             let o = c0.add(i * ldc + jj);
@@ -755,42 +754,16 @@ mod x86 {
     impl Tile for Avx2Tile {
         const MR: usize = 6;
         const NR: usize = 16;
-        unsafe fn kernel(
-            kc: usize,
-            a: *const f32,
-            ia: usize,
-            ka: usize,
-            b: *const f32,
-            ldb: usize,
-            c: *mut f32,
-            ldc: usize,
-            acc: bool,
-            bias: Option<&[f32]>,
-        ) {
-            kernel_avx2(kc, a, ia, ka, b, ldb, c, ldc, acc, bias)
-        }
+        const KERNEL: Kernel = kernel_avx2;
     }
 
     impl Tile for Avx512Tile {
         const MR: usize = 12;
         const NR: usize = 32;
-        unsafe fn kernel(
-            kc: usize,
-            a: *const f32,
-            ia: usize,
-            ka: usize,
-            b: *const f32,
-            ldb: usize,
-            c: *mut f32,
-            ldc: usize,
-            acc: bool,
-            bias: Option<&[f32]>,
-        ) {
-            kernel_avx512(kc, a, ia, ka, b, ldb, c, ldc, acc, bias)
-        }
+        const KERNEL: Kernel = kernel_avx512;
     }
 
-    /// [`Tile::kernel`] for 6 x 16 in 12 AVX registers.
+    /// The [`Kernel`] of a 6 x 16 tile in 12 AVX registers.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel_avx2(
@@ -859,7 +832,7 @@ mod x86 {
         }
     }
 
-    /// [`Tile::kernel`] for 12 x 32 in 24 AVX-512 registers. The same operations per
+    /// The [`Kernel`] of a 12 x 32 tile in 24 AVX-512 registers. The same operations per
     /// element as [`kernel_avx2`] (one FMA per k in k order, then C or the bias
     /// added once), so the same bits.
     #[target_feature(enable = "avx512f")]
@@ -984,13 +957,27 @@ mod tests {
         Ok(())
     }
 
+    /// `len` values uniform in [-1, 1).
+    fn uniform(rng: &mut impl rand::Rng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// Every way C can start, named.
+    fn inits(bias: &[f32]) -> [(&'static str, Init<'_>); 3] {
+        [
+            ("zero", Init::Zero),
+            ("bias", Init::Bias(bias)),
+            ("acc", Init::Accumulate),
+        ]
+    }
+
     /// Every backend here against the triple loop, every init mode, and the same bits
     /// for 1 thread and for several (C split into blocks, never the reduction):
     /// several row blocks with a ragged last one (600 rows), and column blocks
     /// (100 x 700, where the bias is sliced per block).
     #[test]
     fn kernel_matches_reference_and_thread_count() {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         // The last three are large enough for OpenBLAS blocks (row blocks, then column blocks).
         for (m, k, n) in [
@@ -1006,15 +993,8 @@ mod tests {
             (30, 260, 50),
             (13, 129, 17),
         ] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let start: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            for (name, init) in [
-                ("zero", Init::Zero),
-                ("bias", Init::Bias(&bias)),
-                ("acc", Init::Accumulate),
-            ] {
+            let [a, b, bias, start] = [m * k, k * n, n, m * n].map(|len| uniform(&mut rng, len));
+            for (name, init) in inits(&bias) {
                 // A transposed (column-major view) and B row-major, as in dW = g^T x; then
                 // A row-major and B transposed, as in the forward x W^T.
                 for (at, bm) in [
@@ -1055,7 +1035,7 @@ mod tests {
     /// init and both layouts.
     #[test]
     fn avx512_tile_gives_the_avx2_bits() {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         if !backends().contains(&Backend::Avx512) {
             eprintln!("avx512_tile_gives_the_avx2_bits: skipped, this CPU has no AVX-512F");
             return;
@@ -1068,15 +1048,8 @@ mod tests {
             (100, 300, 700),
             (25, 5, 33),
         ] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let start: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            for (name, init) in [
-                ("zero", Init::Zero),
-                ("bias", Init::Bias(&bias)),
-                ("acc", Init::Accumulate),
-            ] {
+            let [a, b, bias, start] = [m * k, k * n, n, m * n].map(|len| uniform(&mut rng, len));
+            for (name, init) in inits(&bias) {
                 for (at, bm) in [
                     (Mat::cols(&a, 0, m), Mat::rows(&b, 0, n)),
                     (Mat::rows(&a, 0, k), Mat::cols(&b, 0, k)),
