@@ -3,6 +3,10 @@
 //!
 //!     cargo run --release -p stages --example gemm_speed [SECONDS_PER_SHAPE [NAME_PART]]
 //!
+//! `GEMM_COLD=16` runs each product on one of 16 copies of A and C in turn, so
+//! that its operands come from memory, as in a training step (both backends
+//! lose about 15% on the tiny shapes; the order stays).
+//!
 //! Prints one JSON line per shape, thread count, backend and round: every
 //! backend this build and CPU can run (`matmul::backends`, the reference left
 //! out), interleaved, two rounds, so that drift hits them alike.
@@ -32,17 +36,32 @@ fn main() {
         ("tiny fc2 dW", 192, 3200, 768, Dw),
         ("vit-s fc1 fwd", 1576, 384, 1536, Forward),
         ("hot 72x256x64", 72, 256, 64, Dx),
+        // One head of the tiny preset's attention (50 tokens, head width 64): q k^T, P v.
+        ("head q k^T", 50, 64, 50, Forward),
+        ("head P v", 50, 50, 64, Dx),
     ];
     let threads = rayon::current_num_threads();
     for (name, m, k, n, layout) in shapes.into_iter().filter(|s| s.0.contains(only.as_str())) {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1).collect();
-        let mut c = vec![0f32; m * n];
-        let am = if layout == Dw {
-            Mat::cols(&a, 0, m)
-        } else {
-            Mat::rows(&a, 0, k)
-        };
+        // `GEMM_COLD=N`: cycle through N copies of A and C, so that each product
+        // finds its operands out of cache, as the training step does (N copies
+        // of several MB outgrow the L2 and, at N = 16, most of an L3 slice).
+        let copies: usize = std::env::var("GEMM_COLD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+            .max(1);
+        let a_copies = vec![a; copies];
+        let mut c_copies = vec![vec![0f32; m * n]; copies];
+        fn view(a: &[f32], dw: bool, m: usize, k: usize) -> Mat<'_> {
+            if dw {
+                Mat::cols(a, 0, m)
+            } else {
+                Mat::rows(a, 0, k)
+            }
+        }
+        let am = |a| view(a, layout == Dw, m, k);
         let bm = if layout == Forward {
             Mat::cols(&b, 0, k)
         } else {
@@ -53,7 +72,19 @@ fn main() {
                 for backend in backends().into_iter().filter(|b| *b != Backend::Reference) {
                     let (mut runs, t0) = (0u64, Instant::now());
                     while t0.elapsed().as_secs_f64() < secs {
-                        gemm_on(backend, m, n, k, am, bm, &mut c, n, Init::Zero, parallel);
+                        let i = runs as usize % copies;
+                        gemm_on(
+                            backend,
+                            m,
+                            n,
+                            k,
+                            am(&a_copies[i]),
+                            bm,
+                            &mut c_copies[i],
+                            n,
+                            Init::Zero,
+                            parallel,
+                        );
                         runs += 1;
                     }
                     let gflops = 2.0 * (m * n * k) as f64 * runs as f64 / t0.elapsed().as_secs_f64() / 1e9;

@@ -593,7 +593,7 @@ mod x86 {
     ) {
         // The scratch tile holds a whole tile, and a block of MC rows is whole tiles
         // (packed A's buffer is MC x KC).
-        const { assert!(T::MR * T::NR <= MAX_TILE && MC % T::MR == 0) };
+        const { assert!(T::MR * T::NR <= MAX_TILE && MC.is_multiple_of(T::MR)) };
         if k == 0 {
             for i in 0..m {
                 let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
