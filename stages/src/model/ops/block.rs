@@ -76,6 +76,30 @@ fn shapes(d: usize, h: usize) -> [Vec<usize>; 12] {
 
 /// A transformer block on `x (B, T, D)` with `heads` heads, LayerNorm eps `eps`.
 pub fn block(x: &Tensor, weights: [&Tensor; 12], heads: usize, eps: f64) -> Result<Tensor> {
+    block_with(x, weights, heads, eps, None)
+}
+
+/// [`block`] under stochastic depth (timm's `DropPath` on both residual
+/// branches): `x1 = x + s0 * attn(norm1(x))`, `y = x1 + s1 * mlp(norm2(x1))`,
+/// `scales` the two branches' (B, 1, 1) per-sample scales (0 or 1 / keep;
+/// constants, no gradient).
+pub fn block_drop_path(
+    x: &Tensor,
+    weights: [&Tensor; 12],
+    heads: usize,
+    eps: f64,
+    scales: &[Tensor; 2],
+) -> Result<Tensor> {
+    block_with(x, weights, heads, eps, Some(scales))
+}
+
+fn block_with(
+    x: &Tensor,
+    weights: [&Tensor; 12],
+    heads: usize,
+    eps: f64,
+    scales: Option<&[Tensor; 2]>,
+) -> Result<Tensor> {
     let (b, t, d) = x.dims3()?;
     let h = weights[8].dim(0)?;
     if heads == 0 || d % heads != 0 {
@@ -86,9 +110,25 @@ pub fn block(x: &Tensor, weights: [&Tensor; 12], heads: usize, eps: f64) -> Resu
             candle_core::bail!("block: {name} is {:?}, expected {want:?} (width {d})", w.dims())
         }
     }
-    if !(super::fused(x) && autocast::gemm_dtype() == DType::F32) {
-        return block_reference(x, weights, heads, eps);
+    if let Some(s) = scales {
+        if s.iter().any(|s| s.elem_count() != b) {
+            candle_core::bail!(
+                "block: drop-path scales of {:?} and {:?} for a batch of {b}",
+                s[0].dims(),
+                s[1].dims()
+            )
+        }
     }
+    if !(super::fused(x) && autocast::gemm_dtype() == DType::F32) {
+        return match scales {
+            None => block_reference(x, weights, heads, eps),
+            Some(s) => block_drop_path_reference(x, weights, heads, eps, s),
+        };
+    }
+    let branch_scales = match scales {
+        None => None,
+        Some([s0, s1]) => Some([s0.flatten_all()?.to_vec1::<f32>()?, s1.flatten_all()?.to_vec1::<f32>()?]),
+    };
     let r = b * t;
     // As the composition counts them: the four products, then the attention core.
     autocast::add_flops((2 * r * (3 * d * d + d * d + 2 * d * h) + 4 * b * t * t * d) as u64);
@@ -102,6 +142,7 @@ pub fn block(x: &Tensor, weights: [&Tensor; 12], heads: usize, eps: f64) -> Resu
             scale: scale(d, heads) as f32,
         },
         eps: eps as f32,
+        branch_scales,
         saved: OnceLock::new(),
     };
     x.contiguous()?.apply_op2(&packed, op)
@@ -121,11 +162,29 @@ pub fn block_reference(x: &Tensor, w: [&Tensor; 12], heads: usize, eps: f64) -> 
     &x1 + linear(&hidden, w[10], w[11])?
 }
 
+/// The twin of [`block_drop_path`]: the composition with each branch scaled per sample.
+pub fn block_drop_path_reference(
+    x: &Tensor,
+    w: [&Tensor; 12],
+    heads: usize,
+    eps: f64,
+    s: &[Tensor; 2],
+) -> Result<Tensor> {
+    let d = x.dim(2)?;
+    let qkv = linear(&layer_norm(x, w[0], w[1], eps)?, w[2], w[3])?;
+    let attn = linear(&attention(&qkv, heads, scale(d, heads))?, w[4], w[5])?;
+    let x1 = (x + attn.broadcast_mul(&s[0])?)?;
+    let hidden = gelu(&linear(&layer_norm(&x1, w[6], w[7], eps)?, w[8], w[9])?)?;
+    &x1 + linear(&hidden, w[10], w[11])?.broadcast_mul(&s[1])?
+}
+
 struct BlockOp {
     d: usize,
     h: usize,
     core: Core,
     eps: f32,
+    /// Under drop path, the attention and MLP branches' scale per sample.
+    branch_scales: Option<[Vec<f32>; 2]>,
     saved: OnceLock<Saved>,
 }
 
@@ -180,6 +239,51 @@ fn residual_plus_bias(x: &[f32], b: &[f32]) -> Vec<f32> {
     c
 }
 
+/// `base + a w^T + bias` (rows of width `bias.len()`), a branch's residual add:
+/// without drop path the residual and bias are the product's initial C; with
+/// it, `base + s_b (a w^T + bias)` for the rows of sample b (`t` rows each),
+/// in the twin's order (the branch, scaled, then added).
+#[allow(clippy::too_many_arguments)]
+fn add_branch(base: &[f32], a: Mat, k: usize, w: &[f32], bias: &[f32], scales: Option<&[f32]>, t: usize) -> Vec<f32> {
+    let n = bias.len();
+    let r = base.len() / n.max(1);
+    match scales {
+        None => {
+            let mut out = residual_plus_bias(base, bias);
+            gemm(r, n, k, a, Mat::cols(w, 0, k), &mut out, n, Init::Accumulate, true);
+            out
+        }
+        Some(scales) => {
+            let mut out = output_vec(r * n);
+            gemm(r, n, k, a, Mat::cols(w, 0, k), &mut out, n, Init::Bias(bias), true);
+            out.par_chunks_mut(t * n)
+                .zip(base.par_chunks(t * n))
+                .zip(scales.par_iter())
+                .for_each(|((o, x), &s)| {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = x + *o * s;
+                    }
+                });
+            out
+        }
+    }
+}
+
+/// `g` with the rows of sample b (`t` rows of width `n`) times `scales[b]`: a
+/// drop-path branch's output gradient.
+fn scale_samples(g: &[f32], scales: &[f32], t: usize, n: usize) -> Vec<f32> {
+    let mut out = output_vec(g.len());
+    out.par_chunks_mut(t * n)
+        .zip(g.par_chunks(t * n))
+        .zip(scales.par_iter())
+        .for_each(|((o, g), &s)| {
+            for (o, &g) in o.iter_mut().zip(g) {
+                *o = g * s;
+            }
+        });
+    out
+}
+
 impl CustomOp2 for BlockOp {
     fn name(&self) -> &'static str {
         "crossmae-block"
@@ -217,19 +321,11 @@ impl CustomOp2 for BlockOp {
         );
         let (mut attn, mut lse) = (output_vec(r * d), output_vec(b * self.core.heads * t));
         self.core.forward_into(&qkv, t, d, &mut attn, &mut lse);
-        let mut x1 = residual_plus_bias(x, proj_b);
-        let attn_m = Mat::rows(&attn, 0, d);
-        gemm(
-            r,
-            d,
-            d,
-            attn_m,
-            Mat::cols(proj_w, 0, d),
-            &mut x1,
-            d,
-            Init::Accumulate,
-            true,
-        );
+        let [s_attn, s_mlp] = match &self.branch_scales {
+            Some([a, m]) => [Some(a.as_slice()), Some(m.as_slice())],
+            None => [None, None],
+        };
+        let x1 = add_branch(x, Mat::rows(&attn, 0, d), d, proj_w, proj_b, s_attn, t);
 
         let (mut ln2, mut stats2) = (output_vec(r * d), output_vec(2 * r));
         layer_norm::forward_into(&x1, n2w, n2b, self.eps, &mut ln2, &mut stats2);
@@ -249,18 +345,7 @@ impl CustomOp2 for BlockOp {
         let (mut act, mut dact_dpre) = (output_vec(r * h), output_vec(r * h));
         gelu::forward_with_derivative_into(&pre, &mut act, &mut dact_dpre);
         drop(pre);
-        let mut y = residual_plus_bias(&x1, fc2_b);
-        gemm(
-            r,
-            d,
-            h,
-            Mat::rows(&act, 0, h),
-            Mat::cols(fc2_w, 0, h),
-            &mut y,
-            d,
-            Init::Accumulate,
-            true,
-        );
+        let y = add_branch(&x1, Mat::rows(&act, 0, h), h, fc2_w, fc2_b, s_mlp, t);
 
         let saved = Saved {
             t,
@@ -291,16 +376,24 @@ impl CustomOp2 for BlockOp {
             let [dn1w, dn1b, dqkv_w, dqkv_b, dproj_w, dproj_b, dn2w, dn2b, dfc1_w, dfc1_b, dfc2_w, dfc2_b] =
                 split_mut(&mut dp, sizes(d, h));
 
+            // Under drop path each branch's output gradient is the residual's scaled.
+            let branch_grad = |g: &[f32], which: usize| {
+                self.branch_scales
+                    .as_ref()
+                    .map(|sc| scale_samples(g, &sc[which], s.t, d))
+            };
             // fc2, then the GELU in place: dpre.
+            let dy_branch = branch_grad(dy, 1);
+            let dyb = dy_branch.as_deref().unwrap_or(dy);
             let mut dpre = output_vec(r * h);
-            let dy_m = Mat::rows(dy, 0, d);
+            let dy_m = Mat::rows(dyb, 0, d);
             rayon::join(
                 || {
                     gemm(
                         d,
                         h,
                         r,
-                        Mat::cols(dy, 0, d),
+                        Mat::cols(dyb, 0, d),
                         Mat::rows(&s.act, 0, h),
                         dfc2_w,
                         h,
@@ -310,7 +403,7 @@ impl CustomOp2 for BlockOp {
                 },
                 || gemm(r, h, d, dy_m, Mat::rows(fc2_w, 0, h), &mut dpre, h, Init::Zero, true),
             );
-            dfc2_b.copy_from_slice(&column_sums(dy, d));
+            dfc2_b.copy_from_slice(&column_sums(dyb, d));
             gelu::backward_with_derivative(&s.dact_dpre, &mut dpre);
 
             // fc1, then norm2 with the residual: dx1 = dy + norm2's dx.
@@ -339,16 +432,18 @@ impl CustomOp2 for BlockOp {
             dn2w.copy_from_slice(&gw);
             dn2b.copy_from_slice(&gb);
 
-            // proj (its output gradient is dx1), then the attention core.
+            // proj (its output gradient is dx1, scaled under drop path), then the attention core.
+            let dx1_branch = branch_grad(&dx1, 0);
+            let dx1b = dx1_branch.as_deref().unwrap_or(&dx1);
             let mut dattn = dln2;
-            let dx1_m = Mat::rows(&dx1, 0, d);
+            let dx1_m = Mat::rows(dx1b, 0, d);
             rayon::join(
                 || {
                     gemm(
                         d,
                         d,
                         r,
-                        Mat::cols(&dx1, 0, d),
+                        Mat::cols(dx1b, 0, d),
                         Mat::rows(&s.attn, 0, d),
                         dproj_w,
                         d,
@@ -358,7 +453,7 @@ impl CustomOp2 for BlockOp {
                 },
                 || gemm(r, d, d, dx1_m, Mat::rows(proj_w, 0, d), &mut dattn, d, Init::Zero, true),
             );
-            dproj_b.copy_from_slice(&column_sums(&dx1, d));
+            dproj_b.copy_from_slice(&column_sums(dx1b, d));
             let mut dqkv = output_vec(r * 3 * d);
             self.core
                 .backward_into(&s.qkv, &s.attn, &dattn, &s.lse, s.t, d, &mut dqkv);
@@ -475,6 +570,69 @@ mod tests {
                 e < 5e-5,
                 "block: gradient of input {i} differs from the composition by {e}"
             );
+        }
+        Ok(())
+    }
+
+    /// Per-sample branch scales: 1 / keep on some samples, 0 (the branch
+    /// dropped) on others, different for the two branches.
+    fn drop_path_scales(b: usize) -> Result<[Tensor; 2]> {
+        let attn: Vec<f32> = (0..b).map(|i| if i % 2 == 0 { 1.25 } else { 0.0 }).collect();
+        let mlp: Vec<f32> = (0..b).map(|i| if i % 3 == 1 { 0.0 } else { 1.25 }).collect();
+        Ok([
+            Tensor::from_vec(attn, (b, 1, 1), &candle_core::Device::Cpu)?,
+            Tensor::from_vec(mlp, (b, 1, 1), &candle_core::Device::Cpu)?,
+        ])
+    }
+
+    /// Under drop path: values and the gradients of x and all twelve weights
+    /// against the basic-op composition with scaled branches, and central
+    /// differences (odd T and widths, batch 1 with its attention branch dropped).
+    #[test]
+    fn drop_path_block_matches_reference_and_finite_differences() -> Result<()> {
+        for (b, t, heads, hd) in [(3, 50, 3, 8), (2, 7, 1, 5), (1, 9, 2, 4)] {
+            let d = heads * hd;
+            let v = inputs(b, t, d, 4 * d)?;
+            let scales = drop_path_scales(b)?;
+            // The finite differences run in f64: the scales follow x's dtype.
+            let go = |v: &[Tensor]| {
+                let w: [&Tensor; 12] = std::array::from_fn(|i| &v[i + 1]);
+                let [a, m] = &scales;
+                let scales = [a.to_dtype(v[0].dtype())?, m.to_dtype(v[0].dtype())?];
+                block_drop_path(&v[0], w, heads, 1e-6, &scales)
+            };
+            let all: Vec<usize> = (0..13).collect();
+            compare_with_reference("block drop path", &v, &all, 1e-4, |v| {
+                go(&v.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())
+            })?;
+            for (i, positions) in [(0, vec![0, b * t * d - 1]), (5, vec![0]), (11, vec![1])] {
+                finite_difference_check("block drop path", &v, i, &positions, 3e-3, go)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused block under drop path against the composition of the fused
+    /// ops with scaled branches (what fine-tuning ran before), tightly.
+    #[test]
+    fn drop_path_block_matches_the_composition_of_the_fused_ops() -> Result<()> {
+        let (b, t, heads, d) = (4, 50, 3, 48);
+        let v: Vec<Var> = inputs(b, t, d, 4 * d)?
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<Result<_>>()?;
+        let w: [&Tensor; 12] = std::array::from_fn(|i| v[i + 1].as_tensor());
+        let scales = drop_path_scales(b)?;
+        let r = seeded(&[b, t, d], 98, 1.0)?;
+        let fused = block_drop_path(&v[0], w, heads, 1e-6, &scales)?;
+        let composed = block_drop_path_reference(&v[0], w, heads, 1e-6, &scales)?;
+        assert!(max_rel_diff(&fused, &composed) < 1e-5, "block drop path value");
+        let gf = (&fused * &r)?.sum_all()?.backward()?;
+        let gc = (&composed * &r)?.sum_all()?.backward()?;
+        for (i, var) in v.iter().enumerate() {
+            let (a, c) = (gf.get(var).expect("fused grad"), gc.get(var).expect("composed grad"));
+            let e = max_rel_diff(a, c);
+            assert!(e < 5e-5, "block drop path: gradient of input {i} differs by {e}");
         }
         Ok(())
     }

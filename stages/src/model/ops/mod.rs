@@ -50,7 +50,7 @@ pub mod pred_loss;
 
 pub use attention::attention;
 pub use basic::leaky_relu;
-pub use block::block;
+pub use block::{block, block_drop_path};
 pub(crate) use cpu::{output_vec, with_slices};
 pub use draw_loss::draw_loss;
 pub use gelu::gelu;
