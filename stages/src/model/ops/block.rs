@@ -256,14 +256,7 @@ fn add_branch(base: &[f32], a: Mat, k: usize, w: &[f32], bias: &[f32], scales: O
         Some(scales) => {
             let mut out = output_vec(r * n);
             gemm(r, n, k, a, Mat::cols(w, 0, k), &mut out, n, Init::Bias(bias), true);
-            out.par_chunks_mut(t * n)
-                .zip(base.par_chunks(t * n))
-                .zip(scales.par_iter())
-                .for_each(|((o, x), &s)| {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = x + *o * s;
-                    }
-                });
+            per_sample(&mut out, base, scales, t * n, |o, x, s| *o = x + *o * s);
             out
         }
     }
@@ -273,15 +266,16 @@ fn add_branch(base: &[f32], a: Mat, k: usize, w: &[f32], bias: &[f32], scales: O
 /// drop-path branch's output gradient.
 fn scale_samples(g: &[f32], scales: &[f32], t: usize, n: usize) -> Vec<f32> {
     let mut out = output_vec(g.len());
-    out.par_chunks_mut(t * n)
-        .zip(g.par_chunks(t * n))
-        .zip(scales.par_iter())
-        .for_each(|((o, g), &s)| {
-            for (o, &g) in o.iter_mut().zip(g) {
-                *o = g * s;
-            }
-        });
+    per_sample(&mut out, g, scales, t * n, |o, g, s| *o = g * s);
     out
+}
+
+/// `f(out, src, scales[b])` on every element of sample b's `len` values.
+fn per_sample(out: &mut [f32], src: &[f32], scales: &[f32], len: usize, f: impl Fn(&mut f32, f32, f32) + Sync) {
+    out.par_chunks_mut(len)
+        .zip(src.par_chunks(len))
+        .zip(scales.par_iter())
+        .for_each(|((o, x), &s)| o.iter_mut().zip(x).for_each(|(o, &x)| f(o, x, s)));
 }
 
 impl CustomOp2 for BlockOp {
@@ -548,7 +542,8 @@ mod tests {
         Ok(())
     }
 
-    /// The fused block against the composition of the fused ops (what it replaces), tightly.
+    /// The fused block against the composition of the fused ops (what it
+    /// replaces), tightly; also under drop path (what fine-tuning ran before).
     #[test]
     fn block_matches_the_composition_of_the_fused_ops() -> Result<()> {
         let (b, t, heads, d) = (4, 50, 3, 48);
@@ -558,18 +553,26 @@ mod tests {
             .collect::<Result<_>>()?;
         let w: [&Tensor; 12] = std::array::from_fn(|i| v[i + 1].as_tensor());
         let r = seeded(&[b, t, d], 99, 1.0)?;
-        let fused = block(&v[0], w, heads, 1e-6)?;
-        let composed = block_reference(&v[0], w, heads, 1e-6)?;
-        assert!(max_rel_diff(&fused, &composed) < 1e-5, "block value");
-        let gf = (&fused * &r)?.sum_all()?.backward()?;
-        let gc = (&composed * &r)?.sum_all()?.backward()?;
-        for (i, var) in v.iter().enumerate() {
-            let (a, c) = (gf.get(var).expect("fused grad"), gc.get(var).expect("composed grad"));
-            let e = max_rel_diff(a, c);
-            assert!(
-                e < 5e-5,
-                "block: gradient of input {i} differs from the composition by {e}"
-            );
+        for scales in [None, Some(drop_path_scales(b)?)] {
+            let (fused, composed) = match &scales {
+                None => (block(&v[0], w, heads, 1e-6)?, block_reference(&v[0], w, heads, 1e-6)?),
+                Some(s) => (
+                    block_drop_path(&v[0], w, heads, 1e-6, s)?,
+                    block_drop_path_reference(&v[0], w, heads, 1e-6, s)?,
+                ),
+            };
+            let what = if scales.is_some() { "block drop path" } else { "block" };
+            assert!(max_rel_diff(&fused, &composed) < 1e-5, "{what} value");
+            let gf = (&fused * &r)?.sum_all()?.backward()?;
+            let gc = (&composed * &r)?.sum_all()?.backward()?;
+            for (i, var) in v.iter().enumerate() {
+                let (a, c) = (gf.get(var).expect("fused grad"), gc.get(var).expect("composed grad"));
+                let e = max_rel_diff(a, c);
+                assert!(
+                    e < 5e-5,
+                    "{what}: gradient of input {i} differs from the composition by {e}"
+                );
+            }
         }
         Ok(())
     }
@@ -608,31 +611,6 @@ mod tests {
             for (i, positions) in [(0, vec![0, b * t * d - 1]), (5, vec![0]), (11, vec![1])] {
                 finite_difference_check("block drop path", &v, i, &positions, 3e-3, go)?;
             }
-        }
-        Ok(())
-    }
-
-    /// The fused block under drop path against the composition of the fused
-    /// ops with scaled branches (what fine-tuning ran before), tightly.
-    #[test]
-    fn drop_path_block_matches_the_composition_of_the_fused_ops() -> Result<()> {
-        let (b, t, heads, d) = (4, 50, 3, 48);
-        let v: Vec<Var> = inputs(b, t, d, 4 * d)?
-            .iter()
-            .map(Var::from_tensor)
-            .collect::<Result<_>>()?;
-        let w: [&Tensor; 12] = std::array::from_fn(|i| v[i + 1].as_tensor());
-        let scales = drop_path_scales(b)?;
-        let r = seeded(&[b, t, d], 98, 1.0)?;
-        let fused = block_drop_path(&v[0], w, heads, 1e-6, &scales)?;
-        let composed = block_drop_path_reference(&v[0], w, heads, 1e-6, &scales)?;
-        assert!(max_rel_diff(&fused, &composed) < 1e-5, "block drop path value");
-        let gf = (&fused * &r)?.sum_all()?.backward()?;
-        let gc = (&composed * &r)?.sum_all()?.backward()?;
-        for (i, var) in v.iter().enumerate() {
-            let (a, c) = (gf.get(var).expect("fused grad"), gc.get(var).expect("composed grad"));
-            let e = max_rel_diff(a, c);
-            assert!(e < 5e-5, "block drop path: gradient of input {i} differs by {e}");
         }
         Ok(())
     }
