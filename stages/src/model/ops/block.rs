@@ -9,7 +9,8 @@
 //! passes of their own, forward and backward. Here the backward is written out:
 //! - one buffer per gradient; the residual's gradient is accumulated by the
 //!   LayerNorm backward kernels (no add pass);
-//! - the residual adds are the initial C of the proj and fc2 products;
+//! - the residual adds are the initial C of the proj and fc2 products (under
+//!   drop path, [`block_drop_path`], the scaled branch is added after its product);
 //! - the independent products of each layer (dW and dx) run side by side.
 //!
 //! The arithmetic is the ops' own: the same GEMM, LayerNorm, attention and GELU
