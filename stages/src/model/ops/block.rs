@@ -624,10 +624,14 @@ mod tests {
             .map(Var::from_tensor)
             .collect::<Result<_>>()?;
         let r = seeded(&[b, t, d], 7, 1.0)?;
-        let go = |threads: usize| -> Result<Vec<Vec<u32>>> {
+        let drop_path = drop_path_scales(b)?;
+        let go = |threads: usize, scales: Option<&[Tensor; 2]>| -> Result<Vec<Vec<u32>>> {
             on_threads(threads, || {
                 let w: [&Tensor; 12] = std::array::from_fn(|i| v[i + 1].as_tensor());
-                let y = block(&v[0], w, heads, 1e-6)?;
+                let y = match scales {
+                    None => block(&v[0], w, heads, 1e-6)?,
+                    Some(s) => block_drop_path(&v[0], w, heads, 1e-6, s)?,
+                };
                 let g = (&y * &r)?.sum_all()?.backward()?;
                 let mut out = vec![y];
                 out.extend(v.iter().map(|var| g.get(var).cloned().expect("grad")));
@@ -636,9 +640,11 @@ mod tests {
                     .collect()
             })
         };
-        let one = go(1)?;
-        assert_eq!(one, go(2)?, "block bits differ on 1 and 2 threads");
-        assert_eq!(one, go(3)?, "block bits differ on 1 and 3 threads");
+        for scales in [None, Some(&drop_path)] {
+            let one = go(1, scales)?;
+            assert_eq!(one, go(2, scales)?, "block bits differ on 1 and 2 threads");
+            assert_eq!(one, go(3, scales)?, "block bits differ on 1 and 3 threads");
+        }
         Ok(())
     }
 
