@@ -133,6 +133,9 @@ LD_LIBRARY_PATH="$cuda_root/lib" ldd "$target_dir/release/pipeline" | awk '$2 ==
         *) cp -L "$path" "$target_dir/carry/lib/$name" && echo "== carried library: $name" ;;
         esac
     done
+# The PyTorch peer that gpu-check.sh times against ours in the same script.
+peer="$repo/../shared/peers/crossmae_torch.py"
+[[ -f "$peer" ]] && cp "$peer" "$target_dir/carry/" && echo "== carried the PyTorch peer: $(basename "$peer")"
 strip -o "$target_dir/carry/pipeline" "$target_dir/release/pipeline"
 gzip -6 -f "$target_dir/carry/pipeline"
 echo "== to carry: $target_dir/carry/pipeline.gz ($(du -h "$target_dir/carry/pipeline.gz" | cut -f1)); scripts/gpu-check.sh unpacks it"

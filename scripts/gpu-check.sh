@@ -6,11 +6,17 @@
 #
 # 1. Run-time libraries: finds the CUDA 13 libraries (libcudart/libcublas/libcurand/libnvrtc.so.*)
 #    of the machine's CUDA install or Python wheels and checks that ldd resolves them all.
+# 1b. Op checks (`pipeline check-ops`): each fused op's CUDA kernels against its CPU kernels at
+#    ViT-B/16's shapes, value and every input gradient, f32 and bf16; AdamW's update bitwise.
 # 2. Smoke test: the tiny Fashion-MNIST preset trains 12 batches on cpu, cuda:0 (f32) and
 #    cuda:0 (bf16); the per-batch losses must agree with the CPU's (f32 within 2e-3, bf16 within
 #    1e-2 relative; the bf16 tolerance is the CPU test's, stages/tests/model_training.rs).
 # 3. `bench train` of ViT-S/16 and ViT-B/16 at 224 px in bf16 at the largest batch of a
-#    descending list that fits: ms/step, images/s and model FLOP utilization (peak 989 TFLOP/s).
+#    descending list that fits: ms/step, images/s and model FLOP utilization (peak 989 TFLOP/s);
+#    then PyTorch eager on the same model and batch in the same script (the peer
+#    crossmae_torch.py, bf16 autocast, SDPA, targets given), and the ratio of images/s.
+#    The peer comes from PEER (default: target-cuda/carry/crossmae_torch.py, which
+#    scripts/build-cuda.sh copies from ../shared/peers, or ../shared/peers itself).
 # Budget: about 8 minutes; each bench try has its own time limit and the list stops at the
 # overall limit (GPU_CHECK_BUDGET_S, default 420 s for part 3).
 set -uo pipefail
@@ -63,6 +69,13 @@ fi
 note check=libraries ok=true
 log "binary: $("$bin" --version 2>&1 | head -1)"
 
+# --- 1b. op checks: CUDA kernels against the CPU's ------------------------------------------------
+timeout 240 "$bin" check-ops --device cuda:0 --batch 4 >"$out/check-ops.jsonl" 2>"$out/check-ops.log"
+rc=$?
+cat "$out/check-ops.jsonl" >>"$results"
+log "op checks: rc $rc, $(grep -c '"ok":true' "$out/check-ops.jsonl") ok, $(grep -c '"ok":false' "$out/check-ops.jsonl") off; $(tail -1 "$out/check-ops.log")"
+note check="op checks" ok=$([[ $rc == 0 ]] && echo true || echo false) rc=$rc
+
 # --- 2. smoke test: tiny preset, CPU vs CUDA -----------------------------------------------------
 tiny=(--set "data.train=['../shards/data/fashion-mnist/train-000000.tar.zst']" --set data.lanes=1
     --set train.epochs=1 --set train.batch_size=100 --set "eval.after_run_samples=[200, 200]")
@@ -109,9 +122,38 @@ tail -2 "$results" | cut -c1-300 | tee -a "$out/gpu-check.log"
 # --- 3. bench train: ViT-S/16 and ViT-B/16 at 224, bf16, largest batch that fits -----------------
 budget=${GPU_CHECK_BUDGET_S:-420}
 bench_start=$(date +%s)
-bench() { # config, batches...
-    local config=$1
-    shift
+peer="${PEER:-}"
+for p in "$repo/target-cuda/carry/crossmae_torch.py" "$repo/../shared/peers/crossmae_torch.py"; do
+    [[ -z "$peer" && -f "$p" ]] && peer="$p"
+done
+torch_peer() { # preset, batch, our bench JSON: PyTorch eager on the same model and batch, and the ratio
+    local preset=$1 b=$2 ours=$3
+    if [[ -z "$peer" ]] || ! python3 -c 'import torch, timm' 2>/dev/null; then
+        note check="torch $preset" ok=false error="no peer script or no torch/timm in python3"
+        return
+    fi
+    local left=$((budget - ($(date +%s) - bench_start)))
+    local limit=$((left < 150 ? left : 150))
+    ((limit < 20)) && { note check="torch $preset" ok=false error="out of time"; return; }
+    log "torch $preset batch $b (limit ${limit}s)"
+    if timeout "$limit" python3 "$peer" bench --preset "$preset" --batch "$b" --steps 10 --device cuda --bf16 \
+        --targets-outside >"$out/torch.tmp" 2>"$out/torch-$preset-$b.err"; then
+        python3 - "$ours" "$out/torch.tmp" <<'PYEOF' | tee -a "$results"
+import json, sys
+ours = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+torch = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
+print(json.dumps({"check": f"torch {torch['preset']}", "ok": True, "torch": torch,
+                  "ours_images_per_s": ours.get("images_per_s"), "torch_images_per_s": torch["images_per_s"],
+                  "ratio_ours_over_torch": ours.get("images_per_s", 0) / torch["images_per_s"]}))
+PYEOF
+    else
+        log "  torch batch $b failed: $(tail -c 300 "$out/torch-$preset-$b.err" | tr '\n' ' ')"
+        note check="torch $preset" ok=false error="peer failed, see torch-$preset-$b.err"
+    fi
+}
+bench() { # config, preset of the peer, batches...
+    local config=$1 preset=$2
+    shift 2
     for b in "$@"; do
         local left=$((budget - ($(date +%s) - bench_start)))
         if ((left < 40)); then
@@ -125,11 +167,12 @@ bench() { # config, batches...
             --set train.device=cuda:0 --set train.precision=bf16 \
             >"$out/bench.tmp" 2>"$out/bench-$(basename "$config" .yaml)-$b.err"; then
             cat "$out/bench.tmp" | tee -a "$results"
+            torch_peer "$preset" "$b" "$out/bench.tmp"
             return
         fi
         log "  batch $b failed: $(tail -c 300 "$out/bench-$(basename "$config" .yaml)-$b.err" | tr '\n' ' ')"
     done
 }
-bench configs/vit-s16-imagenet.yaml 512 384 256 128 64
-bench configs/vit-b16-imagenet.yaml 256 192 128 64 32
+bench configs/vit-s16-imagenet.yaml vit-s16 512 384 256 128 64
+bench configs/vit-b16-imagenet.yaml vit-b16 256 192 128 64 32
 log "done in $(($(date +%s) - started)) s; results in $results"

@@ -5,6 +5,8 @@
 
 fn main() {
     openblas();
+    #[cfg(feature = "cuda")]
+    cuda_kernels();
     println!("cargo::rerun-if-changed=csrc/jpeg_region.c");
     println!("cargo::rerun-if-env-changed=CROSSMAE_NO_LIBJPEG");
     println!("cargo::rustc-check-cfg=cfg(libjpeg_turbo)");
@@ -44,4 +46,31 @@ fn openblas() {
             println!("cargo::warning=OpenBLAS not found by pkg-config ({e}); the training GEMM uses its own kernel")
         }
     }
+}
+
+/// With the `cuda` feature: the fused ops' kernels (the `.cu` files beside
+/// `src/model/ops/*.rs` and `src/train/optim.rs`) to PTX, one module per file,
+/// listed in `$OUT_DIR/ops_ptx.rs` (`model::ops::cuda` loads them through candle's
+/// CUDA device). nvcc and the target come from `CUDA_HOME` / `PATH` and
+/// `CUDA_COMPUTE_CAP`, as for candle's own kernels (scripts/build-cuda.sh sets them).
+#[cfg(feature = "cuda")]
+fn cuda_kernels() {
+    const KERNELS: [&str; 7] = [
+        "src/model/ops/attention.cu",
+        "src/model/ops/column_sums.cu",
+        "src/model/ops/draw_loss.cu",
+        "src/model/ops/gelu.cu",
+        "src/model/ops/layer_norm.cu",
+        "src/model/ops/pred_loss.cu",
+        "src/train/adamw.cu",
+    ];
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("ops_ptx.rs");
+    let ptx = cudaforge::KernelBuilder::new()
+        .source_files(KERNELS)
+        .watch(["src/model/ops/common.cuh"])
+        .args(["-std=c++17", "-O3", "--expt-relaxed-constexpr"])
+        .build_ptx()
+        .unwrap_or_else(|e| panic!("compiling the fused ops' CUDA kernels with nvcc: {e}"));
+    ptx.write(&out)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
 }

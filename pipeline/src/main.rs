@@ -18,7 +18,8 @@ mod plot;
 mod trainer;
 
 use commands::{
-    ablation, bench_cache, bench_data, bench_train, eval, export, precompute, shards as shards_cmd, stages_dump, viz,
+    ablation, bench_cache, bench_data, bench_train, check_ops, eval, export, precompute, shards as shards_cmd,
+    stages_dump, viz,
 };
 use std::process::ExitCode;
 
@@ -61,6 +62,8 @@ enum Command {
     Viz(viz::VizArgs),
     /// Write the backbone with timm's names (`--format timm`) as safetensors.
     Export(export::ExportArgs),
+    /// Check every fused op on a device (a GPU) against the same op on the CPU: values and input gradients, one JSON line per op.
+    CheckOps(check_ops::CheckOpsArgs),
     /// Measure throughput.
     Bench {
         #[command(subcommand)]
@@ -93,6 +96,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Ablation(args) => ablation::run(&args),
         Command::Viz(args) => viz::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::CheckOps(args) => check_ops::run(&args),
         Command::Stages {
             command: StagesCommand::Dump(args),
         } => stages_dump::run(&args),

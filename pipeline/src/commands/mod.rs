@@ -7,6 +7,7 @@ pub mod ablation;
 pub mod bench_cache;
 pub mod bench_data;
 pub mod bench_train;
+pub mod check_ops;
 pub mod eval;
 pub mod export;
 pub mod precompute;

@@ -138,8 +138,9 @@ impl AdamW {
                 Some(g) => g.clone(),
                 None => s.m.zeros_like()?,
             };
+            let dev = s.var.device();
             let fused = !crate::model::ops::reference()
-                && s.var.device().is_cpu()
+                && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()))
                 && [s.var.dtype(), g.dtype(), s.m.dtype()].iter().all(|d| *d == DType::F32);
             if fused {
                 let op = FusedUpdate {
@@ -156,8 +157,8 @@ impl AdamW {
                     .into_inner()
                     .map_err(|_| candle_core::Error::Msg("adamw: poisoned".into()))?
                     .ok_or_else(|| candle_core::Error::Msg(format!("adamw: no update for {}", s.name)))?;
-                s.m = Tensor::from_vec(m, s.var.shape(), s.var.device())?;
-                s.v = Tensor::from_vec(v, s.var.shape(), s.var.device())?;
+                s.m = m;
+                s.v = v;
             } else {
                 Self::slot_reference(s, &g, &c)?;
             }
@@ -257,7 +258,33 @@ struct FusedUpdate {
     v: Tensor,
     decay: bool,
     c: Coefficients,
-    moments: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    /// The new (m, v), set by the update.
+    moments: Mutex<Option<(Tensor, Tensor)>>,
+}
+
+impl FusedUpdate {
+    /// The coefficients as the kernels take them (f32).
+    fn f32_coefficients(&self) -> [f32; 7] {
+        let c = self.c;
+        [
+            c.decay_factor,
+            c.one_minus_b1,
+            c.b2,
+            c.one_minus_b2,
+            1.0 / c.bc2_sqrt,
+            c.eps,
+            c.step_size,
+        ]
+        .map(|x| x as f32)
+    }
+
+    fn set_moments(&self, m: Tensor, v: Tensor) -> Result<()> {
+        *self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("adamw: poisoned".into()))? = Some((m, v));
+        Ok(())
+    }
 }
 
 impl InplaceOp1 for FusedUpdate {
@@ -273,18 +300,8 @@ impl InplaceOp1 for FusedUpdate {
             candle_core::bail!("adamw: the parameter must be contiguous")
         };
         let p = &mut data[a..b];
-        let c = self.c;
-        let f = |x: f64| x as f32;
-        let (decay, om1, b2, om2, inv_bc2, eps, ss) = (
-            self.decay && c.weight_decay_on,
-            f(c.one_minus_b1),
-            f(c.b2),
-            f(c.one_minus_b2),
-            f(1.0 / c.bc2_sqrt),
-            f(c.eps),
-            f(c.step_size),
-        );
-        let decay_factor = f(c.decay_factor);
+        let decay = self.decay && self.c.weight_decay_on;
+        let [decay_factor, om1, b2, om2, inv_bc2, eps, ss] = self.f32_coefficients();
         const CHUNK: usize = 1 << 14;
         let (m, v) = with_slices([&self.g, &self.m, &self.v], "adamw", |[g, m, v]| {
             if g.len() != p.len() || m.len() != p.len() || v.len() != p.len() {
@@ -315,11 +332,56 @@ impl InplaceOp1 for FusedUpdate {
                 });
             Ok((m2, v2))
         })?;
-        *self
-            .moments
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("adamw: poisoned".into()))? = Some((m, v));
-        Ok(())
+        let shape = self.m.shape();
+        self.set_moments(
+            Tensor::from_vec(m, shape, &candle_core::Device::Cpu)?,
+            Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?,
+        )
+    }
+
+    /// The same update as one kernel (adamw.cu), in the same f32 operations.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle_core::CudaStorage, layout: &Layout) -> Result<()> {
+        use crate::model::ops::cuda::{self, launch};
+        use candle_core::backend::BackendStorage;
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("adamw: the parameter must be contiguous")
+        };
+        let dev = storage.device().clone();
+        let mut p = storage.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+        let n = b - a;
+        let (m, v) = cuda::with_views::<3, f32, _>([&self.g, &self.m, &self.v], "adamw", |_, [g, m, v]| {
+            if g.len() != n || m.len() != n || v.len() != n {
+                candle_core::bail!("adamw: gradient of {} values for a parameter of {n}", g.len())
+            }
+            let (m2, v2) = (cuda::alloc::<f32>(&dev, n)?, cuda::alloc::<f32>(&dev, n)?);
+            let decay = (self.decay && self.c.weight_decay_on) as i32;
+            let [decay_factor, om1, b2, om2, inv_bc2, eps, ss] = self.f32_coefficients();
+            launch!(
+                &dev,
+                cuda::ADAMW,
+                "adamw_f32",
+                cuda::elementwise(n),
+                &mut p,
+                &g,
+                &m,
+                &v,
+                &m2,
+                &v2,
+                &n,
+                &decay,
+                &decay_factor,
+                &om1,
+                &b2,
+                &om2,
+                &inv_bc2,
+                &eps,
+                &ss
+            );
+            Ok((m2, v2))
+        })?;
+        let shape = self.m.shape();
+        self.set_moments(cuda::tensor(m, &dev, shape), cuda::tensor(v, &dev, shape))
     }
 }
 

@@ -27,6 +27,21 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
     if num_heads == 0 || three_d % (3 * num_heads) != 0 {
         candle_core::bail!("attention: qkv width {three_d} is not 3 x {num_heads} heads")
     }
+    #[cfg(feature = "cuda")]
+    if super::fused(qkv) && qkv.device().is_cuda() {
+        autocast::add_flops(4 * (b * t * t * (three_d / 3)) as u64);
+        let op = Attention {
+            core: Core {
+                heads: num_heads,
+                scale: scale as f32,
+            },
+            lse: OnceLock::new(),
+        };
+        // The products at this thread's precision: under bf16, bf16 operands and scores
+        // (f32 accumulation and softmax arithmetic), f32 again at the output.
+        let dtype = autocast::gemm_dtype();
+        return qkv.contiguous()?.to_dtype(dtype)?.apply_op1(op)?.to_dtype(DType::F32);
+    }
     if super::fused(qkv) && autocast::gemm_dtype() == DType::F32 {
         let d = three_d / 3;
         autocast::add_flops(4 * (b * t * t * d) as u64);
@@ -136,15 +151,179 @@ impl CustomOp1 for Attention {
         Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage as _;
+        match s.dtype() {
+            DType::F32 => self.cuda_forward::<f32>(s, l, "f32"),
+            DType::BF16 => self.cuda_forward::<half::bf16>(s, l, "bf16"),
+            other => candle_core::bail!("attention: qkv in {other:?}, kernels for f32 and bf16"),
+        }
+    }
+
     fn bwd(&self, qkv: &Tensor, out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let Some(lse) = self.lse.get() else {
             candle_core::bail!("attention backward before its forward")
         };
+        #[cfg(feature = "cuda")]
+        if super::cuda::on_cuda(qkv) {
+            return match qkv.dtype() {
+                DType::F32 => self.cuda_backward::<f32>(qkv, g, lse, "f32"),
+                DType::BF16 => self.cuda_backward::<half::bf16>(qkv, g, lse, "bf16"),
+                other => candle_core::bail!("attention backward: qkv in {other:?}"),
+            }
+            .map(Some);
+        }
         let (b, t, three_d) = qkv.dims3()?;
         with_slices([qkv, out, g, lse], "attention backward", |[qkv, out, g, lse]| {
             let mut dqkv = output_vec(b * t * three_d);
             self.core.backward_into(qkv, out, g, lse, t, three_d / 3, &mut dqkv);
             Ok(Some(tensor(dqkv, (b, t, three_d))?))
+        })
+    }
+}
+
+/// The CUDA side. Per head, cuBLAS strided-batched products over the batch, with q,
+/// k, v and their gradients addressed as column blocks of the packed (B, T, 3D)
+/// buffers (offset h d, leading dimension 3D). In cuBLAS's column-major terms a
+/// row-major (T, d) block with row stride 3D is its transpose, so, with S = q k^T:
+/// S^T = k q^T, O^T = v^T P^T, dP^T = v dO^T, dV^T = dO^T P, dQ^T = k^T dS^T and
+/// dK^T = q^T dS. The scores (B, H, T, T) live only inside the forward and inside
+/// the backward, which recomputes P from the saved logsumexp.
+#[cfg(feature = "cuda")]
+impl Attention {
+    fn cuda_forward<T: super::cuda::Scalar>(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        suffix: &str,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, launch, Product};
+        let qkv = cuda::view::<T>(s, l, "attention qkv")?;
+        let (b, t, three_d) = l.shape().dims3()?;
+        let (d, h) = (three_d / 3, self.core.heads);
+        let hd = d / h;
+        let dev = &s.device;
+        let mut scores = cuda::alloc::<T>(dev, b * h * t * t)?;
+        let mut out = cuda::alloc::<T>(dev, b * t * d)?;
+        let lse = cuda::alloc::<f32>(dev, b * h * t)?;
+        let (q_k, scores_at) = ((3 * d, t * 3 * d), (t, h * t * t));
+        for head in 0..h {
+            let (q, k) = (head * hd, d + head * hd);
+            Product::new(true, false, t, t, hd, b)
+                .a(k, q_k)
+                .b(q, q_k)
+                .c(head * t * t, scores_at)
+                .run(dev, &qkv, &qkv, &mut scores)?;
+        }
+        let (n, scale) = (t as i32, self.core.scale);
+        let softmax = format!("attention_softmax_fwd_{suffix}");
+        launch!(
+            dev,
+            cuda::ATTENTION,
+            &softmax,
+            cuda::per_row(b * h * t, cuda::ROW_THREADS),
+            &scores,
+            &scores,
+            &lse,
+            &n,
+            &scale
+        );
+        let probs = scores.slice(..);
+        for head in 0..h {
+            Product::new(false, false, hd, t, t, b)
+                .a(2 * d + head * hd, q_k)
+                .b(head * t * t, scores_at)
+                .c(head * hd, (d, t * d))
+                .run(dev, &qkv, &probs, &mut out)?;
+        }
+        drop(probs);
+        let _ = self.lse.set(cuda::tensor(lse, dev, (b, h, t)));
+        Ok((cuda::storage(out, dev), Shape::from((b, t, d))))
+    }
+
+    fn cuda_backward<T: super::cuda::Scalar>(
+        &self,
+        qkv: &Tensor,
+        g: &Tensor,
+        lse: &Tensor,
+        suffix: &str,
+    ) -> Result<Tensor> {
+        use super::cuda::{self, launch, Product};
+        let (b, t, three_d) = qkv.dims3()?;
+        let (d, h) = (three_d / 3, self.core.heads);
+        let hd = d / h;
+        cuda::with_views::<1, f32, _>([lse], "attention backward", |_, [lse]| {
+            cuda::with_views::<2, T, _>([qkv, g], "attention backward", |dev, [qkv_v, g_v]| {
+                let mut probs = cuda::alloc::<T>(dev, b * h * t * t)?;
+                let mut ds = cuda::alloc::<T>(dev, b * h * t * t)?;
+                let mut dqkv = cuda::alloc::<T>(dev, b * t * three_d)?;
+                let (q_k, scores_at, rows_of_d) = ((3 * d, t * 3 * d), (t, h * t * t), (d, t * d));
+                for head in 0..h {
+                    let (q, k) = (head * hd, d + head * hd);
+                    Product::new(true, false, t, t, hd, b)
+                        .a(k, q_k)
+                        .b(q, q_k)
+                        .c(head * t * t, scores_at)
+                        .run(dev, &qkv_v, &qkv_v, &mut probs)?;
+                }
+                let (total, n, scale) = (b * h * t * t, t as i32, self.core.scale);
+                let from_lse = format!("attention_softmax_from_lse_{suffix}");
+                launch!(
+                    dev,
+                    cuda::ATTENTION,
+                    &from_lse,
+                    cuda::elementwise(total),
+                    &probs,
+                    &probs,
+                    &lse,
+                    &total,
+                    &n,
+                    &scale
+                );
+                for head in 0..h {
+                    Product::new(true, false, t, t, hd, b)
+                        .a(2 * d + head * hd, q_k)
+                        .b(head * hd, rows_of_d)
+                        .c(head * t * t, scores_at)
+                        .run(dev, &qkv_v, &g_v, &mut ds)?;
+                }
+                let softmax_bwd = format!("attention_softmax_bwd_{suffix}");
+                launch!(
+                    dev,
+                    cuda::ATTENTION,
+                    &softmax_bwd,
+                    cuda::per_row(b * h * t, cuda::ROW_THREADS),
+                    &probs,
+                    &ds,
+                    &n,
+                    &scale
+                );
+                let (p_v, ds_v) = (probs.slice(..), ds.slice(..));
+                for head in 0..h {
+                    let (q, k, v) = (head * hd, d + head * hd, 2 * d + head * hd);
+                    let at = head * t * t;
+                    // dV^T = dO^T P
+                    Product::new(false, true, hd, t, t, b)
+                        .a(head * hd, rows_of_d)
+                        .b(at, scores_at)
+                        .c(v, q_k)
+                        .run(dev, &g_v, &p_v, &mut dqkv)?;
+                    // dQ^T = k^T dS^T
+                    Product::new(false, false, hd, t, t, b)
+                        .a(k, q_k)
+                        .b(at, scores_at)
+                        .c(q, q_k)
+                        .run(dev, &qkv_v, &ds_v, &mut dqkv)?;
+                    // dK^T = q^T dS
+                    Product::new(false, true, hd, t, t, b)
+                        .a(q, q_k)
+                        .b(at, scores_at)
+                        .c(k, q_k)
+                        .run(dev, &qkv_v, &ds_v, &mut dqkv)?;
+                }
+                Ok(cuda::tensor(dqkv, dev, (b, t, three_d)))
+            })
         })
     }
 }

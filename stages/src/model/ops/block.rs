@@ -120,7 +120,7 @@ fn block_with(
             )
         }
     }
-    if !(super::fused(x) && autocast::gemm_dtype() == DType::F32) {
+    if !(super::fused_cpu(x) && autocast::gemm_dtype() == DType::F32) {
         return match scales {
             None => block_reference(x, weights, heads, eps),
             Some(s) => block_drop_path_reference(x, weights, heads, eps, s),

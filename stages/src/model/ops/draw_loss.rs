@@ -9,13 +9,19 @@ use super::cpu::{f32_slice, tensor, with_slices};
 use crate::model::patch::patchify;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// drawn (B, N, P P C) MAE order, target image (B, C, H, W), mask (B, N) 1 = masked -> scalar.
 pub fn draw_loss(drawn: &Tensor, target: &Tensor, mask: &Tensor, p: usize) -> Result<Tensor> {
     if super::fused(drawn) && !target.track_op() && !mask.track_op() {
-        drawn
-            .contiguous()?
-            .apply_op3(&target.contiguous()?, &mask.contiguous()?, DrawLoss { p })
+        drawn.contiguous()?.apply_op3(
+            &target.contiguous()?,
+            &mask.contiguous()?,
+            DrawLoss {
+                p,
+                count: OnceLock::new(),
+            },
+        )
     } else {
         draw_loss_reference(drawn, target, mask, p)
     }
@@ -32,7 +38,15 @@ pub fn draw_loss_reference(drawn: &Tensor, target: &Tensor, mask: &Tensor, p: us
 
 struct DrawLoss {
     p: usize,
+    /// sum(mask) (a 1-value device tensor), set by the CUDA forward for its backward;
+    /// the CPU backward sums again.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    count: OnceLock<Tensor>,
 }
+
+/// Patches per block of the CUDA forward: one warp each (`PATCHES_PER_BLOCK`).
+#[cfg(feature = "cuda")]
+const CUDA_PATCHES_PER_BLOCK: usize = 8;
 
 /// Calls `f(pixel index in MAE order, target value)` for every value of patch n.
 #[inline]
@@ -110,6 +124,51 @@ impl CustomOp3 for DrawLoss {
         Ok((CpuStorage::F32(vec![total / count.max(1.0)]), Shape::from(())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, launch};
+        let drawn = cuda::view::<f32>(s1, l1, "draw loss drawn")?;
+        let t = cuda::view::<f32>(s2, l2, "draw loss target")?;
+        let mask = cuda::view::<f32>(s3, l3, "draw loss mask")?;
+        let (b, n, k, c, h, w) = self.dims(l1, l2)?;
+        if mask.len() != b * n {
+            candle_core::bail!("draw loss: mask {:?} for {b} x {n} patches", l3.dims())
+        }
+        let dev = &s1.device;
+        let blocks = (b * n).div_ceil(CUDA_PATCHES_PER_BLOCK).max(1);
+        let partial = cuda::alloc::<f32>(dev, 2 * blocks)?;
+        let [patches, n, k, c, h, w, p] = [b * n, n, k, c, h, w, self.p].map(|v| v as i32);
+        let cfg = cuda::per_row(blocks, 32 * CUDA_PATCHES_PER_BLOCK as u32);
+        launch!(
+            dev,
+            cuda::DRAW_LOSS,
+            "draw_loss_partial_f32",
+            cfg,
+            &drawn,
+            &t,
+            &mask,
+            &partial,
+            &patches,
+            &n,
+            &k,
+            &c,
+            &h,
+            &w,
+            &p
+        );
+        let (loss, count) = cuda::finish_loss(dev, &partial, blocks)?;
+        let _ = self.count.set(count);
+        Ok((cuda::storage(loss, dev), Shape::from(())))
+    }
+
     fn bwd(
         &self,
         drawn: &Tensor,
@@ -121,6 +180,39 @@ impl CustomOp3 for DrawLoss {
         let (b, n, k) = drawn.dims3()?;
         let (_, c, h, w) = target.dims4()?;
         let p = self.p;
+        #[cfg(feature = "cuda")]
+        if super::cuda::on_cuda(drawn) {
+            use super::cuda::{self, launch};
+            let Some(count) = self.count.get() else {
+                candle_core::bail!("draw loss backward before its forward")
+            };
+            let views = [drawn, target, mask, grad, count];
+            return cuda::with_views::<5, f32, _>(views, "draw loss backward", |dev, [d, t, m, g, cnt]| {
+                let total = b * n * k;
+                let dd = cuda::alloc::<f32>(dev, total)?;
+                let [n, k, c, h, w, p] = [n, k, c, h, w, p].map(|v| v as i32);
+                launch!(
+                    dev,
+                    cuda::DRAW_LOSS,
+                    "draw_loss_bwd_f32",
+                    cuda::elementwise(total),
+                    &d,
+                    &t,
+                    &m,
+                    &g,
+                    &cnt,
+                    &dd,
+                    &total,
+                    &n,
+                    &k,
+                    &c,
+                    &h,
+                    &w,
+                    &p
+                );
+                Ok((Some(cuda::tensor(dd, dev, (b, n as usize, k as usize))), None, None))
+            });
+        }
         with_slices([drawn, target, mask, grad], "draw loss backward", |[d, t, mask, g]| {
             let count: f32 = mask.iter().sum();
             let coef = g[0] * 2.0 / (k as f32 * count.max(1.0));

@@ -99,7 +99,28 @@ impl CustomOp1 for Gelu {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, launch};
+        let x = cuda::view::<f32>(s, l, "gelu")?;
+        let dev = &s.device;
+        let y = cuda::alloc::<f32>(dev, x.len())?;
+        let n = x.len();
+        launch!(dev, cuda::GELU, "gelu_fwd_f32", cuda::elementwise(n), &x, &y, &n);
+        Ok((cuda::storage(y, dev), l.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if super::cuda::on_cuda(x) {
+            use super::cuda::{self, launch};
+            return cuda::with_views::<2, f32, _>([x, g], "gelu backward", |dev, [xs, gs]| {
+                let n = xs.len();
+                let dx = cuda::alloc::<f32>(dev, n)?;
+                launch!(dev, cuda::GELU, "gelu_bwd_f32", cuda::elementwise(n), &xs, &gs, &dx, &n);
+                Ok(Some(cuda::tensor(dx, dev, x.shape().clone())))
+            });
+        }
         with_slices([x, g], "gelu backward", |[xs, gs]| {
             let mut dx = output_vec(xs.len());
             dx.par_chunks_mut(CHUNK)

@@ -194,6 +194,46 @@ impl CustomOp3 for LayerNormOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, launch};
+        let x = cuda::view::<f32>(s1, l1, "layer-norm x")?;
+        let w = cuda::view::<f32>(s2, l2, "layer-norm weight")?;
+        let b = cuda::view::<f32>(s3, l3, "layer-norm bias")?;
+        let d = w.len().max(1);
+        if l1.dims().last() != Some(&w.len()) || b.len() != w.len() {
+            candle_core::bail!("layer-norm: x {:?}, weight {}, bias {}", l1.dims(), w.len(), b.len())
+        }
+        let rows = x.len() / d;
+        let dev = &s1.device;
+        let y = cuda::alloc::<f32>(dev, x.len())?;
+        let stats = cuda::alloc::<f32>(dev, 2 * rows)?;
+        let (width, eps) = (d as i32, self.eps);
+        launch!(
+            dev,
+            cuda::LAYER_NORM,
+            "layer_norm_fwd_f32",
+            cuda::per_row(rows, cuda::ROW_THREADS),
+            &x,
+            &w,
+            &b,
+            &y,
+            &stats,
+            &width,
+            &eps
+        );
+        let _ = self.stats.set(cuda::tensor(stats, dev, (rows, 2)));
+        Ok((cuda::storage(y, dev), l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -205,6 +245,10 @@ impl CustomOp3 for LayerNormOp {
         let Some(stats) = self.stats.get() else {
             candle_core::bail!("layer-norm backward before its forward")
         };
+        #[cfg(feature = "cuda")]
+        if super::cuda::on_cuda(x) {
+            return cuda_backward(x, w, g, stats).map(|(dx, dw, db)| (Some(dx), Some(dw), Some(db)));
+        }
         with_slices([x, w, g, stats], "layer-norm backward", |[xs, ws, gs, st]| {
             let mut dx = output_vec(xs.len());
             let (dw, db) = backward_into(xs, gs, ws, st, &mut dx, false);
@@ -215,6 +259,54 @@ impl CustomOp3 for LayerNormOp {
             ))
         })
     }
+}
+
+/// The backward's kernels: dx (one block per row), then dgamma and dbeta by a
+/// column reduction over the rows (partials per chunk of rows, added in order).
+#[cfg(feature = "cuda")]
+fn cuda_backward(x: &Tensor, w: &Tensor, g: &Tensor, stats: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    use super::cuda::{self, launch};
+    cuda::with_views::<4, f32, _>([x, w, g, stats], "layer-norm backward", |dev, [xs, ws, gs, st]| {
+        let d = ws.len().max(1);
+        let rows = xs.len() / d;
+        let dx = cuda::alloc::<f32>(dev, xs.len())?;
+        let (r, width) = (rows as i32, d as i32);
+        launch!(
+            dev,
+            cuda::LAYER_NORM,
+            "layer_norm_bwd_dx_f32",
+            cuda::per_row(rows, cuda::ROW_THREADS),
+            &xs,
+            &gs,
+            &ws,
+            &st,
+            &dx,
+            &width
+        );
+        let (cfg, chunks) = cuda::column_partial(rows, d);
+        let (pw, pb) = (
+            cuda::alloc::<f32>(dev, chunks * d)?,
+            cuda::alloc::<f32>(dev, chunks * d)?,
+        );
+        launch!(
+            dev,
+            cuda::LAYER_NORM,
+            "layer_norm_bwd_params_partial_f32",
+            cfg,
+            &xs,
+            &gs,
+            &st,
+            &pw,
+            &pb,
+            &r,
+            &width
+        );
+        Ok((
+            cuda::tensor(dx, dev, x.shape().clone()),
+            cuda::finish_columns(dev, &pw, chunks, d)?,
+            cuda::finish_columns(dev, &pb, chunks, d)?,
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -18,6 +18,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if let Some(last) = out_dims.last_mut() {
         *last = n;
     }
+    #[cfg(feature = "cuda")]
+    if super::fused(x) && x.device().is_cuda() {
+        // cuBLAS at this thread's precision, then the bias by its kernel (one pass; the
+        // basic ops' broadcast add indexes every element through all dimensions).
+        let y = matmul(&x.reshape((rows, k))?, &weight.t()?)?;
+        return y.apply_op2(&bias.contiguous()?, BiasAdd)?.reshape(out_dims);
+    }
     if super::fused(x) && autocast::gemm_dtype() == DType::F32 {
         autocast::add_flops(2 * (rows * k * n) as u64);
         // Any rank in and out: a reshape node would cost two passes in candle's backward.
@@ -122,6 +129,62 @@ impl CustomOp3 for LinearOp {
             let db = column_sums(gs, n);
             Ok((dx, Some(tensor(dw, (n, k))?), Some(tensor(db, n)?)))
         })
+    }
+}
+
+/// `y = x + bias` over the rows of a (rows, n) product, on CUDA (the CPU's Linear
+/// starts its GEMM from the bias instead); the backward passes the gradient through
+/// to x and makes the bias's by a column reduction.
+#[cfg(feature = "cuda")]
+struct BiasAdd;
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "crossmae-bias-add"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("bias add: a CUDA kernel only (the CPU's Linear adds its bias inside the GEMM)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, launch};
+        let x = cuda::view::<f32>(s1, l1, "bias add x")?;
+        let b = cuda::view::<f32>(s2, l2, "bias add bias")?;
+        if l1.dims().last() != Some(&b.len()) {
+            candle_core::bail!("bias add: x {:?}, bias {}", l1.dims(), b.len())
+        }
+        let dev = &s1.device;
+        let y = cuda::alloc::<f32>(dev, x.len())?;
+        let (total, width) = (x.len(), b.len() as i32);
+        launch!(
+            dev,
+            cuda::COLUMN_SUMS,
+            "bias_add_f32",
+            cuda::elementwise(total),
+            &x,
+            &b,
+            &y,
+            &total,
+            &width
+        );
+        Ok((cuda::storage(y, dev), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, bias: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = bias.elem_count();
+        let rows = x.elem_count() / n.max(1);
+        let db = super::cuda::with_views::<1, f32, _>([g], "bias add backward", |dev, [gs]| {
+            super::cuda::column_sums(dev, &gs, rows, n)
+        })?;
+        Ok((Some(g.clone()), Some(db)))
     }
 }
 

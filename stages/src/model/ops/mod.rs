@@ -41,6 +41,9 @@ pub mod attention;
 pub mod basic;
 pub mod block;
 mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+pub mod device_check;
 pub mod draw_loss;
 pub mod gelu;
 pub mod layer_norm;
@@ -87,8 +90,15 @@ pub fn reference() -> bool {
     REFERENCE.with(|r| r.get())
 }
 
-/// Whether the fused CPU op runs for `x`.
+/// Whether the fused op runs for `x`: its CPU kernels for f32 CPU tensors, its
+/// CUDA kernels (built with the `cuda` feature) for f32 CUDA tensors.
 pub(crate) fn fused(x: &Tensor) -> bool {
+    !reference() && x.dtype() == DType::F32 && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
+}
+
+/// Whether the fused ops that have CPU kernels only (the block, the pixel path) run
+/// for `x`; on CUDA the block runs as the composition of the ops it fuses.
+pub(crate) fn fused_cpu(x: &Tensor) -> bool {
     !reference() && x.device().is_cpu() && x.dtype() == DType::F32
 }
 

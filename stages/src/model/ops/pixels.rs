@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 /// Images (B, C, H, W) -> patches (B, N, C P P) in conv order.
 pub fn patchify_conv_order(images: &Tensor, p: usize) -> Result<Tensor> {
-    if super::fused(images) && !images.track_op() {
+    if super::fused_cpu(images) && !images.track_op() {
         images.contiguous()?.apply_op1_no_bwd(&PatchifyConv { p })
     } else {
         patchify_conv(images, p)
@@ -24,7 +24,7 @@ pub fn patchify_conv_order(images: &Tensor, p: usize) -> Result<Tensor> {
 /// x_draw in conv order (B, N, C P P): the drawing (B, N, P P C, MAE order) where
 /// `mask` (B, N) is 1, the image (B, C, H, W) where it is 0. Differentiable in `drawn`.
 pub fn compose_conv_order(drawn: &Tensor, images: &Tensor, mask: &Tensor, p: usize) -> Result<Tensor> {
-    if super::fused(drawn) && !images.track_op() && !mask.track_op() {
+    if super::fused_cpu(drawn) && !images.track_op() && !mask.track_op() {
         drawn
             .contiguous()?
             .apply_op3(&images.contiguous()?, &mask.contiguous()?, Compose { p })

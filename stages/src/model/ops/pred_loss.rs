@@ -7,12 +7,14 @@
 use super::cpu::{f32_slice, tensor, with_slices, ROWS_PER_TASK};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// pred, target (B, N, D_t); weight (B, N) or (B, N, 1) -> scalar.
 pub fn pred_loss(pred: &Tensor, target: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if super::fused(pred) && !weight.track_op() {
+        let op = PredLoss { count: OnceLock::new() };
         pred.contiguous()?
-            .apply_op3(&target.detach().contiguous()?, &weight.contiguous()?, PredLoss)
+            .apply_op3(&target.detach().contiguous()?, &weight.contiguous()?, op)
     } else {
         pred_loss_reference(pred, target, weight)
     }
@@ -33,7 +35,16 @@ pub fn pred_loss_reference(pred: &Tensor, target: &Tensor, weight: &Tensor) -> R
     per_patch.mul(&valid)?.sum_all()? / valid.sum_all()?.maximum(1.0)?
 }
 
-struct PredLoss;
+struct PredLoss {
+    /// The number of patches counted (a 1-value device tensor), set by the CUDA forward
+    /// for its backward; the CPU backward counts again.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    count: OnceLock<Tensor>,
+}
+
+/// Patches (rows) per block of the CUDA kernels: one warp each (`ROWS_PER_BLOCK`).
+#[cfg(feature = "cuda")]
+const CUDA_ROWS_PER_BLOCK: usize = 8;
 
 /// Per row: (valid weight, cos, 1 / pn, 1 / max(|t|, 1e-12)).
 #[inline]
@@ -95,6 +106,52 @@ impl CustomOp3 for PredLoss {
         Ok((CpuStorage::F32(vec![loss / count.max(1.0)]), Shape::from(())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, launch};
+        let p = cuda::view::<f32>(s1, l1, "pred loss pred")?;
+        let t = cuda::view::<f32>(s2, l2, "pred loss target")?;
+        let w = cuda::view::<f32>(s3, l3, "pred loss weight")?;
+        let dt = l1.dims().last().copied().unwrap_or(1).max(1);
+        if t.len() != p.len() || w.len() * dt != p.len() {
+            candle_core::bail!(
+                "pred loss: pred {:?}, target {:?}, weight {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let dev = &s1.device;
+        let rows = w.len();
+        let blocks = rows.div_ceil(CUDA_ROWS_PER_BLOCK).max(1);
+        let partial = cuda::alloc::<f32>(dev, 2 * blocks)?;
+        let (r, width) = (rows as i32, dt as i32);
+        let cfg = cuda::per_row(blocks, 32 * CUDA_ROWS_PER_BLOCK as u32);
+        launch!(
+            dev,
+            cuda::PRED_LOSS,
+            "pred_loss_partial_f32",
+            cfg,
+            &p,
+            &t,
+            &w,
+            &partial,
+            &r,
+            &width
+        );
+        let (loss, count) = cuda::finish_loss(dev, &partial, blocks)?;
+        let _ = self.count.set(count);
+        Ok((cuda::storage(loss, dev), Shape::from(())))
+    }
+
     fn bwd(
         &self,
         pred: &Tensor,
@@ -104,6 +161,38 @@ impl CustomOp3 for PredLoss {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dt = pred.dim(D::Minus1)?.max(1);
+        #[cfg(feature = "cuda")]
+        if super::cuda::on_cuda(pred) {
+            use super::cuda::{self, launch};
+            let Some(count) = self.count.get() else {
+                candle_core::bail!("pred loss backward before its forward")
+            };
+            let views = [pred, target, weight, grad, count];
+            return cuda::with_views::<5, f32, _>(views, "pred loss backward", |dev, [p, t, w, g, c]| {
+                let rows = w.len();
+                let dp = cuda::alloc::<f32>(dev, p.len())?;
+                let (r, width) = (rows as i32, dt as i32);
+                let cfg = cuda::per_row(
+                    rows.div_ceil(CUDA_ROWS_PER_BLOCK).max(1),
+                    32 * CUDA_ROWS_PER_BLOCK as u32,
+                );
+                launch!(
+                    dev,
+                    cuda::PRED_LOSS,
+                    "pred_loss_bwd_f32",
+                    cfg,
+                    &p,
+                    &t,
+                    &w,
+                    &g,
+                    &c,
+                    &dp,
+                    &r,
+                    &width
+                );
+                Ok((Some(cuda::tensor(dp, dev, pred.shape().clone())), None, None))
+            });
+        }
         with_slices([pred, target, weight, grad], "pred loss backward", |[p, t, w, g]| {
             let count: f32 = p
                 .chunks_exact(dt)

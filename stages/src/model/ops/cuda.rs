@@ -1,0 +1,401 @@
+//! Shared pieces of the fused ops' CUDA side: the kernels' PTX (the `.cu` files
+//! beside the ops, compiled by `build.rs` with nvcc and loaded through candle's
+//! CUDA device), reading tensors as device views, launching, and the
+//! strided-batched products of the attention core (cuBLAS, with the head split
+//! as strides).
+//!
+//! Every op's `cuda_fwd` sits beside its `cpu_fwd`, and its `bwd` launches kernels
+//! when its inputs are on a CUDA device, so no CPU round trip happens in a step.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::result::CublasError;
+use candle_core::cuda_backend::cudarc::cublas::{
+    sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
+};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor};
+
+/// The PTX of each `.cu` file, named after it (`LAYER_NORM`, `ADAMW`, ...).
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ops_ptx.rs"));
+}
+
+/// One `.cu` file's module.
+#[derive(Clone, Copy)]
+pub(crate) struct Module {
+    pub(crate) name: &'static str,
+    pub(crate) ptx: &'static str,
+}
+
+pub(crate) const ATTENTION: Module = Module {
+    name: "crossmae-attention",
+    ptx: ptx::ATTENTION,
+};
+pub(crate) const COLUMN_SUMS: Module = Module {
+    name: "crossmae-column-sums",
+    ptx: ptx::COLUMN_SUMS,
+};
+pub(crate) const DRAW_LOSS: Module = Module {
+    name: "crossmae-draw-loss",
+    ptx: ptx::DRAW_LOSS,
+};
+pub(crate) const GELU: Module = Module {
+    name: "crossmae-gelu",
+    ptx: ptx::GELU,
+};
+pub(crate) const LAYER_NORM: Module = Module {
+    name: "crossmae-layer-norm",
+    ptx: ptx::LAYER_NORM,
+};
+pub(crate) const PRED_LOSS: Module = Module {
+    name: "crossmae-pred-loss",
+    ptx: ptx::PRED_LOSS,
+};
+pub(crate) const ADAMW: Module = Module {
+    name: "crossmae-adamw",
+    ptx: ptx::ADAMW,
+};
+
+/// Threads per block of the row kernels (`ROW_THREADS` in common.cuh).
+pub(crate) const ROW_THREADS: u32 = 256;
+/// Rows per partial of a column reduction (`COL_CHUNK` in common.cuh).
+pub(crate) const COL_CHUNK: usize = 256;
+
+/// Launches kernel `$kernel` of `$module` on `$dev` with `$cfg` and the argument
+/// references (to locals: the builder borrows them until the launch).
+/// A macro, not a function: the launch builder's lifetime is that of the arguments.
+macro_rules! launch {
+    ($dev:expr, $module:expr, $kernel:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg as _;
+        use candle_core::cuda_backend::WrapErr as _;
+        let module: $crate::model::ops::cuda::Module = $module;
+        let func = $dev.get_or_load_custom_func($kernel, module.name, module.ptx)?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )+
+        // SAFETY: each caller passes the argument list of the kernel's C signature, with
+        // device buffers of the extents the kernel reads and writes.
+        unsafe { builder.launch($cfg) }.w()?;
+    }};
+}
+pub(crate) use launch;
+
+/// One block of `threads` per row.
+pub(crate) fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride loop over `n` elements.
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The first stage of a column reduction over (rows, d): blocks of (32, 8) threads,
+/// 32 columns by `COL_CHUNK` rows each. Returns the config and the number of chunks.
+pub(crate) fn column_partial(rows: usize, d: usize) -> (LaunchConfig, usize) {
+    let chunks = rows.div_ceil(COL_CHUNK).max(1);
+    let cfg = LaunchConfig {
+        grid_dim: (d.div_ceil(32) as u32, chunks as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    (cfg, chunks)
+}
+
+/// Sums `partial` (chunks, d) over chunks, in chunk order, into a (d) tensor.
+pub(crate) fn finish_columns(dev: &CudaDevice, partial: &CudaSlice<f32>, chunks: usize, d: usize) -> Result<Tensor> {
+    let out = alloc::<f32>(dev, d)?;
+    let cfg = LaunchConfig {
+        grid_dim: (d.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (chunks, width) = (chunks as i32, d as i32);
+    launch!(
+        dev,
+        COLUMN_SUMS,
+        "column_sums_finish_f32",
+        cfg,
+        partial,
+        &out,
+        &chunks,
+        &width
+    );
+    Ok(tensor(out, dev, d))
+}
+
+/// Column sums of the contiguous (rows, d) `g`: the bias gradient.
+pub(crate) fn column_sums(dev: &CudaDevice, g: &CudaView<'_, f32>, rows: usize, d: usize) -> Result<Tensor> {
+    let (cfg, chunks) = column_partial(rows, d);
+    let partial = alloc::<f32>(dev, chunks * d)?;
+    let (r, w) = (rows as i32, d as i32);
+    launch!(dev, COLUMN_SUMS, "column_sums_partial_f32", cfg, g, &partial, &r, &w);
+    finish_columns(dev, &partial, chunks, d)
+}
+
+/// A device buffer for a kernel that writes every element before anything reads it.
+pub(crate) fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: as `output_vec` on the CPU: the callers' kernels write every element.
+    unsafe { dev.alloc::<T>(n.max(1)) }
+}
+
+/// A tensor (no graph node) from a device buffer.
+pub(crate) fn tensor<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}
+
+/// The output storage of a `cuda_fwd`.
+pub(crate) fn storage<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+    T::wrap_cuda_slice(slice, dev.clone())
+}
+
+/// The contiguous values of a CUDA storage as a view.
+pub(crate) fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    let slice = s
+        .as_cuda_slice::<T>()
+        .map_err(|e| candle_core::Error::Msg(format!("{what}: {e}")))?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice(a..b)),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Runs `f` on the device and the contiguous values of CUDA tensors (the backward
+/// passes, where saved tensors meet): the twin of the CPU's `with_slices`.
+pub(crate) fn with_views<const N: usize, T: CudaDType, R>(
+    ts: [&Tensor; N],
+    what: &str,
+    f: impl FnOnce(&CudaDevice, [CudaView<'_, T>; N]) -> Result<R>,
+) -> Result<R> {
+    let owned: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut views = Vec::with_capacity(N);
+    let mut dev = None;
+    for (i, (guard, layout)) in guards.iter().enumerate() {
+        let Storage::Cuda(cuda) = &**guard else {
+            candle_core::bail!("{what}: input {i} is not on a CUDA device")
+        };
+        dev.get_or_insert_with(|| cuda.device().clone());
+        views.push(view::<T>(cuda, layout, what)?);
+    }
+    let Some(dev) = dev else {
+        candle_core::bail!("{what}: no inputs")
+    };
+    let views: [CudaView<'_, T>; N] = views
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("{what}: {N} inputs expected")))?;
+    f(&dev, views)
+}
+
+/// Whether `t` lives on a CUDA device (the backward passes dispatch on it).
+pub(crate) fn on_cuda(t: &Tensor) -> bool {
+    t.device().is_cuda()
+}
+
+/// One product per batch index, `C_i = op(A_i) op(B_i)` in cuBLAS's column-major
+/// terms: (m x n) = (m x k)(k x n). Each operand is (element offset, (leading
+/// dimension, batch stride)) into its buffer. The attention core's q, k, v and their
+/// gradients are column blocks of the packed qkv, addressed this way, so none is
+/// copied out.
+pub(crate) struct Product {
+    transa: bool,
+    transb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    batch: usize,
+    a: (usize, (usize, usize)),
+    b: (usize, (usize, usize)),
+    c: (usize, (usize, usize)),
+}
+
+impl Product {
+    pub(crate) fn new(transa: bool, transb: bool, m: usize, n: usize, k: usize, batch: usize) -> Self {
+        Self {
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            batch,
+            a: (0, (1, 0)),
+            b: (0, (1, 0)),
+            c: (0, (1, 0)),
+        }
+    }
+
+    pub(crate) fn a(mut self, offset: usize, ld_stride: (usize, usize)) -> Self {
+        self.a = (offset, ld_stride);
+        self
+    }
+
+    pub(crate) fn b(mut self, offset: usize, ld_stride: (usize, usize)) -> Self {
+        self.b = (offset, ld_stride);
+        self
+    }
+
+    pub(crate) fn c(mut self, offset: usize, ld_stride: (usize, usize)) -> Self {
+        self.c = (offset, ld_stride);
+        self
+    }
+
+    /// Checks that every element the product touches lies inside a buffer of `len`:
+    /// an operand stored as `rows x cols` (column-major) with leading dimension ld.
+    fn check(
+        &self,
+        what: &str,
+        (off, (ld, stride)): (usize, (usize, usize)),
+        rows: usize,
+        cols: usize,
+        len: usize,
+    ) -> Result<()> {
+        let last = off + (self.batch.max(1) - 1) * stride + (cols.max(1) - 1) * ld + rows;
+        if ld < rows.max(1) || last > len {
+            candle_core::bail!(
+                "cuBLAS product: operand {what} ({rows} x {cols}, ld {ld}, offset {off}, batch stride {stride}, batch {}) reaches {last} of {len}",
+                self.batch
+            )
+        }
+        Ok(())
+    }
+
+    /// Runs the product (C overwritten) on the device's cuBLAS handle and stream.
+    pub(crate) fn run<T: Scalar>(
+        &self,
+        dev: &CudaDevice,
+        a: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        c: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let (ar, ac) = if self.transa {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        };
+        let (br, bc) = if self.transb {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
+        self.check("A", self.a, ar, ac, a.len())?;
+        self.check("B", self.b, br, bc, b.len())?;
+        self.check("C", self.c, self.m, self.n, c.len())?;
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: op(self.transa),
+                transb: op(self.transb),
+                m: self.m as i32,
+                n: self.n as i32,
+                k: self.k as i32,
+                alpha: T::ONE,
+                lda: self.a.1 .0 as i32,
+                ldb: self.b.1 .0 as i32,
+                beta: T::ZERO,
+                ldc: self.c.1 .0 as i32,
+            },
+            batch_size: self.batch as i32,
+            stride_a: self.a.1 .1 as i64,
+            stride_b: self.b.1 .1 as i64,
+            stride_c: self.c.1 .1 as i64,
+        };
+        let blas = dev.cublas_handle();
+        let (a, b) = (a.slice(self.a.0..), b.slice(self.b.0..));
+        let mut c = c.slice_mut(self.c.0..);
+        // SAFETY: `check` bounded every element each operand's layout reaches.
+        unsafe { T::gemm_strided_batched(&blas, cfg, &a, &b, &mut c) }.w()?;
+        Ok(())
+    }
+}
+
+/// The product dtypes: cuBLAS's alpha (1) and beta (0), and its strided-batched
+/// product (f32: SGEMM; bf16: bf16 operands and output, f32 accumulation).
+pub(crate) trait Scalar: Copy + DeviceRepr + CudaDType {
+    const ONE: Self;
+    const ZERO: Self;
+
+    /// # Safety
+    /// The configuration's extents must lie inside the buffers.
+    unsafe fn gemm_strided_batched(
+        blas: &CudaBlas,
+        cfg: StridedBatchedConfig<Self>,
+        a: &CudaView<'_, Self>,
+        b: &CudaView<'_, Self>,
+        c: &mut CudaViewMut<'_, Self>,
+    ) -> std::result::Result<(), CublasError>;
+}
+
+impl Scalar for f32 {
+    const ONE: Self = 1.0;
+    const ZERO: Self = 0.0;
+
+    unsafe fn gemm_strided_batched(
+        blas: &CudaBlas,
+        cfg: StridedBatchedConfig<Self>,
+        a: &CudaView<'_, Self>,
+        b: &CudaView<'_, Self>,
+        c: &mut CudaViewMut<'_, Self>,
+    ) -> std::result::Result<(), CublasError> {
+        // SAFETY: the caller's.
+        unsafe { Gemm::<f32>::gemm_strided_batched(blas, cfg, a, b, c) }
+    }
+}
+
+impl Scalar for half::bf16 {
+    const ONE: Self = half::bf16::ONE;
+    const ZERO: Self = half::bf16::ZERO;
+
+    unsafe fn gemm_strided_batched(
+        blas: &CudaBlas,
+        cfg: StridedBatchedConfig<Self>,
+        a: &CudaView<'_, Self>,
+        b: &CudaView<'_, Self>,
+        c: &mut CudaViewMut<'_, Self>,
+    ) -> std::result::Result<(), CublasError> {
+        // SAFETY: the caller's.
+        unsafe { Gemm::<half::bf16>::gemm_strided_batched(blas, cfg, a, b, c) }
+    }
+}
+
+/// The end of a loss: `(loss, count)` partials of `blocks` blocks summed in block
+/// order by one block; returns the loss (a scalar) and the count (1 value, for the backward).
+pub(crate) fn finish_loss(
+    dev: &CudaDevice,
+    partial: &CudaSlice<f32>,
+    blocks: usize,
+) -> Result<(CudaSlice<f32>, Tensor)> {
+    let (loss, count) = (alloc::<f32>(dev, 1)?, alloc::<f32>(dev, 1)?);
+    let blocks = blocks as i32;
+    launch!(
+        dev,
+        PRED_LOSS,
+        "loss_finish_f32",
+        per_row(1, ROW_THREADS),
+        partial,
+        &loss,
+        &count,
+        &blocks
+    );
+    Ok((loss, tensor(count, dev, 1)))
+}
