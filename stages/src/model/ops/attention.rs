@@ -14,6 +14,7 @@
 //! dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)) scale, dQ = dS K, dK = dS^T Q.
 
 use super::cpu::{exp, f32_slice, output_vec, tensor, with_slices};
+use super::strided_product::Product;
 use crate::model::autocast;
 use crate::model::matmul::{gemm, gemm_ptr, Init, Mat, SendPtr};
 use crate::simd::multiversion;
@@ -183,13 +184,65 @@ impl CustomOp1 for Attention {
     }
 }
 
-/// The CUDA side. Per head, cuBLAS strided-batched products over the batch, with q,
-/// k, v and their gradients addressed as column blocks of the packed (B, T, 3D)
-/// buffers (offset h d, leading dimension 3D). In cuBLAS's column-major terms a
-/// row-major (T, d) block with row stride 3D is its transpose, so, with S = q k^T:
-/// S^T = k q^T, O^T = v^T P^T, dP^T = v dO^T, dV^T = dO^T P, dQ^T = k^T dS^T and
-/// dK^T = q^T dS. The scores (B, H, T, T) live only inside the forward and inside
-/// the backward, which recomputes P from the saved logsumexp.
+/// The attention core's products on the packed buffers, for one head: what the CUDA
+/// side runs on cuBLAS, batched over the samples. Buffers: qkv and dqkv (B, T, 3D),
+/// out and its gradient (B, T, D), scores, probabilities and their gradients
+/// (B, H, T, T). A row-major (T, d) block with row stride 3D is, to column-major
+/// cuBLAS, its transpose; so with S = q k^T each product is written transposed.
+pub(crate) struct HeadProducts {
+    /// S^T = k q^T (qkv, qkv -> scores).
+    pub(crate) scores: Product,
+    /// O^T = v^T P^T (qkv, probabilities -> out).
+    pub(crate) out: Product,
+    /// dP^T = v dO^T (qkv, d out -> d probabilities).
+    pub(crate) d_probs: Product,
+    /// dV^T = dO^T P (d out, probabilities -> dqkv).
+    pub(crate) dv: Product,
+    /// dQ^T = k^T dS^T (qkv, d scores -> dqkv); dS includes the scale.
+    pub(crate) dq: Product,
+    /// dK^T = q^T dS (qkv, d scores -> dqkv).
+    pub(crate) dk: Product,
+}
+
+impl HeadProducts {
+    pub(crate) fn new(b: usize, t: usize, d: usize, heads: usize, head: usize) -> Self {
+        let hd = d / heads;
+        let (q, k, v) = (head * hd, d + head * hd, 2 * d + head * hd);
+        let packed = (3 * d, t * 3 * d);
+        let rows_of_d = (d, t * d);
+        let (scores_at, square) = (head * t * t, (t, heads * t * t));
+        Self {
+            scores: Product::new(true, false, t, t, hd, b)
+                .a(k, packed)
+                .b(q, packed)
+                .c(scores_at, square),
+            out: Product::new(false, false, hd, t, t, b)
+                .a(v, packed)
+                .b(scores_at, square)
+                .c(head * hd, rows_of_d),
+            d_probs: Product::new(true, false, t, t, hd, b)
+                .a(v, packed)
+                .b(head * hd, rows_of_d)
+                .c(scores_at, square),
+            dv: Product::new(false, true, hd, t, t, b)
+                .a(head * hd, rows_of_d)
+                .b(scores_at, square)
+                .c(v, packed),
+            dq: Product::new(false, false, hd, t, t, b)
+                .a(k, packed)
+                .b(scores_at, square)
+                .c(q, packed),
+            dk: Product::new(false, true, hd, t, t, b)
+                .a(q, packed)
+                .b(scores_at, square)
+                .c(k, packed),
+        }
+    }
+}
+
+/// The CUDA side: per head the [`HeadProducts`] on cuBLAS, between them the row
+/// kernels of attention.cu. The scores (B, H, T, T) live only inside the forward and
+/// inside the backward, which recomputes P from the saved logsumexp.
 #[cfg(feature = "cuda")]
 impl Attention {
     fn cuda_forward<T: super::cuda::Scalar>(
@@ -198,44 +251,25 @@ impl Attention {
         l: &Layout,
         suffix: &str,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{self, launch, Product};
+        use super::cuda::{self, launch};
         let qkv = cuda::view::<T>(s, l, "attention qkv")?;
         let (b, t, three_d) = l.shape().dims3()?;
         let (d, h) = (three_d / 3, self.core.heads);
-        let hd = d / h;
         let dev = &s.device;
+        let heads: Vec<HeadProducts> = (0..h).map(|head| HeadProducts::new(b, t, d, h, head)).collect();
         let mut scores = cuda::alloc::<T>(dev, b * h * t * t)?;
         let mut out = cuda::alloc::<T>(dev, b * t * d)?;
         let lse = cuda::alloc::<f32>(dev, b * h * t)?;
-        let (q_k, scores_at) = ((3 * d, t * 3 * d), (t, h * t * t));
-        for head in 0..h {
-            let (q, k) = (head * hd, d + head * hd);
-            Product::new(true, false, t, t, hd, b)
-                .a(k, q_k)
-                .b(q, q_k)
-                .c(head * t * t, scores_at)
-                .run(dev, &qkv, &qkv, &mut scores)?;
+        for p in &heads {
+            p.scores.run(dev, &qkv, &qkv, &mut scores)?;
         }
         let (n, scale) = (t as i32, self.core.scale);
         let softmax = format!("attention_softmax_fwd_{suffix}");
-        launch!(
-            dev,
-            cuda::ATTENTION,
-            &softmax,
-            cuda::per_row(b * h * t, cuda::ROW_THREADS),
-            &scores,
-            &scores,
-            &lse,
-            &n,
-            &scale
-        );
+        let rows = cuda::per_row(b * h * t, cuda::ROW_THREADS);
+        launch!(dev, cuda::ATTENTION, &softmax, rows, &scores, &scores, &lse, &n, &scale);
         let probs = scores.slice(..);
-        for head in 0..h {
-            Product::new(false, false, hd, t, t, b)
-                .a(2 * d + head * hd, q_k)
-                .b(head * t * t, scores_at)
-                .c(head * hd, (d, t * d))
-                .run(dev, &qkv, &probs, &mut out)?;
+        for p in &heads {
+            p.out.run(dev, &qkv, &probs, &mut out)?;
         }
         drop(probs);
         let _ = self.lse.set(cuda::tensor(lse, dev, (b, h, t)));
@@ -249,23 +283,17 @@ impl Attention {
         lse: &Tensor,
         suffix: &str,
     ) -> Result<Tensor> {
-        use super::cuda::{self, launch, Product};
+        use super::cuda::{self, launch};
         let (b, t, three_d) = qkv.dims3()?;
         let (d, h) = (three_d / 3, self.core.heads);
-        let hd = d / h;
+        let heads: Vec<HeadProducts> = (0..h).map(|head| HeadProducts::new(b, t, d, h, head)).collect();
         cuda::with_views::<1, f32, _>([lse], "attention backward", |_, [lse]| {
             cuda::with_views::<2, T, _>([qkv, g], "attention backward", |dev, [qkv_v, g_v]| {
                 let mut probs = cuda::alloc::<T>(dev, b * h * t * t)?;
                 let mut ds = cuda::alloc::<T>(dev, b * h * t * t)?;
                 let mut dqkv = cuda::alloc::<T>(dev, b * t * three_d)?;
-                let (q_k, scores_at, rows_of_d) = ((3 * d, t * 3 * d), (t, h * t * t), (d, t * d));
-                for head in 0..h {
-                    let (q, k) = (head * hd, d + head * hd);
-                    Product::new(true, false, t, t, hd, b)
-                        .a(k, q_k)
-                        .b(q, q_k)
-                        .c(head * t * t, scores_at)
-                        .run(dev, &qkv_v, &qkv_v, &mut probs)?;
+                for p in &heads {
+                    p.scores.run(dev, &qkv_v, &qkv_v, &mut probs)?;
                 }
                 let (total, n, scale) = (b * h * t * t, t as i32, self.core.scale);
                 let from_lse = format!("attention_softmax_from_lse_{suffix}");
@@ -281,46 +309,17 @@ impl Attention {
                     &n,
                     &scale
                 );
-                for head in 0..h {
-                    Product::new(true, false, t, t, hd, b)
-                        .a(2 * d + head * hd, q_k)
-                        .b(head * hd, rows_of_d)
-                        .c(head * t * t, scores_at)
-                        .run(dev, &qkv_v, &g_v, &mut ds)?;
+                for p in &heads {
+                    p.d_probs.run(dev, &qkv_v, &g_v, &mut ds)?;
                 }
                 let softmax_bwd = format!("attention_softmax_bwd_{suffix}");
-                launch!(
-                    dev,
-                    cuda::ATTENTION,
-                    &softmax_bwd,
-                    cuda::per_row(b * h * t, cuda::ROW_THREADS),
-                    &probs,
-                    &ds,
-                    &n,
-                    &scale
-                );
+                let rows = cuda::per_row(b * h * t, cuda::ROW_THREADS);
+                launch!(dev, cuda::ATTENTION, &softmax_bwd, rows, &probs, &ds, &n, &scale);
                 let (p_v, ds_v) = (probs.slice(..), ds.slice(..));
-                for head in 0..h {
-                    let (q, k, v) = (head * hd, d + head * hd, 2 * d + head * hd);
-                    let at = head * t * t;
-                    // dV^T = dO^T P
-                    Product::new(false, true, hd, t, t, b)
-                        .a(head * hd, rows_of_d)
-                        .b(at, scores_at)
-                        .c(v, q_k)
-                        .run(dev, &g_v, &p_v, &mut dqkv)?;
-                    // dQ^T = k^T dS^T
-                    Product::new(false, false, hd, t, t, b)
-                        .a(k, q_k)
-                        .b(at, scores_at)
-                        .c(q, q_k)
-                        .run(dev, &qkv_v, &ds_v, &mut dqkv)?;
-                    // dK^T = q^T dS
-                    Product::new(false, true, hd, t, t, b)
-                        .a(q, q_k)
-                        .b(at, scores_at)
-                        .c(k, q_k)
-                        .run(dev, &qkv_v, &ds_v, &mut dqkv)?;
+                for p in &heads {
+                    p.dv.run(dev, &g_v, &p_v, &mut dqkv)?;
+                    p.dq.run(dev, &qkv_v, &ds_v, &mut dqkv)?;
+                    p.dk.run(dev, &qkv_v, &ds_v, &mut dqkv)?;
                 }
                 Ok(cuda::tensor(dqkv, dev, (b, t, three_d)))
             })
@@ -506,6 +505,74 @@ multiversion! {
 mod tests {
     use super::*;
     use crate::model::ops::tests::{compare_with_reference, finite_difference_check, on_threads, seeded};
+
+    /// The CUDA side's product list ([`HeadProducts`]) run through the cuBLAS
+    /// interpreter, with the row kernels' arithmetic (softmax with the scale and the
+    /// logsumexp; P again from the logsumexp; dS = scale P (dP - rowsum(P dP))) in
+    /// between: the value and the qkv gradient of the basic-op attention, and every
+    /// element of dqkv written. So the layout algebra is checked without a GPU.
+    #[test]
+    fn the_cuda_product_list_computes_attention() -> Result<()> {
+        for (b, t, heads, hd) in [(2, 7, 3, 4), (1, 197, 2, 8)] {
+            let d = heads * hd;
+            let scale = 1.0 / (hd as f64).sqrt();
+            let qkv = candle_core::Var::from_tensor(&seeded(&[b, t, 3 * d], 1, 1.0)?)?;
+            let g = seeded(&[b, t, d], 2, 1.0)?;
+            let want = attention_reference(&qkv, heads, scale)?;
+            let want_grad = (&want * &g)?.sum_all()?.backward()?;
+            let want_grad = want_grad.get(&qkv).expect("dqkv");
+            let (q, gv) = (qkv.flatten_all()?.to_vec1::<f32>()?, g.flatten_all()?.to_vec1::<f32>()?);
+            let list: Vec<HeadProducts> = (0..heads).map(|h| HeadProducts::new(b, t, d, heads, h)).collect();
+            let sc = scale as f32;
+            // Forward: scores, softmax rows (+ logsumexp), out.
+            let mut probs = vec![f32::NAN; b * heads * t * t];
+            for p in &list {
+                p.scores.run_reference(&q, &q, &mut probs)?;
+            }
+            let scores = probs.clone();
+            let mut lse = vec![0f32; b * heads * t];
+            for (row, l) in probs.chunks_mut(t).zip(lse.iter_mut()) {
+                let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * sc));
+                let z: f32 = row.iter().map(|&v| (v * sc - m).exp()).sum();
+                row.iter_mut().for_each(|v| *v = (*v * sc - m).exp() / z);
+                *l = m + z.ln();
+            }
+            let mut out = vec![f32::NAN; b * t * d];
+            for p in &list {
+                p.out.run_reference(&q, &probs, &mut out)?;
+            }
+            let out = Tensor::from_vec(out, (b, t, d), &candle_core::Device::Cpu)?;
+            assert!(
+                crate::model::ops::tests::max_abs_diff(&out, &want) < 1e-5,
+                "value, t {t}"
+            );
+            // Backward: P from the logsumexp, dP, dS, then dV, dQ, dK into one dqkv.
+            let p2: Vec<f32> = scores
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (v * sc - lse[i / t]).exp())
+                .collect();
+            let mut ds = vec![f32::NAN; b * heads * t * t];
+            for p in &list {
+                p.d_probs.run_reference(&q, &gv, &mut ds)?;
+            }
+            for (dr, pr) in ds.chunks_mut(t).zip(p2.chunks(t)) {
+                let delta: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                dr.iter_mut().zip(pr).for_each(|(x, &p)| *x = sc * p * (*x - delta));
+            }
+            let mut dqkv = vec![f32::NAN; b * t * 3 * d];
+            for p in &list {
+                p.dv.run_reference(&gv, &p2, &mut dqkv)?;
+                p.dq.run_reference(&q, &ds, &mut dqkv)?;
+                p.dk.run_reference(&q, &ds, &mut dqkv)?;
+            }
+            assert!(dqkv.iter().all(|v| v.is_finite()), "every element of dqkv is written");
+            let dqkv = Tensor::from_vec(dqkv, (b, t, 3 * d), &candle_core::Device::Cpu)?;
+            let e = crate::model::ops::tests::max_abs_diff(&dqkv, want_grad);
+            assert!(e < 1e-5, "dqkv differs by {e}, t {t}");
+        }
+        Ok(())
+    }
 
     /// Values and the gradient of packed qkv against the composition, and central
     /// differences; N = 197 with d = 64 (ViT at 224 px), odd T, batch 1.

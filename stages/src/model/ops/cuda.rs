@@ -207,73 +207,9 @@ pub(crate) fn on_cuda(t: &Tensor) -> bool {
     t.device().is_cuda()
 }
 
-/// One product per batch index, `C_i = op(A_i) op(B_i)` in cuBLAS's column-major
-/// terms: (m x n) = (m x k)(k x n). Each operand is (element offset, (leading
-/// dimension, batch stride)) into its buffer. The attention core's q, k, v and their
-/// gradients are column blocks of the packed qkv, addressed this way, so none is
-/// copied out.
-pub(crate) struct Product {
-    transa: bool,
-    transb: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    batch: usize,
-    a: (usize, (usize, usize)),
-    b: (usize, (usize, usize)),
-    c: (usize, (usize, usize)),
-}
+pub(crate) use super::strided_product::Product;
 
 impl Product {
-    pub(crate) fn new(transa: bool, transb: bool, m: usize, n: usize, k: usize, batch: usize) -> Self {
-        Self {
-            transa,
-            transb,
-            m,
-            n,
-            k,
-            batch,
-            a: (0, (1, 0)),
-            b: (0, (1, 0)),
-            c: (0, (1, 0)),
-        }
-    }
-
-    pub(crate) fn a(mut self, offset: usize, ld_stride: (usize, usize)) -> Self {
-        self.a = (offset, ld_stride);
-        self
-    }
-
-    pub(crate) fn b(mut self, offset: usize, ld_stride: (usize, usize)) -> Self {
-        self.b = (offset, ld_stride);
-        self
-    }
-
-    pub(crate) fn c(mut self, offset: usize, ld_stride: (usize, usize)) -> Self {
-        self.c = (offset, ld_stride);
-        self
-    }
-
-    /// Checks that every element the product touches lies inside a buffer of `len`:
-    /// an operand stored as `rows x cols` (column-major) with leading dimension ld.
-    fn check(
-        &self,
-        what: &str,
-        (off, (ld, stride)): (usize, (usize, usize)),
-        rows: usize,
-        cols: usize,
-        len: usize,
-    ) -> Result<()> {
-        let last = off + (self.batch.max(1) - 1) * stride + (cols.max(1) - 1) * ld + rows;
-        if ld < rows.max(1) || last > len {
-            candle_core::bail!(
-                "cuBLAS product: operand {what} ({rows} x {cols}, ld {ld}, offset {off}, batch stride {stride}, batch {}) reaches {last} of {len}",
-                self.batch
-            )
-        }
-        Ok(())
-    }
-
     /// Runs the product (C overwritten) on the device's cuBLAS handle and stream.
     pub(crate) fn run<T: Scalar>(
         &self,
@@ -282,19 +218,7 @@ impl Product {
         b: &CudaView<'_, T>,
         c: &mut CudaSlice<T>,
     ) -> Result<()> {
-        let (ar, ac) = if self.transa {
-            (self.k, self.m)
-        } else {
-            (self.m, self.k)
-        };
-        let (br, bc) = if self.transb {
-            (self.n, self.k)
-        } else {
-            (self.k, self.n)
-        };
-        self.check("A", self.a, ar, ac, a.len())?;
-        self.check("B", self.b, br, bc, b.len())?;
-        self.check("C", self.c, self.m, self.n, c.len())?;
+        self.check(a.len(), b.len(), c.len())?;
         let op = |t: bool| {
             if t {
                 cublasOperation_t::CUBLAS_OP_T

@@ -50,6 +50,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod pixels;
 pub mod pred_loss;
+mod strided_product;
 
 pub use attention::attention;
 pub use basic::leaky_relu;
