@@ -71,12 +71,17 @@ macro_rules! launch {
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg as _;
         use candle_core::cuda_backend::WrapErr as _;
         let module: $crate::model::ops::cuda::Module = $module;
-        let func = $dev.get_or_load_custom_func($kernel, module.name, module.ptx)?;
-        let mut builder = func.builder();
-        $( builder.arg($arg); )+
-        // SAFETY: each caller passes the argument list of the kernel's C signature, with
-        // device buffers of the extents the kernel reads and writes.
-        unsafe { builder.launch($cfg) }.w()?;
+        let cfg: candle_core::cuda_backend::cudarc::driver::LaunchConfig = $cfg;
+        // An empty input (no rows) has nothing to compute, and the driver refuses an
+        // empty grid.
+        if cfg.grid_dim.0 as u64 * cfg.grid_dim.1 as u64 * cfg.grid_dim.2 as u64 > 0 {
+            let func = $dev.get_or_load_custom_func($kernel, module.name, module.ptx)?;
+            let mut builder = func.builder();
+            $( builder.arg($arg); )+
+            // SAFETY: each caller passes the argument list of the kernel's C signature, with
+            // device buffers of the extents the kernel reads and writes.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
     }};
 }
 pub(crate) use launch;

@@ -21,7 +21,9 @@ extern "C" __global__ void draw_loss_partial_f32(const float* drawn, const float
     const int warp = threadIdx.x / 32;
     const int patch = blockIdx.x * PATCHES_PER_BLOCK + warp;
     float loss = 0.f, count = 0.f;
-    if (patch < patches) {
+    // Unmasked patches are left out, not multiplied by 0 (as the CPU op: a non-finite
+    // drawing there must not reach the loss). The test is per warp, so shuffles stay whole.
+    if (patch < patches && mask[patch] != 0.f) {
         const int b = patch / n, pn = patch % n;
         const float* dr = drawn + (size_t)patch * k;
         float s = 0.f;
@@ -31,8 +33,8 @@ extern "C" __global__ void draw_loss_partial_f32(const float* drawn, const float
         }
         s = warp_sum(s);
         loss = mask[patch] * (s / k);
-        count = mask[patch];
     }
+    if (patch < patches) count = mask[patch];
     if (threadIdx.x % 32 == 0) {
         sums[warp][0] = loss;
         sums[warp][1] = count;
@@ -57,6 +59,7 @@ extern "C" __global__ void draw_loss_bwd_f32(const float* drawn, const float* ta
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t patch = i / k;
         const int b = (int)(patch / n), pn = (int)(patch % n), kk = (int)(i % k);
-        dd[i] = scale * mask[patch] * (drawn[i] - target[image_index(b, pn, kk, c, h, w, p)]);
+        const float m = mask[patch];
+        dd[i] = m != 0.f ? scale * m * (drawn[i] - target[image_index(b, pn, kk, c, h, w, p)]) : 0.f;
     }
 }

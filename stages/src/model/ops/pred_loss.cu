@@ -37,7 +37,7 @@ extern "C" __global__ void pred_loss_partial_f32(const float* p, const float* t,
     float loss = 0.f, count = 0.f;
     if (row < rows) {
         const RowTerms r = row_terms(p + (size_t)row * dt, t + (size_t)row * dt, w[row], dt);
-        loss = (2.f - 2.f * r.cos) * r.valid;
+        loss = r.valid != 0.f ? (2.f - 2.f * r.cos) * r.valid : 0.f;
         count = r.valid;
     }
     if (threadIdx.x % 32 == 0) {
@@ -83,6 +83,8 @@ extern "C" __global__ void pred_loss_bwd_f32(const float* p, const float* t, con
     const float* tr = t + (size_t)row * dt;
     const RowTerms r = row_terms(pr, tr, w[row], dt);
     const float scale = -2.f * g[0] * r.valid / fmaxf(count[0], 1.f);
+    // Rows left out get 0, not 0 times their terms (as the CPU op).
     for (int i = threadIdx.x % 32; i < dt; i += 32)
-        dp[(size_t)row * dt + i] = scale * (tr[i] * r.inv_t * r.inv_p - r.cos * pr[i] * r.inv_p * r.inv_p);
+        dp[(size_t)row * dt + i] =
+            r.valid != 0.f ? scale * (tr[i] * r.inv_t * r.inv_p - r.cos * pr[i] * r.inv_p * r.inv_p) : 0.f;
 }
