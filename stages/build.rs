@@ -55,12 +55,13 @@ fn openblas() {
 /// `CUDA_COMPUTE_CAP`, as for candle's own kernels (scripts/build-cuda.sh sets them).
 #[cfg(feature = "cuda")]
 fn cuda_kernels() {
-    const KERNELS: [&str; 7] = [
+    const KERNELS: [&str; 8] = [
         "src/model/ops/attention.cu",
         "src/model/ops/column_sums.cu",
         "src/model/ops/draw_loss.cu",
         "src/model/ops/gelu.cu",
         "src/model/ops/layer_norm.cu",
+        "src/model/ops/pixels.cu",
         "src/model/ops/pred_loss.cu",
         "src/train/adamw.cu",
     ];

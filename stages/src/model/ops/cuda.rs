@@ -49,6 +49,10 @@ pub(crate) const LAYER_NORM: Module = Module {
     name: "crossmae-layer-norm",
     ptx: ptx::LAYER_NORM,
 };
+pub(crate) const PIXELS: Module = Module {
+    name: "crossmae-pixels",
+    ptx: ptx::PIXELS,
+};
 pub(crate) const PRED_LOSS: Module = Module {
     name: "crossmae-pred-loss",
     ptx: ptx::PRED_LOSS,

@@ -8,6 +8,7 @@
 //! the CPU as the other side (so the harness itself is tested), and prints that
 //! the CUDA check was skipped and why.
 
+use super::pixels::{compose_conv_order, patchify_conv_order};
 use super::{attention, draw_loss, gelu, layer_norm, linear, pred_loss, scoped_reference};
 use crate::model::autocast::{self, Precision};
 use crate::train::optim::{AdamW, AdamWParams};
@@ -125,7 +126,7 @@ fn run_on(
     device: &Device,
     inputs: &[Tensor],
     grad_of: &[usize],
-    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    f: &dyn Fn(&Device, &[Tensor]) -> Result<Tensor>,
 ) -> Result<(Tensor, Vec<Tensor>, f64)> {
     let vars: Vec<Var> = inputs
         .iter()
@@ -133,7 +134,7 @@ fn run_on(
         .collect::<Result<_>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let start = Instant::now();
-    let y = f(&ts)?;
+    let y = f(device, &ts)?;
     let w = seeded(y.dims(), 11, 1.0)?.to_device(device)?;
     let grads = (&y * &w)?.sum_all()?.backward()?;
     let mut out = Vec::new();
@@ -154,7 +155,7 @@ struct Case<'a> {
     /// (input index, its name in the report).
     grads: Vec<(usize, &'a str)>,
     uses_products: bool,
-    f: Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>,
+    f: Box<dyn Fn(&Device, &[Tensor]) -> Result<Tensor> + 'a>,
 }
 
 /// Checks every fused op on `device` (running `side`) against the fused CPU op, at
@@ -192,7 +193,7 @@ pub fn check_ops(
             ],
             grads: vec![(0, "x"), (1, "gamma"), (2, "beta")],
             uses_products: false,
-            f: Box::new(move |v| layer_norm(&v[0], &v[1], &v[2], eps)),
+            f: Box::new(move |_, v| layer_norm(&v[0], &v[1], &v[2], eps)),
         },
         Case {
             op: "linear",
@@ -204,7 +205,7 @@ pub fn check_ops(
             ],
             grads: vec![(0, "x"), (1, "weight"), (2, "bias")],
             uses_products: true,
-            f: Box::new(|v| linear(&v[0], &v[1], &v[2])),
+            f: Box::new(|_, v| linear(&v[0], &v[1], &v[2])),
         },
         Case {
             op: "attention",
@@ -212,7 +213,7 @@ pub fn check_ops(
             inputs: vec![seeded(&[b, t, 3 * d], 9, 1.0)?],
             grads: vec![(0, "qkv")],
             uses_products: true,
-            f: Box::new(move |v| attention(&v[0], heads, scale)),
+            f: Box::new(move |_, v| attention(&v[0], heads, scale)),
         },
         Case {
             op: "gelu",
@@ -220,7 +221,7 @@ pub fn check_ops(
             inputs: vec![seeded(&[b, t, s.hidden], 10, 3.0)?],
             grads: vec![(0, "x")],
             uses_products: false,
-            f: Box::new(|v| gelu(&v[0])),
+            f: Box::new(|_, v| gelu(&v[0])),
         },
         Case {
             op: "pred_loss",
@@ -230,10 +231,7 @@ pub fn check_ops(
             uses_products: false,
             f: {
                 let (target, mask) = (target.clone(), mask.clone());
-                Box::new(move |v| {
-                    let dev = v[0].device();
-                    pred_loss(&v[0], &target.to_device(dev)?, &mask.to_device(dev)?)
-                })
+                Box::new(move |dev, v| pred_loss(&v[0], &target.to_device(dev)?, &mask.to_device(dev)?))
             },
         },
         Case {
@@ -248,10 +246,33 @@ pub fn check_ops(
             uses_products: false,
             f: {
                 let (image, mask) = (image.clone(), mask.clone());
-                Box::new(move |v| {
-                    let dev = v[0].device();
-                    draw_loss(&v[0], &image.to_device(dev)?, &mask.to_device(dev)?, p)
-                })
+                Box::new(move |dev, v| draw_loss(&v[0], &image.to_device(dev)?, &mask.to_device(dev)?, p))
+            },
+        },
+        Case {
+            op: "patchify",
+            shape: format!(
+                "image ({b}, {}, {px}, {px}) -> ({b}, {n}, {k})",
+                s.channels,
+                px = s.image
+            ),
+            inputs: vec![],
+            grads: vec![],
+            uses_products: false,
+            f: {
+                let image = image.clone();
+                Box::new(move |dev, _| patchify_conv_order(&image.to_device(dev)?, p))
+            },
+        },
+        Case {
+            op: "compose",
+            shape: format!("drawn ({b}, {n}, {k}) -> ({b}, {n}, {k})"),
+            inputs: vec![seeded(&[b, n, k], 14, 1.0)?],
+            grads: vec![(0, "drawn")],
+            uses_products: false,
+            f: {
+                let (image, mask) = (image.clone(), mask.clone());
+                Box::new(move |dev, v| compose_conv_order(&v[0], &image.to_device(dev)?, &mask.to_device(dev)?, p))
             },
         },
     ];
@@ -363,7 +384,7 @@ mod tests {
         };
         for shapes in [Shapes::tiny(3), wide] {
             let checks = check_ops(&Device::Cpu, Side::Reference, Precision::F32, &shapes, 1.0)?;
-            assert_eq!(checks.len(), 7, "six ops and AdamW");
+            assert_eq!(checks.len(), 9, "eight ops and AdamW");
             for c in &checks {
                 assert!(
                     c.ok,

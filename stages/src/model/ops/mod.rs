@@ -30,12 +30,12 @@
 //! fixed-size partials in a fixed order: the bits do not depend on
 //! `RAYON_NUM_THREADS`.
 //!
-//! **Designed for CUDA** (part 2): each op struct is the unit a kernel
-//! implements (`cuda_fwd` beside `cpu_fwd`, the same `bwd`); the saved state is a
-//! tensor on the op's device (the block, a CPU-only sequence of the other ops'
-//! kernels, keeps plain vectors; on CUDA it runs as the composition until its
-//! kernels exist), and the layouts are the ones a kernel wants (packed qkv with
-//! the head split as strides, row-major rows for the norms).
+//! **On CUDA** (the `cuda` feature): each op struct has a `cuda_fwd` beside its
+//! `cpu_fwd`, and its `bwd` launches kernels when the inputs are on a CUDA device
+//! (the `.cu` file beside each op; `cuda.rs` loads them, [`device_check`] checks
+//! them against the CPU kernels). The saved state is a tensor on the op's device;
+//! the block, a CPU-only sequence of the other ops' kernels, runs on CUDA as the
+//! composition of the ops it fuses.
 
 pub mod attention;
 pub mod basic;
@@ -97,8 +97,8 @@ pub(crate) fn fused(x: &Tensor) -> bool {
     !reference() && x.dtype() == DType::F32 && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
 }
 
-/// Whether the fused ops that have CPU kernels only (the block, the pixel path) run
-/// for `x`; on CUDA the block runs as the composition of the ops it fuses.
+/// Whether the fused op that has CPU kernels only (the block) runs for `x`; on
+/// CUDA the block runs as the composition of the ops it fuses.
 pub(crate) fn fused_cpu(x: &Tensor) -> bool {
     !reference() && x.device().is_cpu() && x.dtype() == DType::F32
 }

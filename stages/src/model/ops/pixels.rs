@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 /// Images (B, C, H, W) -> patches (B, N, C P P) in conv order.
 pub fn patchify_conv_order(images: &Tensor, p: usize) -> Result<Tensor> {
-    if super::fused_cpu(images) && !images.track_op() {
+    if super::fused(images) && !images.track_op() {
         images.contiguous()?.apply_op1_no_bwd(&PatchifyConv { p })
     } else {
         patchify_conv(images, p)
@@ -24,7 +24,7 @@ pub fn patchify_conv_order(images: &Tensor, p: usize) -> Result<Tensor> {
 /// x_draw in conv order (B, N, C P P): the drawing (B, N, P P C, MAE order) where
 /// `mask` (B, N) is 1, the image (B, C, H, W) where it is 0. Differentiable in `drawn`.
 pub fn compose_conv_order(drawn: &Tensor, images: &Tensor, mask: &Tensor, p: usize) -> Result<Tensor> {
-    if super::fused_cpu(drawn) && !images.track_op() && !mask.track_op() {
+    if super::fused(drawn) && !images.track_op() && !mask.track_op() {
         drawn
             .contiguous()?
             .apply_op3(&images.contiguous()?, &mask.contiguous()?, Compose { p })
@@ -101,6 +101,33 @@ impl CustomOp1 for PatchifyConv {
         });
         Ok((CpuStorage::F32(out), Shape::from((b, n, k))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, launch};
+        let x = cuda::view::<f32>(s, l, "patchify images")?;
+        let (b, g) = Grid::new(l, self.p)?;
+        let (n, k) = (g.patches(), g.k());
+        let dev = &s.device;
+        let total = b * n * k;
+        let out = cuda::alloc::<f32>(dev, total)?;
+        let [n32, c, h, w, p] = [n, g.c, g.h, g.w, g.p].map(|v| v as i32);
+        launch!(
+            dev,
+            cuda::PIXELS,
+            "patchify_conv_f32",
+            cuda::elementwise(total),
+            &x,
+            &out,
+            &total,
+            &n32,
+            &c,
+            &h,
+            &w,
+            &p
+        );
+        Ok((cuda::storage(out, dev), Shape::from((b, n, k))))
+    }
 }
 
 struct Compose {
@@ -160,6 +187,53 @@ impl CustomOp3 for Compose {
         Ok((CpuStorage::F32(out), Shape::from((b, n, k))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, launch};
+        let drawn = cuda::view::<f32>(s1, l1, "compose drawn")?;
+        let x = cuda::view::<f32>(s2, l2, "compose images")?;
+        let mask = cuda::view::<f32>(s3, l3, "compose mask")?;
+        let (b, g) = Grid::new(l2, self.p)?;
+        let (n, k) = (g.patches(), g.k());
+        if drawn.len() != b * n * k || mask.len() != b * n {
+            candle_core::bail!(
+                "compose: drawn {:?}, mask {:?} for {b} x {n} patches of {k}",
+                l1.dims(),
+                l3.dims()
+            )
+        }
+        let dev = &s1.device;
+        let total = b * n * k;
+        let out = cuda::alloc::<f32>(dev, total)?;
+        let [n32, c, h, w, p] = [n, g.c, g.h, g.w, g.p].map(|v| v as i32);
+        let cfg = cuda::elementwise(total);
+        launch!(
+            dev,
+            cuda::PIXELS,
+            "compose_conv_f32",
+            cfg,
+            &drawn,
+            &x,
+            &mask,
+            &out,
+            &total,
+            &n32,
+            &c,
+            &h,
+            &w,
+            &p
+        );
+        Ok((cuda::storage(out, dev), Shape::from((b, n, k))))
+    }
+
     /// d drawn = mask * g, back in MAE order; the image and mask get none.
     fn bwd(
         &self,
@@ -172,6 +246,28 @@ impl CustomOp3 for Compose {
         let (b, n, k) = drawn.dims3()?;
         let c = images.dim(1)?;
         let p = self.p;
+        #[cfg(feature = "cuda")]
+        if super::cuda::on_cuda(drawn) {
+            use super::cuda::{self, launch};
+            return cuda::with_views::<2, f32, _>([grad, mask], "compose backward", |dev, [g, m]| {
+                let total = b * n * k;
+                let dd = cuda::alloc::<f32>(dev, total)?;
+                let (c, p) = (c as i32, p as i32);
+                launch!(
+                    dev,
+                    cuda::PIXELS,
+                    "compose_conv_bwd_f32",
+                    cuda::elementwise(total),
+                    &g,
+                    &m,
+                    &dd,
+                    &total,
+                    &c,
+                    &p
+                );
+                Ok((Some(cuda::tensor(dd, dev, (b, n, k))), None, None))
+            });
+        }
         with_slices([grad, mask], "compose backward", |[g, mask]| {
             let mut dd = vec![0f32; b * n * k];
             dd.par_chunks_mut(k).enumerate().for_each(|(bn, o)| {
