@@ -157,16 +157,22 @@ pub fn normalize_channels(img: &Rgb8, a: &augment::Config, channels: usize) -> V
 /// targets named by their kinds.
 pub fn example(cfg: &StagesConfig, r: Record) -> Example {
     let a = &cfg.augment;
+    // A one-channel run's view and x̂ are luma planes already; the view to look at
+    // is RGB (a luma view as three equal channels, whose luma is itself).
+    let one_channel = r.pixels.channels() == 1;
     let pixels: Rgb8 = r.pixels.into();
-    let smooth = Rgb8 {
-        width: pixels.width,
-        height: pixels.height,
-        data: r.smooth,
+    let image = normalize_channels(&pixels, a, cfg.channels);
+    let smooth = if one_channel {
+        let lut = augment::normalize_lut(a.mean, a.std);
+        r.smooth.iter().map(|&v| lut[0][v as usize]).collect()
+    } else {
+        let smooth = Rgb8 {
+            width: pixels.width,
+            height: pixels.height,
+            data: r.smooth,
+        };
+        normalize_channels(&smooth, a, cfg.channels)
     };
-    let (image, smooth) = (
-        normalize_channels(&pixels, a, cfg.channels),
-        normalize_channels(&smooth, a, cfg.channels),
-    );
     let targets = cfg
         .targets
         .kinds

@@ -110,12 +110,30 @@ impl From<Rgb8> for Image {
     }
 }
 
+impl Image {
+    /// Channels per pixel: 3 (RGB), or 1 once the augment stage has reduced the view
+    /// of a one-channel run (`stages.channels: 1`) to its luma.
+    pub fn channels(&self) -> usize {
+        if self.data.len() == self.width * self.height && self.width * self.height > 0 {
+            1
+        } else {
+            3
+        }
+    }
+}
+
 impl From<Image> for Rgb8 {
+    /// A one-channel view becomes three equal channels (lossless: its luma is itself).
     fn from(img: Image) -> Rgb8 {
+        let data = if img.channels() == 1 {
+            img.data.iter().flat_map(|&v| [v; 3]).collect()
+        } else {
+            img.data
+        };
         Rgb8 {
             width: img.width,
             height: img.height,
-            data: img.data,
+            data,
         }
     }
 }
@@ -140,13 +158,14 @@ pub struct Record {
     pub class: Option<i64>,
     /// The shard members, until decode.
     pub raw: BTreeMap<String, serde_bytes::ByteBuf>,
-    /// Decoded pixels, then (after augment) the u8 view.
+    /// Decoded pixels (RGB), then (after augment) the u8 view: RGB, or its luma
+    /// alone in a one-channel run.
     pub pixels: Image,
     /// How the view was cut (after decode, which draws it).
     pub view: View,
     /// The masking (after mask); the trainer reads `mask.mask` (per patch, 1 = removed).
     pub mask: Mask,
-    /// Smoothed target x̂ as u8 pixels, H x W x 3, normalized on the training device (after smooth).
+    /// Smoothed target x̂ as u8 pixels, H x W x C (the view's channels), normalized on the training device (after smooth).
     #[serde(with = "serde_bytes")]
     pub smooth: Vec<u8>,
     /// Per-patch targets in config order, each patches x dims (after targets).
@@ -270,7 +289,7 @@ impl Stages {
     pub fn apply(&self, stage: Stage, r: Record) -> Result<Record, StageError> {
         match stage {
             Stage::Decode => decode_stage(&self.cfg, self.seed, r),
-            Stage::Augment => augment_stage(r),
+            Stage::Augment => augment_stage(&self.cfg, r),
             Stage::Mask => mask_stage(&self.cfg, self.seed, r),
             Stage::Smooth => smooth_stage(&self.cfg, r),
             Stage::Targets => {
@@ -324,7 +343,10 @@ fn decode_stage(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, 
 /// augment: resize and flip the view out of the decoded region. The view stays
 /// u8: the training device normalizes it, and `targets` normalizes it for the
 /// pixel target only.
-fn augment_stage(mut r: Record) -> Result<Record, StageError> {
+///
+/// A one-channel run (`stages.channels: 1`) keeps only the view's luma from here
+/// on: x̂, the targets, the wire and the sink then handle a third of the bytes.
+fn augment_stage(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
     let Image { left, top, .. } = r.pixels;
     let region = decode::Region {
         pixels: std::mem::take(&mut r.pixels).into(),
@@ -334,7 +356,17 @@ fn augment_stage(mut r: Record) -> Result<Record, StageError> {
         source_height: r.view.source_height,
     };
     let pixels = augment::apply_region(&region, &r.view)?;
-    r.pixels = pixels.into();
+    r.pixels = if cfg.channels == 1 {
+        Image {
+            width: pixels.width,
+            height: pixels.height,
+            data: crate::sample::model_channels(&pixels.data, 1).into_owned(),
+            left: 0,
+            top: 0,
+        }
+    } else {
+        pixels.into()
+    };
     Ok(r)
 }
 
@@ -352,25 +384,28 @@ fn mask_stage(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, St
 /// smooth: the Gaussian-smoothed target x̂ of the u8 view, rounded to u8 (the
 /// trainer normalizes it on its device; see `smooth::apply_u8` for the rounding).
 fn smooth_stage(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
-    let view = Rgb8 {
-        width: r.pixels.width,
-        height: r.pixels.height,
-        data: std::mem::take(&mut r.pixels.data),
-    };
-    let smoothed = smooth::apply_u8(&cfg.smooth, &view);
-    r.pixels.data = view.data;
-    r.smooth = smoothed?;
+    let p = &r.pixels;
+    r.smooth = smooth::apply_u8_channels(&cfg.smooth, &p.data, p.channels(), p.height, p.width)?;
     Ok(r)
 }
 
 /// targets: per-patch F(x) of the view, in the config's order.
 fn targets_stage(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
-    let pixels: Rgb8 = std::mem::take(&mut r.pixels).into();
+    // An RGB view is lent to the extractors and taken back; a one-channel view is
+    // lent as three equal channels (its luma), and the record keeps its one.
+    let one_channel = r.pixels.channels() == 1;
+    let pixels: Rgb8 = if one_channel {
+        r.pixels.clone().into()
+    } else {
+        std::mem::take(&mut r.pixels).into()
+    };
     r.targets = view_targets(cfg, &cfg.targets.kinds, &pixels)?
         .into_iter()
         .map(|Target { dims, values, .. }| (dims, values))
         .collect();
-    r.pixels = pixels.into();
+    if !one_channel {
+        r.pixels = pixels.into();
+    }
     Ok(r)
 }
 

@@ -10,7 +10,6 @@ use stages::train::{Batch, U8Pixels};
 use xxhash_rust::xxh3::Xxh3;
 
 use stages::record::{self, Record};
-use stages::sample::model_channels;
 
 /// What the model takes, so the sink can shape the batch for it.
 #[derive(Debug, Clone)]
@@ -139,8 +138,8 @@ pub fn assemble_batch(
     }
     let b = records.len();
     let plane = shape.size * shape.size;
-    // The data stages decode every image to RGB (grey images to three equal
-    // channels); a one-channel model gets their luma.
+    // A one-channel run's records carry the views' luma (the augment stage keeps
+    // only that), an RGB run's the three channels: either way `c` planes.
     let c = shape.channels;
     let Buffers {
         mut keys,
@@ -161,20 +160,21 @@ pub fn assemble_batch(
     for r in records {
         let view_size = (r.pixels.width, r.pixels.height);
         if view_size != (shape.size, shape.size)
-            || r.pixels.data.len() != 3 * plane
-            || r.smooth.len() != 3 * plane
+            || r.pixels.data.len() != c * plane
+            || r.smooth.len() != c * plane
             || r.mask.mask.len() != shape.num_patches
         {
             bail!(
-                "{}: record shapes do not match the model ({} px, {} patches)",
+                "{}: record shapes do not match the model ({} px, {} channels, {} patches)",
                 r.key,
                 shape.size,
+                c,
                 shape.num_patches
             );
         }
         hasher.update(&r.digest.unwrap_or_else(|| record::digest(&r)));
-        images.extend_from_slice(&model_channels(&r.pixels.data, c));
-        smoothed.extend_from_slice(&model_channels(&r.smooth, c));
+        images.extend_from_slice(&r.pixels.data);
+        smoothed.extend_from_slice(&r.smooth);
         mask.extend_from_slice(&r.mask.mask);
         // Targets of several kinds are concatenated per patch.
         if !r.targets.is_empty() {

@@ -556,13 +556,32 @@ mod avx2 {
 /// rounding, at most 0.5 / 255 / std (DESIGN.md "Keep image data as u8"); with the
 /// large-sigma paths (recursive or pyramid) also their DC-gain error times mean / std (< 2e-3).
 pub fn apply_u8(cfg: &Config, pixels: &Rgb8) -> Result<Vec<u8>, StageError> {
-    let (h, w) = (pixels.height, pixels.width);
+    apply_u8_channels(cfg, &pixels.data, 3, pixels.height, pixels.width)
+}
+
+/// [`apply_u8`] of `channels` (1 or 3) interleaved u8 channels: a one-channel
+/// view (`stages.channels: 1`) is blurred as its one plane.
+pub fn apply_u8_channels(
+    cfg: &Config,
+    data: &[u8],
+    channels: usize,
+    h: usize,
+    w: usize,
+) -> Result<Vec<u8>, StageError> {
     let plane = h * w;
-    if pixels.data.len() != 3 * plane {
+    if !(channels == 1 || channels == 3) || data.len() != channels * plane {
         return Err(StageError::Config(format!(
-            "smooth: {} bytes are not {h}x{w} RGB pixels",
-            pixels.data.len()
+            "smooth: {} bytes are not {h}x{w} pixels of 1 or 3 channels ({channels} expected)",
+            data.len()
         )));
+    }
+    if channels == 1 {
+        let planes: Vec<f32> = data.iter().map(|&v| v as f32).collect();
+        let blurred = apply(cfg, &planes, 1, h, w)?;
+        // The rounding of `to_pixels`, on one plane.
+        // SAFETY: as in `to_pixels`: the argument is finite and in [0.5, 255.5).
+        let to_u8 = |v: f32| unsafe { (v.max(0.0).min(255.0) + 0.5).to_int_unchecked::<i32>() } as u8;
+        return Ok(blurred.iter().map(|&v| to_u8(v)).collect());
     }
     // Plane by plane, and rounding as `+ 0.5` then truncation (the values
     // are clamped to [0, 255] first): `f32::round` is a libm call per value
@@ -575,7 +594,7 @@ pub fn apply_u8(cfg: &Config, pixels: &Rgb8) -> Result<Vec<u8>, StageError> {
     }
     let mut planes = PLANES.with(|p| p.take());
     planes.resize(3 * plane, 0.0);
-    to_planes(&pixels.data, &mut planes);
+    to_planes(data, &mut planes);
     let blurred = apply(cfg, &planes, 3, h, w);
     PLANES.with(|p| p.replace(planes));
     let blurred = blurred?;

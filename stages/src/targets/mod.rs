@@ -124,7 +124,7 @@ pub fn compute_grey(kind: Kind, cfg: &Config, grey: &Rgb8, image: &[f32], patch:
     let values = match kind {
         Kind::Pixel => pixel::pixel_target(image, 1, h, w, patch)?,
         Kind::Hog => {
-            let all = hog::hog(grey, patch)?;
+            let all = hog::hog_of_grey(grey, patch)?;
             // Per patch channel-major (`((c * 9 + bin) * 2 + cell_y) * 2 + cell_x`): keep channel 0.
             let per_channel = hog::DIMS / 3;
             all.chunks_exact(hog::DIMS)

@@ -189,6 +189,7 @@ impl CustomOp1 for Attention {
 /// out and its gradient (B, T, D), scores, probabilities and their gradients
 /// (B, H, T, T). A row-major (T, d) block with row stride 3D is, to column-major
 /// cuBLAS, its transpose; so with S = q k^T each product is written transposed.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct HeadProducts {
     /// S^T = k q^T (qkv, qkv -> scores).
     pub(crate) scores: Product,
@@ -204,6 +205,7 @@ pub(crate) struct HeadProducts {
     pub(crate) dk: Product,
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl HeadProducts {
     pub(crate) fn new(b: usize, t: usize, d: usize, heads: usize, head: usize) -> Self {
         let hd = d / heads;

@@ -16,6 +16,7 @@ use candle_core::Result;
 pub(crate) type Operand = (usize, (usize, usize));
 
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct Product {
     pub(crate) transa: bool,
     pub(crate) transb: bool,
@@ -28,6 +29,8 @@ pub(crate) struct Product {
     pub(crate) c: Operand,
 }
 
+// Built by the attention's CUDA side (and its test) only.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl Product {
     pub(crate) fn new(transa: bool, transb: bool, m: usize, n: usize, k: usize, batch: usize) -> Self {
         Self {
