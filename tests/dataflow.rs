@@ -368,10 +368,14 @@ fn bench_data_measures_the_graph_across_processes() {
     // 2,500 samples in 2 lanes of 32 per batch: 39 batches of 64.
     assert_eq!(graph["images"], 39 * 64, "{graph}");
     assert_eq!(graph["processes"], 2);
-    // A 28 px record: its u8 RGB view and x̂ (2 x 2,352 bytes), one channel's HOG
-    // (49 x 36 f32) and the rest.
+    // A 28 px record of the one-channel default: its u8 luma view and x̂ (2 x 784
+    // bytes; three channels would be 2 x 2,352), one channel's HOG (49 x 36 f32)
+    // and the rest.
     let bytes = graph["wire_bytes_per_record"].as_f64().unwrap();
-    assert!((2.0 * 2352.0 + 49.0 * 36.0 * 4.0..30_000.0).contains(&bytes), "{graph}");
+    assert!(
+        (2.0 * 784.0 + 49.0 * 36.0 * 4.0..2.0 * 2352.0 + 49.0 * 36.0 * 4.0).contains(&bytes),
+        "{graph}"
+    );
     assert!(String::from_utf8_lossy(&outputs[1].stderr).contains("the data stages ran"));
 }
 

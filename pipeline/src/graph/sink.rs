@@ -251,37 +251,41 @@ mod tests {
             channels: 3,
         };
         let ready = assemble_batch(7, 0, records.clone(), &shape, None).unwrap();
-        // A one-channel model: the luma of each view and x̂ (exact on the grey
-        // x̂ here), normalized with the first mean and std.
-        let grey = assemble_batch(
-            7,
-            0,
-            records.clone(),
-            &SinkShape {
-                channels: 1,
-                ..shape.clone()
-            },
-            None,
-        )
-        .unwrap();
-        assert_eq!(grey.batch.shape, [2, 1, size, size]);
-        let gpx = grey.batch.pixels.as_ref().expect("u8 pixels");
-        let luma: Vec<u8> = records
+        // A one-channel model: its records carry one plane (the augment stage's
+        // luma), packed as they are, normalized with the first mean and std.
+        let grey_records: Vec<Record> = records
             .iter()
-            .flat_map(|r| {
-                r.pixels
-                    .data
-                    .chunks_exact(3)
-                    .map(stages::sample::luma)
-                    .collect::<Vec<_>>()
+            .map(|r| Record {
+                pixels: Image {
+                    data: r.pixels.data.chunks_exact(3).map(stages::sample::luma).collect(),
+                    ..r.pixels.clone()
+                },
+                smooth: r.smooth[..size * size].to_vec(),
+                ..r.clone()
             })
             .collect();
-        assert_eq!(gpx.images, luma);
+        let grey_shape = SinkShape {
+            channels: 1,
+            ..shape.clone()
+        };
+        let grey = assemble_batch(7, 0, grey_records.clone(), &grey_shape, None).unwrap();
+        assert_eq!(grey.batch.shape, [2, 1, size, size]);
+        let gpx = grey.batch.pixels.as_ref().expect("u8 pixels");
+        let planes: Vec<u8> = grey_records.iter().flat_map(|r| r.pixels.data.clone()).collect();
+        assert_eq!(gpx.images, planes);
         assert_eq!(
             gpx.smoothed.as_ref().unwrap()[..size * size],
             records[0].smooth[..size * size]
         );
         assert_eq!((gpx.mean.as_slice(), gpx.std.as_slice()), (&mean[..1], &std[..1]));
+        // A record whose channels do not match the model is refused, naming it.
+        let err = assemble_batch(7, 0, records.clone(), &grey_shape, None)
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("k0") && err.to_string().contains("1 channels"),
+            "{err}"
+        );
         let px = ready.batch.pixels.as_ref().expect("u8 pixels");
         let up = stages::train::feed::normalize_on_device(
             &px.images,
