@@ -73,3 +73,24 @@ __device__ __forceinline__ void column_partial(F value, float* partial, int rows
         partial[(size_t)blockIdx.y * d + c] = s;
     }
 }
+
+// The (loss, count) partial of a block of 8 warps, one patch per warp (the loss kernels):
+// warp sums added in warp order by thread 0 into partial[2 blk], partial[2 blk + 1].
+__device__ __forceinline__ void loss_partial_8_warps(float loss, float count, float* partial) {
+    __shared__ float sums[8][2];
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+        sums[warp][0] = loss;
+        sums[warp][1] = count;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float l = 0.f, c = 0.f;
+        for (int k = 0; k < 8; ++k) {
+            l += sums[k][0];
+            c += sums[k][1];
+        }
+        partial[2 * blockIdx.x] = l;
+        partial[2 * blockIdx.x + 1] = c;
+    }
+}

@@ -29,38 +29,23 @@ pub(crate) struct Module {
     pub(crate) ptx: &'static str,
 }
 
-pub(crate) const ATTENTION: Module = Module {
-    name: "crossmae-attention",
-    ptx: ptx::ATTENTION,
-};
-pub(crate) const COLUMN_SUMS: Module = Module {
-    name: "crossmae-column-sums",
-    ptx: ptx::COLUMN_SUMS,
-};
-pub(crate) const DRAW_LOSS: Module = Module {
-    name: "crossmae-draw-loss",
-    ptx: ptx::DRAW_LOSS,
-};
-pub(crate) const GELU: Module = Module {
-    name: "crossmae-gelu",
-    ptx: ptx::GELU,
-};
-pub(crate) const LAYER_NORM: Module = Module {
-    name: "crossmae-layer-norm",
-    ptx: ptx::LAYER_NORM,
-};
-pub(crate) const PIXELS: Module = Module {
-    name: "crossmae-pixels",
-    ptx: ptx::PIXELS,
-};
-pub(crate) const PRED_LOSS: Module = Module {
-    name: "crossmae-pred-loss",
-    ptx: ptx::PRED_LOSS,
-};
-pub(crate) const ADAMW: Module = Module {
-    name: "crossmae-adamw",
-    ptx: ptx::ADAMW,
-};
+/// `NAME = "module name"`: the module of `NAME.cu`'s PTX (`ptx::NAME`).
+macro_rules! modules {
+    ($($name:ident = $label:literal),+ $(,)?) => {
+        $(pub(crate) const $name: Module = Module { name: $label, ptx: ptx::$name };)+
+    };
+}
+
+modules!(
+    ATTENTION = "crossmae-attention",
+    COLUMN_SUMS = "crossmae-column-sums",
+    DRAW_LOSS = "crossmae-draw-loss",
+    GELU = "crossmae-gelu",
+    LAYER_NORM = "crossmae-layer-norm",
+    PIXELS = "crossmae-pixels",
+    PRED_LOSS = "crossmae-pred-loss",
+    ADAMW = "crossmae-adamw",
+);
 
 /// Threads per block of the row kernels (`ROW_THREADS` in common.cuh).
 pub(crate) const ROW_THREADS: u32 = 256;

@@ -100,8 +100,9 @@ fn tolerance(precision: Precision, uses_products: bool) -> f32 {
     }
 }
 
-/// Seeded standard-normal values times `scale` (CPU, f32).
-fn seeded(dims: &[usize], seed: u64, scale: f32) -> Result<Tensor> {
+/// Seeded standard-normal values times `scale` (CPU, f32; no global RNG). Also the
+/// ops' tests' inputs.
+pub(crate) fn seeded(dims: &[usize], seed: u64, scale: f32) -> Result<Tensor> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n: usize = dims.iter().product();
     let v: Vec<f32> = (0..n)

@@ -2,7 +2,7 @@
 // (B, N, P P C, MAE order) to the target image (B, C, H, W) read in place (draw_loss.rs).
 #include "common.cuh"
 
-#define PATCHES_PER_BLOCK 8  // one warp each
+#define PATCHES_PER_BLOCK 8  // one warp each (loss_partial_8_warps)
 
 // Index into the (B, C, H, W) image of value k (MAE order: row, column, channel) of patch n.
 __device__ __forceinline__ size_t image_index(int b, int n, int k, int c, int h, int w, int p) {
@@ -17,7 +17,6 @@ __device__ __forceinline__ size_t image_index(int b, int n, int k, int c, int h,
 extern "C" __global__ void draw_loss_partial_f32(const float* drawn, const float* target, const float* mask,
                                                  float* partial, int patches, int n, int k, int c, int h, int w,
                                                  int p) {
-    __shared__ float sums[PATCHES_PER_BLOCK][2];
     const int warp = threadIdx.x / 32;
     const int patch = blockIdx.x * PATCHES_PER_BLOCK + warp;
     float loss = 0.f, count = 0.f;
@@ -35,20 +34,7 @@ extern "C" __global__ void draw_loss_partial_f32(const float* drawn, const float
         loss = mask[patch] * (s / k);
     }
     if (patch < patches) count = mask[patch];
-    if (threadIdx.x % 32 == 0) {
-        sums[warp][0] = loss;
-        sums[warp][1] = count;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float l = 0.f, cnt = 0.f;
-        for (int j = 0; j < PATCHES_PER_BLOCK; ++j) {
-            l += sums[j][0];
-            cnt += sums[j][1];
-        }
-        partial[2 * blockIdx.x] = l;
-        partial[2 * blockIdx.x + 1] = cnt;
-    }
+    loss_partial_8_warps(loss, count, partial);
 }
 
 // d drawn = 2 g mask (drawn - t) / (K max(1, count)); elementwise over B N K.

@@ -185,16 +185,7 @@ pub(crate) mod tests {
         seeded(like.dims(), seed, 1.0)
     }
 
-    pub(crate) fn seeded(dims: &[usize], seed: u64, scale: f32) -> Result<Tensor> {
-        use rand::SeedableRng;
-        use rand_distr::{Distribution, StandardNormal};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| scale * Distribution::<f32>::sample(&StandardNormal, &mut rng))
-            .collect();
-        Tensor::from_vec(v, dims, &Device::Cpu)
-    }
+    pub(crate) use super::device_check::seeded;
 
     /// d(sum(f(x) * w))/dx by central differences in f64, at a few positions of input `i`.
     pub(crate) fn finite_difference_check(

@@ -2,7 +2,7 @@
 // the forward's sums go through per-block partials added in order by one block.
 #include "common.cuh"
 
-#define ROWS_PER_BLOCK 8  // one warp each
+#define ROWS_PER_BLOCK 8  // one warp each (loss_partial_8_warps)
 
 struct RowTerms {
     float valid, cos, inv_p, inv_t;
@@ -31,7 +31,6 @@ __device__ __forceinline__ RowTerms row_terms(const float* p, const float* t, fl
 // grid (ceil(rows / ROWS_PER_BLOCK)), block (32 * ROWS_PER_BLOCK).
 extern "C" __global__ void pred_loss_partial_f32(const float* p, const float* t, const float* w, float* partial,
                                                  int rows, int dt) {
-    __shared__ float sums[ROWS_PER_BLOCK][2];
     const int warp = threadIdx.x / 32;
     const int row = blockIdx.x * ROWS_PER_BLOCK + warp;
     float loss = 0.f, count = 0.f;
@@ -40,20 +39,7 @@ extern "C" __global__ void pred_loss_partial_f32(const float* p, const float* t,
         loss = r.valid != 0.f ? (2.f - 2.f * r.cos) * r.valid : 0.f;
         count = r.valid;
     }
-    if (threadIdx.x % 32 == 0) {
-        sums[warp][0] = loss;
-        sums[warp][1] = count;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float l = 0.f, c = 0.f;
-        for (int k = 0; k < ROWS_PER_BLOCK; ++k) {
-            l += sums[k][0];
-            c += sums[k][1];
-        }
-        partial[2 * blockIdx.x] = l;
-        partial[2 * blockIdx.x + 1] = c;
-    }
+    loss_partial_8_warps(loss, count, partial);
 }
 
 // loss[0] = sum of losses / max(1, count), count[0] = sum of counts (the backward's), from
