@@ -17,8 +17,9 @@
 #    crossmae_torch.py, bf16 autocast, SDPA, targets given), and the ratio of images/s.
 #    The peer comes from PEER (default: target-cuda/carry/crossmae_torch.py, which
 #    scripts/build-cuda.sh copies from ../shared/peers, or ../shared/peers itself).
-# Budget: about 8 minutes; each bench try has its own time limit and the list stops at the
-# overall limit (GPU_CHECK_BUDGET_S, default 420 s for part 3).
+# Budget: one deadline for the whole script (GPU_CHECK_BUDGET_S, default 540 s, under the
+# device's 600 s per command); every step's time limit is cut to what is left of it. Our two
+# benches run first, then PyTorch at the batches ours ran. Exits 1 when any record is ok:false.
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +35,12 @@ fi
 results="$out/gpu-check.jsonl"
 : >"$results"
 started=$(date +%s)
+budget=${GPU_CHECK_BUDGET_S:-540}
+limit() { # seconds a step may take: WANT, or what is left of the budget if less
+    local left=$((budget - ($(date +%s) - started)))
+    left=$((left < $1 ? left : $1))
+    echo $((left < 1 ? 1 : left)) # never 0: `timeout 0` would mean no limit
+}
 log() { echo "[$(($(date +%s) - started))s] $*" | tee -a "$out/gpu-check.log"; }
 note() { # key=value pairs as one JSON line; true/false become booleans
     python3 -c 'import json,sys; kv=(a.split("=",1) for a in sys.argv[1:]); print(json.dumps({k: {"true": True, "false": False}.get(v, v) for k, v in kv}))' "$@" >>"$results"
@@ -70,7 +77,7 @@ note check=libraries ok=true
 log "binary: $("$bin" --version 2>&1 | head -1)"
 
 # --- 1b. op checks: CUDA kernels against the CPU's ------------------------------------------------
-timeout 240 "$bin" check-ops --device cuda:0 --batch 4 >"$out/check-ops.jsonl" 2>"$out/check-ops.log"
+timeout "$(limit 180)" "$bin" check-ops --device cuda:0 --batch 4 >"$out/check-ops.jsonl" 2>"$out/check-ops.log"
 rc=$?
 cat "$out/check-ops.jsonl" >>"$results"
 log "op checks: rc $rc, $(grep -c '"ok":true' "$out/check-ops.jsonl") ok, $(grep -c '"ok":false' "$out/check-ops.jsonl") off; $(tail -1 "$out/check-ops.log")"
@@ -83,7 +90,7 @@ smoke() { # name, extra --set args...
     local name=$1
     shift
     rm -rf "$out/smoke-$name"
-    timeout 240 "$bin" run configs/pretrain.yaml -w 4 "${tiny[@]}" --set "run.dir=$out/smoke-$name" "$@" \
+    timeout "$(limit 150)" "$bin" run configs/pretrain.yaml -w 4 "${tiny[@]}" --set "run.dir=$out/smoke-$name" "$@" \
         >"$out/smoke-$name.log" 2>&1
     local rc=$?
     log "smoke $name: rc $rc, $(grep -o 'trained [0-9]* batches' "$out/smoke-$name.log" | head -1)"
@@ -119,60 +126,78 @@ for name, tol in [("cuda-f32", 2e-3), ("cuda-bf16", 1e-2)]:
 EOF
 tail -2 "$results" | cut -c1-300 | tee -a "$out/gpu-check.log"
 
-# --- 3. bench train: ViT-S/16 and ViT-B/16 at 224, bf16, largest batch that fits -----------------
-budget=${GPU_CHECK_BUDGET_S:-420}
-bench_start=$(date +%s)
+# --- 3. bench train: ViT-S/16 and ViT-B/16 at 224, bf16, largest batch that fits; then PyTorch ----
 peer="${PEER:-}"
 for p in "$repo/target-cuda/carry/crossmae_torch.py" "$repo/../shared/peers/crossmae_torch.py"; do
     [[ -z "$peer" && -f "$p" ]] && peer="$p"
 done
-torch_peer() { # preset, batch, our bench JSON: PyTorch eager on the same model and batch, and the ratio
-    local preset=$1 b=$2 ours=$3
-    if [[ -z "$peer" ]] || ! python3 -c 'import torch, timm' 2>/dev/null; then
-        note check="torch $preset" ok=false error="no peer script or no torch/timm in python3"
-        return
-    fi
-    local left=$((budget - ($(date +%s) - bench_start)))
-    local limit=$((left < 150 ? left : 150))
-    ((limit < 20)) && { note check="torch $preset" ok=false error="out of time"; return; }
-    log "torch $preset batch $b (limit ${limit}s)"
-    if timeout "$limit" python3 "$peer" bench --preset "$preset" --batch "$b" --steps 10 --device cuda --bf16 \
-        --targets-outside >"$out/torch.tmp" 2>"$out/torch-$preset-$b.err"; then
-        python3 - "$ours" "$out/torch.tmp" <<'PYEOF' | tee -a "$results"
-import json, sys
-ours = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-torch = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
-print(json.dumps({"check": f"torch {torch['preset']}", "ok": True, "torch": torch,
-                  "ours_images_per_s": ours.get("images_per_s"), "torch_images_per_s": torch["images_per_s"],
-                  "ratio_ours_over_torch": ours.get("images_per_s", 0) / torch["images_per_s"]}))
-PYEOF
-    else
-        log "  torch batch $b failed: $(tail -c 300 "$out/torch-$preset-$b.err" | tr '\n' ' ')"
-        note check="torch $preset" ok=false error="peer failed, see torch-$preset-$b.err"
-    fi
-}
+declare -A ran_batch ran_json
 bench() { # config, preset of the peer, batches...
     local config=$1 preset=$2
     shift 2
     for b in "$@"; do
-        local left=$((budget - ($(date +%s) - bench_start)))
-        if ((left < 40)); then
+        local lim
+        lim=$(limit 150)
+        if ((lim < 40)); then
             log "bench $config: out of time before batch $b"
             note check="bench $config" ok=false error="out of time"
             return
         fi
-        local limit=$((left < 150 ? left : 150))
-        log "bench $config batch $b (limit ${limit}s)"
-        if timeout "$limit" "$bin" bench train "$config" --batch "$b" --warmup 2 --steps 5 \
+        log "bench $config batch $b (limit ${lim}s)"
+        if timeout "$lim" "$bin" bench train "$config" --batch "$b" --warmup 2 --steps 5 \
             --set train.device=cuda:0 --set train.precision=bf16 \
-            >"$out/bench.tmp" 2>"$out/bench-$(basename "$config" .yaml)-$b.err"; then
-            cat "$out/bench.tmp" | tee -a "$results"
-            torch_peer "$preset" "$b" "$out/bench.tmp"
+            >"$out/bench-$preset.json" 2>"$out/bench-$preset-$b.err"; then
+            tee -a "$results" <"$out/bench-$preset.json"
+            ran_batch[$preset]=$b
+            ran_json[$preset]="$out/bench-$preset.json"
             return
         fi
-        log "  batch $b failed: $(tail -c 300 "$out/bench-$(basename "$config" .yaml)-$b.err" | tr '\n' ' ')"
+        log "  batch $b failed: $(tail -c 300 "$out/bench-$preset-$b.err" | tr '\n' ' ')"
     done
+}
+torch_peer() { # preset: PyTorch eager on the same model at the batch ours ran, and the ratio of images/s
+    local preset=$1
+    local b=${ran_batch[$preset]:-}
+    [[ -z "$b" ]] && return
+    if [[ -z "$peer" ]] || ! python3 -c 'import torch, timm' 2>/dev/null; then
+        note check="torch $preset" skipped=true reason="no peer script, or no torch / timm in python3"
+        return
+    fi
+    local lim
+    lim=$(limit 120)
+    if ((lim < 20)); then
+        note check="torch $preset" ok=false error="out of time"
+        return
+    fi
+    log "torch $preset batch $b (limit ${lim}s)"
+    if ! timeout "$lim" python3 "$peer" bench --preset "$preset" --batch "$b" --steps 10 --device cuda --bf16 \
+        --targets-outside >"$out/torch-$preset.json" 2>"$out/torch-$preset-$b.err"; then
+        log "  torch batch $b failed: $(tail -c 300 "$out/torch-$preset-$b.err" | tr '\n' ' ')"
+        note check="torch $preset" ok=false batch="$b" error="the peer failed, see torch-$preset-$b.err"
+        return
+    fi
+    python3 - "$preset" "${ran_json[$preset]}" "$out/torch-$preset.json" <<'PYEOF' | tee -a "$results"
+import json, sys
+preset, ours_path, torch_path = sys.argv[1:4]
+rec = {"check": f"torch {preset}"}
+try:
+    last = lambda path: json.loads(open(path).read().strip().splitlines()[-1])
+    ours, torch = last(ours_path), last(torch_path)
+    ours = ours.get("result", ours)  # bench train: {"figure": ..., "result": {...}}
+    rec.update(ok=True, batch=torch["batch"], ours_images_per_s=ours["images_per_s"],
+               torch_images_per_s=torch["images_per_s"],
+               ratio_ours_over_torch=ours["images_per_s"] / torch["images_per_s"], torch=torch)
+except Exception as e:  # a record either way, never a traceback instead of one
+    rec.update(ok=False, error=f"{type(e).__name__}: {e}")
+print(json.dumps(rec))
+PYEOF
 }
 bench configs/vit-s16-imagenet.yaml vit-s16 512 384 256 128 64
 bench configs/vit-b16-imagenet.yaml vit-b16 256 192 128 64 32
+torch_peer vit-b16
+torch_peer vit-s16
 log "done in $(($(date +%s) - started)) s; results in $results"
+if grep -q '"ok": *false' "$results"; then
+    log "some checks are not ok (see the ok:false records in $results)"
+    exit 1
+fi

@@ -19,8 +19,9 @@ pub struct StagesConfig {
     /// Patch side in pixels, shared by masking and the per-patch targets (ViT-B/16: 16).
     pub patch: usize,
     /// Channels the model sees: 3 (RGB), or 1 (luma; for grey datasets, which
-    /// decode to three equal channels). The stages decode, crop and blur in RGB;
-    /// with 1 the targets are those of the luma view and the sink packs luma.
+    /// decode to three equal channels). The stages decode and crop in RGB; with 1
+    /// the augment stage keeps the view's luma, and x̂, the targets and the sink
+    /// work on that one plane.
     pub channels: usize,
     /// Decoding (pixel limit).
     pub decode: decode::Config,

@@ -394,18 +394,18 @@ fn targets_stage(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError
     // An RGB view is lent to the extractors and taken back; a one-channel view is
     // lent as three equal channels (its luma), and the record keeps its one.
     let one_channel = r.pixels.channels() == 1;
-    let pixels: Rgb8 = if one_channel {
-        r.pixels.clone().into()
+    let targets = if one_channel {
+        grey_targets(cfg, &cfg.targets.kinds, &r.pixels.clone().into())?
     } else {
-        std::mem::take(&mut r.pixels).into()
+        let pixels: Rgb8 = std::mem::take(&mut r.pixels).into();
+        let targets = view_targets(cfg, &cfg.targets.kinds, &pixels)?;
+        r.pixels = pixels.into();
+        targets
     };
-    r.targets = view_targets(cfg, &cfg.targets.kinds, &pixels)?
+    r.targets = targets
         .into_iter()
         .map(|Target { dims, values, .. }| (dims, values))
         .collect();
-    if !one_channel {
-        r.pixels = pixels.into();
-    }
     Ok(r)
 }
 
@@ -415,16 +415,7 @@ pub fn view_targets(cfg: &StagesConfig, kinds: &[targets::Kind], pixels: &Rgb8) 
     let pixel = kinds.contains(&targets::Kind::Pixel);
     if cfg.channels == 1 {
         // A one-channel model: the targets of the luma view.
-        let grey = pixels.grey();
-        let image = if pixel {
-            crate::chain::normalize_channels(&grey, &cfg.augment, 1)
-        } else {
-            Vec::new()
-        };
-        return kinds
-            .iter()
-            .map(|&kind| targets::compute_grey(kind, &cfg.targets, &grey, &image, cfg.patch))
-            .collect();
+        return grey_targets(cfg, kinds, &pixels.grey());
     }
     // MAE's norm-pix target works on the normalized view; HOG and Canny on
     // the u8 pixels (a 600 kB float copy per record otherwise).
@@ -436,6 +427,21 @@ pub fn view_targets(cfg: &StagesConfig, kinds: &[targets::Kind], pixels: &Rgb8) 
     kinds
         .iter()
         .map(|&kind| targets::compute(kind, &cfg.targets, pixels, &image, cfg.patch))
+        .collect()
+}
+
+/// The targets of a one-channel model's view, given as three equal channels (its
+/// luma): [`view_targets`]'s for `channels: 1`, and the targets stage's for the
+/// one-plane records the augment stage leaves.
+fn grey_targets(cfg: &StagesConfig, kinds: &[targets::Kind], grey: &Rgb8) -> Result<Vec<Target>, StageError> {
+    let image = if kinds.contains(&targets::Kind::Pixel) {
+        crate::chain::normalize_channels(grey, &cfg.augment, 1)
+    } else {
+        Vec::new()
+    };
+    kinds
+        .iter()
+        .map(|&kind| targets::compute_grey(kind, &cfg.targets, grey, &image, cfg.patch))
         .collect()
 }
 

@@ -48,7 +48,9 @@ pub fn run(args: &CheckOpsArgs) -> anyhow::Result<()> {
         let checks = check_ops(&device, side, precision, &shapes, 1.0)
             .with_context(|| format!("checking the ops on {} in {name}", args.device))?;
         for c in checks {
-            println!("{}", serde_json::to_string(&c)?);
+            let mut line = serde_json::to_value(&c)?;
+            line["check"] = serde_json::json!(format!("op {} ({name})", c.op));
+            println!("{line}");
             checked += 1;
             if !c.ok {
                 failed.push(format!("{} ({name})", c.op));

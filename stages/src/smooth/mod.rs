@@ -634,6 +634,37 @@ fn to_pixels / to_pixels_scalar(planes: &[f32], out: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+    /// One plane blurred alone is each channel of the three-channel blur of that
+    /// plane replicated (a one-channel run's x̂ is what an RGB run's luma of x̂ was on grey).
+    #[test]
+    fn one_plane_blur_is_each_channel_of_the_replicated_blur() {
+        let (h, w) = (20, 28);
+        let plane: Vec<u8> = (0..h * w).map(|i| ((i * 37 + i / w * 11) % 256) as u8).collect();
+        let rgb = crate::sample::Rgb8 {
+            width: w,
+            height: h,
+            data: plane.iter().flat_map(|&v| [v; 3]).collect(),
+        };
+        for (sigma, method) in [
+            (1.0, super::Method::Fast),
+            (5.0, super::Method::Fast),
+            (2.0, super::Method::Exact),
+        ] {
+            let cfg = super::Config { sigma, method };
+            let three = super::apply_u8(&cfg, &rgb).unwrap();
+            let one = super::apply_u8_channels(&cfg, &plane, 1, h, w).unwrap();
+            for c in 0..3 {
+                let channel: Vec<u8> = three.iter().skip(c).step_by(3).copied().collect();
+                assert_eq!(channel, one, "sigma {sigma}, channel {c}");
+            }
+        }
+        let cfg = super::Config {
+            sigma: 1.0,
+            method: super::Method::Fast,
+        };
+        assert!(super::apply_u8_channels(&cfg, &plane, 2, h, w).is_err());
+    }
+
     /// The u8 x̂, normalized, is the blur of the normalized view up to the rounding
     /// to u8: at most 0.5 / 255 / std (plus f32 noise), for both methods.
     #[test]

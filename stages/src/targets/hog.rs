@@ -600,16 +600,40 @@ mod tests {
     }
 
     /// HOG of a grey image from its first channel's cells is [`hog`]'s, bit for bit
-    /// (at 16 px patches, the cells path; other sizes take the row path either way).
+    /// (16 px patches: the cells path; other sizes take the row path either way),
+    /// and the one-channel cells of both paths are the three-channel run's first.
     #[test]
     fn hog_of_grey_gives_the_three_channel_bits() {
-        let grey = photo_pixels(3).grey();
-        for patch in [16, 8] {
-            assert_eq!(
-                hog_of_grey(&grey, patch).unwrap(),
-                hog(&grey, patch).unwrap(),
-                "patch {patch}"
+        for seed in [2, 3] {
+            let grey = photo_pixels(seed).grey();
+            assert_eq!(hog_of_grey(&grey, 16).unwrap(), hog(&grey, 16).unwrap(), "photo {seed}");
+        }
+        let img = photo_pixels(2);
+        let cells = (img.width / 8) * (img.height / 8);
+        let mut planes = Vec::new();
+        padded_planes(&img, &mut planes);
+        let mut three = vec![f32::NAN; cells * 3 * BINS];
+        cells8(&planes, img.width, img.height, 3, &borders(), &mut three);
+        let mut one = vec![f32::NAN; cells * 3 * BINS];
+        cells8(&planes, img.width, img.height, 1, &borders(), &mut one);
+        #[cfg(target_arch = "x86_64")]
+        let one_avx2 = (std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")).then(|| {
+            let mut h = vec![f32::NAN; cells * 3 * BINS];
+            // SAFETY: AVX2 and FMA are present (checked just above).
+            unsafe { avx2::cells8(&planes, img.width, img.height, 1, &borders(), &mut h) };
+            h
+        });
+        #[cfg(not(target_arch = "x86_64"))]
+        let one_avx2: Option<Vec<f32>> = None;
+        for (c, (t, o)) in three.chunks_exact(3 * BINS).zip(one.chunks_exact(3 * BINS)).enumerate() {
+            assert_eq!(&t[..BINS], &o[..BINS], "cell {c}: channel 0");
+            assert!(
+                o[BINS..].iter().all(|v| v.is_nan()),
+                "cell {c}: channels 1 and 2 left alone"
             );
+            if let Some(a) = &one_avx2 {
+                assert_eq!(&a[c * 3 * BINS..][..BINS], &o[..BINS], "cell {c}: AVX2");
+            }
         }
         // Not a shortcut for colour: channels that differ give other cells.
         let rgb = img_small();

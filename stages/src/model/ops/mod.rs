@@ -21,9 +21,10 @@
 //!
 //! **Reference twins.** Every op's file also holds its basic-op composition (what
 //! the model ran before these ops existed). The public function runs the fused
-//! op for f32 CPU tensors and the composition otherwise: on other devices (until
-//! their kernels exist) and when [`scoped_reference`] is on (`model.reference_ops:
-//! true`), which is how the tests compare the two, op by op and step by step.
+//! op for f32 tensors on the CPU (and on CUDA, built with the `cuda` feature) and
+//! the composition otherwise: for other dtypes and devices, and when
+//! [`scoped_reference`] is on (`model.reference_ops: true`), which is how the
+//! tests compare the two, op by op and step by step.
 //!
 //! **Determinism.** Work is split into fixed chunks of rows, never by thread
 //! count, and reductions across rows (dgamma, dbeta, dbias, the losses) sum
