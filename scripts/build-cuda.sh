@@ -118,6 +118,8 @@ echo "== cargo build --release -p pipeline --features cuda (CUDA_COMPUTE_CAP=$co
 start=$(date +%s)
 nice -n "$nice_level" cargo build --release -p pipeline --features cuda
 echo "== built in $(($(date +%s) - start)) s: $target_dir/release/pipeline ($(du -h "$target_dir/release/pipeline" | cut -f1))"
+# Every kernel launch against the PTX's entry points (names and argument counts).
+python3 "$repo/scripts/check-cuda-launches.py" "$target_dir"
 echo "== run-time libraries (ldd; libcuda.so.1 comes from the GPU machine's driver):"
 LD_LIBRARY_PATH="$cuda_root/lib" ldd "$target_dir/release/pipeline" | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
 # For carrying to a GPU machine: stripped (no debug info) and gzipped, ~17 MB instead of ~200 MB,

@@ -38,8 +38,8 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
             },
             lse: OnceLock::new(),
         };
-        // The products at this thread's precision: under bf16, bf16 operands and scores
-        // (f32 accumulation and softmax arithmetic), f32 again at the output.
+        // The products at this thread's precision: under bf16, bf16 operands, f32
+        // accumulation, f32 scores and dP, bf16 P and dS; f32 again at the output.
         let dtype = autocast::gemm_dtype();
         return qkv.contiguous()?.to_dtype(dtype)?.apply_op1(op)?.to_dtype(DType::F32);
     }
@@ -259,21 +259,23 @@ impl Attention {
         let (d, h) = (three_d / 3, self.core.heads);
         let dev = &s.device;
         let heads: Vec<HeadProducts> = (0..h).map(|head| HeadProducts::new(b, t, d, h, head)).collect();
-        let mut scores = cuda::alloc::<T>(dev, b * h * t * t)?;
+        // f32 scores (as FlashAttention keeps them), P in T for the next product.
+        let mut scores = cuda::alloc::<f32>(dev, b * h * t * t)?;
+        let probs = cuda::alloc::<T>(dev, b * h * t * t)?;
         let mut out = cuda::alloc::<T>(dev, b * t * d)?;
         let lse = cuda::alloc::<f32>(dev, b * h * t)?;
         for p in &heads {
-            p.scores.run(dev, &qkv, &qkv, &mut scores)?;
+            p.scores.run_to_f32(dev, &qkv, &qkv, &mut scores)?;
         }
         let (n, scale) = (t as i32, self.core.scale);
         let softmax = format!("attention_softmax_fwd_{suffix}");
         let rows = cuda::per_row(b * h * t, cuda::ROW_THREADS);
-        launch!(dev, cuda::ATTENTION, &softmax, rows, &scores, &scores, &lse, &n, &scale);
-        let probs = scores.slice(..);
+        launch!(dev, cuda::ATTENTION, &softmax, rows, &scores, &probs, &lse, &n, &scale);
+        drop(scores);
+        let probs_v = probs.slice(..);
         for p in &heads {
-            p.out.run(dev, &qkv, &probs, &mut out)?;
+            p.out.run(dev, &qkv, &probs_v, &mut out)?;
         }
-        drop(probs);
         let _ = self.lse.set(cuda::tensor(lse, dev, (b, h, t)));
         Ok((cuda::storage(out, dev), Shape::from((b, t, d))))
     }
@@ -291,32 +293,38 @@ impl Attention {
         let heads: Vec<HeadProducts> = (0..h).map(|head| HeadProducts::new(b, t, d, h, head)).collect();
         cuda::with_views::<1, f32, _>([lse], "attention backward", |_, [lse]| {
             cuda::with_views::<2, T, _>([qkv, g], "attention backward", |dev, [qkv_v, g_v]| {
-                let mut probs = cuda::alloc::<T>(dev, b * h * t * t)?;
-                let mut ds = cuda::alloc::<T>(dev, b * h * t * t)?;
+                // f32 scores and dP (as in the forward), P and dS in T for the products.
+                let mut scores = cuda::alloc::<f32>(dev, b * h * t * t)?;
+                let probs = cuda::alloc::<T>(dev, b * h * t * t)?;
+                let ds = cuda::alloc::<T>(dev, b * h * t * t)?;
                 let mut dqkv = cuda::alloc::<T>(dev, b * t * three_d)?;
                 for p in &heads {
-                    p.scores.run(dev, &qkv_v, &qkv_v, &mut probs)?;
+                    p.scores.run_to_f32(dev, &qkv_v, &qkv_v, &mut scores)?;
                 }
                 let (total, n, scale) = (b * h * t * t, t as i32, self.core.scale);
                 let from_lse = format!("attention_softmax_from_lse_{suffix}");
+                let cfg = cuda::elementwise(total);
                 launch!(
                     dev,
                     cuda::ATTENTION,
                     &from_lse,
-                    cuda::elementwise(total),
-                    &probs,
+                    cfg,
+                    &scores,
                     &probs,
                     &lse,
                     &total,
                     &n,
                     &scale
                 );
+                // dP into the scores' buffer: they are not needed again.
+                let mut dp = scores;
                 for p in &heads {
-                    p.d_probs.run(dev, &qkv_v, &g_v, &mut ds)?;
+                    p.d_probs.run_to_f32(dev, &qkv_v, &g_v, &mut dp)?;
                 }
                 let softmax_bwd = format!("attention_softmax_bwd_{suffix}");
                 let rows = cuda::per_row(b * h * t, cuda::ROW_THREADS);
-                launch!(dev, cuda::ATTENTION, &softmax_bwd, rows, &probs, &ds, &n, &scale);
+                launch!(dev, cuda::ATTENTION, &softmax_bwd, rows, &probs, &dp, &ds, &n, &scale);
+                drop(dp);
                 let (p_v, ds_v) = (probs.slice(..), ds.slice(..));
                 for p in &heads {
                     p.dv.run(dev, &g_v, &p_v, &mut dqkv)?;

@@ -10,9 +10,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::result::CublasError;
 use candle_core::cuda_backend::cudarc::cublas::{
-    sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
+    result::gemm_strided_batched_ex, sys, sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
 };
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor};
@@ -245,13 +246,74 @@ impl Product {
         unsafe { T::gemm_strided_batched(&blas, cfg, &a, &b, &mut c) }.w()?;
         Ok(())
     }
+
+    /// The product of `T` operands into f32 (cublasGemmStridedBatchedEx, f32
+    /// accumulation): the attention's scores and dP, kept in f32 under bf16 too.
+    pub(crate) fn run_to_f32<T: Scalar>(
+        &self,
+        dev: &CudaDevice,
+        a: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.check(a.len(), b.len(), c.len())?;
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let blas = dev.cublas_handle();
+        let stream = dev.cuda_stream();
+        let (a, b) = (a.slice(self.a.0..), b.slice(self.b.0..));
+        let mut c = c.slice_mut(self.c.0..);
+        let (alpha, beta) = (1f32, 0f32);
+        let (a_ptr, _a_sync) = a.device_ptr(&stream);
+        let (b_ptr, _b_sync) = b.device_ptr(&stream);
+        let (c_ptr, _c_sync) = c.device_ptr_mut(&stream);
+        // SAFETY: `check` bounded every element each operand's layout reaches; the
+        // pointers stay valid until the syncs drop, after the call is queued on the
+        // stream the handle runs on (candle's).
+        unsafe {
+            gemm_strided_batched_ex(
+                *blas.handle(),
+                op(self.transa),
+                op(self.transb),
+                self.m as i32,
+                self.n as i32,
+                self.k as i32,
+                (&alpha) as *const f32 as *const _,
+                a_ptr as *const _,
+                T::CUDA_TYPE,
+                self.a.1 .0 as i32,
+                self.a.1 .1 as i64,
+                b_ptr as *const _,
+                T::CUDA_TYPE,
+                self.b.1 .0 as i32,
+                self.b.1 .1 as i64,
+                (&beta) as *const f32 as *const _,
+                c_ptr as *mut _,
+                sys::cudaDataType_t::CUDA_R_32F,
+                self.c.1 .0 as i32,
+                self.c.1 .1 as i64,
+                self.batch as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .w()?;
+        Ok(())
+    }
 }
 
-/// The product dtypes: cuBLAS's alpha (1) and beta (0), and its strided-batched
-/// product (f32: SGEMM; bf16: bf16 operands and output, f32 accumulation).
+/// The product dtypes: cuBLAS's alpha (1) and beta (0), its data type, and its
+/// strided-batched product (f32: SGEMM; bf16: bf16 operands and output, f32
+/// accumulation).
 pub(crate) trait Scalar: Copy + DeviceRepr + CudaDType {
     const ONE: Self;
     const ZERO: Self;
+    const CUDA_TYPE: sys::cudaDataType_t;
 
     /// # Safety
     /// The configuration's extents must lie inside the buffers.
@@ -267,6 +329,7 @@ pub(crate) trait Scalar: Copy + DeviceRepr + CudaDType {
 impl Scalar for f32 {
     const ONE: Self = 1.0;
     const ZERO: Self = 0.0;
+    const CUDA_TYPE: sys::cudaDataType_t = sys::cudaDataType_t::CUDA_R_32F;
 
     unsafe fn gemm_strided_batched(
         blas: &CudaBlas,
@@ -283,6 +346,7 @@ impl Scalar for f32 {
 impl Scalar for half::bf16 {
     const ONE: Self = half::bf16::ONE;
     const ZERO: Self = half::bf16::ZERO;
+    const CUDA_TYPE: sys::cudaDataType_t = sys::cudaDataType_t::CUDA_R_16BF;
 
     unsafe fn gemm_strided_batched(
         blas: &CudaBlas,
