@@ -46,16 +46,18 @@ static void cm_emit_message(j_common_ptr cinfo, int level) {
 
 /*
  * Decode rows [top, top + rows) and at least columns [left, left + cols) as
- * RGB. libjpeg widens the columns to iMCU boundaries: the decoded columns
- * are [*out_left, *out_left + *out_cols), written row after row with a
- * stride of *out_cols * 3 bytes into out (out_len bytes; image width * rows
- * * 3 always suffices). Rows below the region are never decoded; rows above
+ * RGB, or with grey != 0 as one luma channel (libjpeg's grayscale output: the
+ * Y of a colour JPEG, whose chroma is then never decoded). libjpeg widens the
+ * columns to iMCU boundaries: the decoded columns are [*out_left, *out_left +
+ * *out_cols), written row after row with a stride of *out_cols * channels bytes
+ * into out (out_len bytes; image width * rows * channels always suffices). Rows below the region are never decoded; rows above
  * it are entropy-decoded and skipped (no IDCT, no color conversion).
  */
 int cm_jpeg_decode_region(const unsigned char *data, unsigned long len, unsigned long long max_pixels, int left,
-                          int top, int cols, int rows, unsigned char *out, unsigned long long out_len, int *out_left,
-                          int *out_cols, char *message, int message_len) {
+                          int top, int cols, int rows, int grey, unsigned char *out, unsigned long long out_len,
+                          int *out_left, int *out_cols, char *message, int message_len) {
     struct jpeg_decompress_struct cinfo;
+    const unsigned long long channels = grey ? 1 : 3;
     struct cm_error err;
     char buffer[JMSG_LENGTH_MAX];
     int code = CM_CORRUPT;
@@ -86,13 +88,13 @@ int cm_jpeg_decode_region(const unsigned char *data, unsigned long len, unsigned
     }
     if (left < 0 || top < 0 || cols <= 0 || rows <= 0 || (unsigned)(left + cols) > cinfo.image_width ||
         (unsigned)(top + rows) > cinfo.image_height ||
-        (unsigned long long)cinfo.image_width * rows * 3 > out_len) {
+        (unsigned long long)cinfo.image_width * rows * channels > out_len) {
         snprintf(message, message_len, "region %dx%d+%d+%d outside the %ux%u image or buffer too small", cols, rows,
                  left, top, cinfo.image_width, cinfo.image_height);
         jpeg_destroy_decompress(&cinfo);
         return CM_BAD_REQUEST;
     }
-    cinfo.out_color_space = JCS_RGB;
+    cinfo.out_color_space = grey ? JCS_GRAYSCALE : JCS_RGB;
     jpeg_start_decompress(&cinfo);
     {
         JDIMENSION x = (JDIMENSION)left, w = (JDIMENSION)cols;
@@ -108,7 +110,7 @@ int cm_jpeg_decode_region(const unsigned char *data, unsigned long len, unsigned
         return CM_CORRUPT;
     }
     {
-        unsigned long long stride = (unsigned long long)cinfo.output_width * 3;
+        unsigned long long stride = (unsigned long long)cinfo.output_width * channels;
         int row = 0;
         while (row < rows) {
             JSAMPROW line = out + (unsigned long long)row * stride;

@@ -89,7 +89,10 @@ pub fn sample_view(cfg: &Config, width: usize, height: usize, rng: &mut impl Rng
 }
 
 /// Resize and flip `view` out of a decoded region that holds its crop.
-pub fn apply_region(region: &crate::decode::Region, view: &View) -> Result<Rgb8, StageError> {
+pub fn apply_region<const C: usize>(
+    region: &crate::decode::Region<C>,
+    view: &View,
+) -> Result<crate::sample::Image8<C>, StageError> {
     if (region.source_width, region.source_height) != (view.source_width, view.source_height) {
         return Err(StageError::Corrupt(format!(
             "decoded {}x{} image, header said {}x{}",

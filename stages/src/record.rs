@@ -25,7 +25,7 @@ use shards::rng::stage_rng;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::chain::{StagesConfig, MASK_STREAM};
-use crate::sample::{Mask, Rgb8, StageError, Target, View};
+use crate::sample::{Grey8, Image8, Mask, Rgb8, StageError, Target, View};
 use crate::{augment, decode, mask, smooth, targets, views};
 
 /// The stages of the graph, in their order: the five record stages, then the
@@ -98,8 +98,8 @@ pub struct Image {
     pub top: usize,
 }
 
-impl From<Rgb8> for Image {
-    fn from(img: Rgb8) -> Image {
+impl<const C: usize> From<Image8<C>> for Image {
+    fn from(img: Image8<C>) -> Image {
         Image {
             width: img.width,
             height: img.height,
@@ -330,13 +330,24 @@ fn decode_stage(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, 
         .ok_or(StageError::NoImage)?;
     let (width, height) = decode::image_size(bytes)?;
     let (view, _) = views::run_view(cfg, seed, r.epoch, &r.key, width, height)?;
-    let region = decode::decode_region(&cfg.decode, bytes, view.crop)?;
-    r.view = view;
-    r.pixels = Image {
-        left: region.left,
-        top: region.top,
-        ..region.pixels.into()
+    // A one-channel run decodes to one luma channel (a colour JPEG's chroma is
+    // never decoded); the record's pixels are then one byte per pixel.
+    r.pixels = if cfg.channels == 1 {
+        let region = decode::decode_region_grey(&cfg.decode, bytes, view.crop)?;
+        Image {
+            left: region.left,
+            top: region.top,
+            ..region.pixels.into()
+        }
+    } else {
+        let region = decode::decode_region(&cfg.decode, bytes, view.crop)?;
+        Image {
+            left: region.left,
+            top: region.top,
+            ..region.pixels.into()
+        }
     };
+    r.view = view;
     Ok(r)
 }
 
@@ -344,28 +355,42 @@ fn decode_stage(cfg: &StagesConfig, seed: u64, mut r: Record) -> Result<Record, 
 /// u8: the training device normalizes it, and `targets` normalizes it for the
 /// pixel target only.
 ///
-/// A one-channel run (`stages.channels: 1`) keeps only the view's luma from here
-/// on: x̂, the targets, the wire and the sink then handle a third of the bytes.
+/// A one-channel run (`stages.channels: 1`) crops its one luma channel: x̂, the
+/// targets, the wire and the sink then handle a third of the bytes.
 fn augment_stage(cfg: &StagesConfig, mut r: Record) -> Result<Record, StageError> {
-    let Image { left, top, .. } = r.pixels;
-    let region = decode::Region {
-        pixels: std::mem::take(&mut r.pixels).into(),
+    let one_channel = r.pixels.channels() == 1;
+    let Image {
+        width,
+        height,
+        data,
         left,
         top,
-        source_width: r.view.source_width,
-        source_height: r.view.source_height,
-    };
-    let pixels = augment::apply_region(&region, &r.view)?;
-    r.pixels = if cfg.channels == 1 {
-        Image {
-            width: pixels.width,
-            height: pixels.height,
-            data: crate::sample::model_channels(&pixels.data, 1).into_owned(),
-            left: 0,
-            top: 0,
-        }
+    } = std::mem::take(&mut r.pixels);
+    let (source_width, source_height) = (r.view.source_width, r.view.source_height);
+    r.pixels = if one_channel {
+        let region = decode::Region {
+            pixels: Grey8 { width, height, data },
+            left,
+            top,
+            source_width,
+            source_height,
+        };
+        augment::apply_region(&region, &r.view)?.into()
     } else {
-        pixels.into()
+        let region = decode::Region {
+            pixels: Rgb8 { width, height, data },
+            left,
+            top,
+            source_width,
+            source_height,
+        };
+        let pixels = augment::apply_region(&region, &r.view)?;
+        // An RGB region in a one-channel run (not what decode gives it): its luma.
+        if cfg.channels == 1 {
+            pixels.luma().into()
+        } else {
+            pixels.into()
+        }
     };
     Ok(r)
 }
@@ -433,7 +458,7 @@ pub fn view_targets(cfg: &StagesConfig, kinds: &[targets::Kind], pixels: &Rgb8) 
 /// The targets of a one-channel model's view, given as three equal channels (its
 /// luma): [`view_targets`]'s for `channels: 1`, and the targets stage's for the
 /// one-plane records the augment stage leaves.
-fn grey_targets(cfg: &StagesConfig, kinds: &[targets::Kind], grey: &Rgb8) -> Result<Vec<Target>, StageError> {
+pub fn grey_targets(cfg: &StagesConfig, kinds: &[targets::Kind], grey: &Rgb8) -> Result<Vec<Target>, StageError> {
     let image = if kinds.contains(&targets::Kind::Pixel) {
         crate::chain::normalize_channels(grey, &cfg.augment, 1)
     } else {

@@ -1,4 +1,4 @@
-//! Bicubic resampling of an RGB crop: PIL's `ImagingResample` (bicubic
+//! Bicubic resampling of a crop of 3 (RGB) or 1 interleaved u8 channels: PIL's `ImagingResample` (bicubic
 //! a = -0.5, support widened by the downscale factor, horizontal pass then
 //! vertical, each rounded and clipped to u8 levels), computed in f32.
 //!
@@ -12,8 +12,8 @@
 //!
 //! Both passes are vectorized across 8 rows at a time (AVX2 path):
 //! 1. 8 source rows of the crop are widened to f32 and transposed in
-//!    registers, so `t[e][k]` holds byte `e` of row `k` (e = column * 3 + channel);
-//! 2. the horizontal pass sums whole 8-row vectors `t[(start + i) * 3 + c]`
+//!    registers, so `t[e][k]` holds byte `e` of row `k` (e = column * C + channel);
+//! 2. the horizontal pass sums whole 8-row vectors `t[(start + i) * C + c]`
 //!    with a broadcast weight per tap (no gathers, no byte transposes in
 //!    memory, which were half of the previous version's time);
 //! 3. its output is transposed back in registers into row-major rows;
@@ -22,7 +22,7 @@
 //! [`resize_bicubic_scalar`] is the same arithmetic in plain loops (the same
 //! operations in the same order, so the same bits; tests compare them).
 
-use crate::sample::{CropBox, Rgb8};
+use crate::sample::{CropBox, Image8};
 
 /// PIL's bicubic kernel, a = -0.5.
 pub(crate) fn bicubic(x: f64) -> f64 {
@@ -111,12 +111,18 @@ fn rows_needed(vc: &Coeffs) -> (usize, usize) {
 /// When `crop` is empty or reaches outside `img` (a caller's bug: the augment
 /// stage draws crops inside the image). The AVX2 path reads through raw
 /// pointers, so this is checked here, for every caller, before it runs.
-pub fn resize_bicubic(img: &Rgb8, crop: CropBox, out_w: usize, out_h: usize, flip: bool) -> Rgb8 {
+pub fn resize_bicubic<const C: usize>(
+    img: &Image8<C>,
+    crop: CropBox,
+    out_w: usize,
+    out_h: usize,
+    flip: bool,
+) -> Image8<C> {
     let inside = crop.width > 0
         && crop.height > 0
         && crop.left.checked_add(crop.width).is_some_and(|r| r <= img.width)
         && crop.top.checked_add(crop.height).is_some_and(|b| b <= img.height)
-        && img.data.len() >= img.width * img.height * 3;
+        && img.data.len() >= img.width * img.height * C;
     assert!(
         inside,
         "resize_bicubic: crop {crop:?} is empty or outside the {} x {} image ({} bytes)",
@@ -136,27 +142,33 @@ pub fn resize_bicubic(img: &Rgb8, crop: CropBox, out_w: usize, out_h: usize, fli
 
 /// [`resize_bicubic`] in plain loops: the reference for the AVX2 path, and
 /// what other CPUs run.
-pub fn resize_bicubic_scalar(img: &Rgb8, crop: CropBox, out_w: usize, out_h: usize, flip: bool) -> Rgb8 {
+pub fn resize_bicubic_scalar<const C: usize>(
+    img: &Image8<C>,
+    crop: CropBox,
+    out_w: usize,
+    out_h: usize,
+    flip: bool,
+) -> Image8<C> {
     let hc = coeffs(crop.width, out_w);
     let vc = coeffs(crop.height, out_h);
     let (row_first, rows) = rows_needed(&vc);
-    let row_len = out_w * 3;
+    let row_len = out_w * C;
     // Horizontal pass into u8 levels (kept as f32), mirrored when flipping.
     let mut tmp = vec![0f32; rows * row_len];
     for r in 0..rows {
-        let src = &img.data[((crop.top + row_first + r) * img.width + crop.left) * 3..][..crop.width * 3];
+        let src = &img.data[((crop.top + row_first + r) * img.width + crop.left) * C..][..crop.width * C];
         for x in 0..out_w {
             let (s, w) = hc.taps(if flip { out_w - 1 - x } else { x });
-            for c in 0..3 {
+            for c in 0..C {
                 let mut acc = 0f32;
                 for (i, &k) in w.iter().enumerate() {
-                    acc = k.mul_add(src[(s + i) * 3 + c] as f32, acc);
+                    acc = k.mul_add(src[(s + i) * C + c] as f32, acc);
                 }
-                tmp[r * row_len + x * 3 + c] = level(acc) as f32;
+                tmp[r * row_len + x * C + c] = level(acc) as f32;
             }
         }
     }
-    let mut out = Rgb8::zeros(out_w, out_h);
+    let mut out = Image8::<C>::zeros(out_w, out_h);
     for y in 0..out_h {
         let (s, w) = vc.taps(y);
         let s = s - row_first;
@@ -174,7 +186,7 @@ pub fn resize_bicubic_scalar(img: &Rgb8, crop: CropBox, out_w: usize, out_h: usi
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{coeffs, rows_needed};
-    use crate::sample::{CropBox, Rgb8};
+    use crate::sample::{CropBox, Image8};
     use crate::simd::transpose8x8 as transpose8;
     use std::arch::x86_64::*;
 
@@ -193,12 +205,18 @@ mod avx2 {
 
     /// See [`super::resize_bicubic`]; the caller checked AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn resize_bicubic(img: &Rgb8, crop: CropBox, out_w: usize, out_h: usize, flip: bool) -> Rgb8 {
+    pub unsafe fn resize_bicubic<const C: usize>(
+        img: &Image8<C>,
+        crop: CropBox,
+        out_w: usize,
+        out_h: usize,
+        flip: bool,
+    ) -> Image8<C> {
         let hc = coeffs(crop.width, out_w);
         let vc = coeffs(crop.height, out_h);
         let (row_first, rows) = rows_needed(&vc);
-        let in_len = crop.width * 3;
-        let row_len = out_w * 3;
+        let in_len = crop.width * C;
+        let row_len = out_w * C;
         // Rows of the horizontal pass's output are padded to whole vectors.
         let stride = row_len.div_ceil(8) * 8;
         // Temporaries live in per-thread buffers (fresh large allocations per
@@ -221,7 +239,7 @@ mod avx2 {
             // 1. t[e][k] = byte e of row b0 + k (rows past the end repeat the last).
             let src: [*const u8; 8] = std::array::from_fn(|k| {
                 let r = crop.top + row_first + b0 + k.min(valid - 1);
-                data.add((r * img.width + crop.left) * 3)
+                data.add((r * img.width + crop.left) * C)
             });
             let tp = t.as_mut_ptr();
             let mut e = 0;
@@ -245,18 +263,19 @@ mod avx2 {
             let hp = hrows.as_mut_ptr();
             for x in 0..out_w {
                 let (s, w) = hc.taps(if flip { out_w - 1 - x } else { x });
-                let base = tp.add(s * 24) as *const f32;
-                let (mut a0, mut a1, mut a2) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+                // One accumulator per channel (C vectors of 8 rows per pixel).
+                let base = tp.add(s * 8 * C) as *const f32;
+                let mut a = [_mm256_setzero_ps(); C];
                 for (i, k) in w.iter().enumerate() {
                     let k = _mm256_set1_ps(*k);
-                    a0 = _mm256_fmadd_ps(k, _mm256_loadu_ps(base.add(i * 24)), a0);
-                    a1 = _mm256_fmadd_ps(k, _mm256_loadu_ps(base.add(i * 24 + 8)), a1);
-                    a2 = _mm256_fmadd_ps(k, _mm256_loadu_ps(base.add(i * 24 + 16)), a2);
+                    for (c, a) in a.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(k, _mm256_loadu_ps(base.add((i * C + c) * 8)), *a);
+                    }
                 }
                 // Levels as i32 bits in the f32 buffer (the transpose moves bits).
-                _mm256_storeu_ps(hp.add(x * 24), _mm256_castsi256_ps(level(a0)));
-                _mm256_storeu_ps(hp.add(x * 24 + 8), _mm256_castsi256_ps(level(a1)));
-                _mm256_storeu_ps(hp.add(x * 24 + 16), _mm256_castsi256_ps(level(a2)));
+                for (c, a) in a.iter().enumerate() {
+                    _mm256_storeu_ps(hp.add((x * C + c) * 8), _mm256_castsi256_ps(level(*a)));
+                }
             }
             // 3. back to rows.
             for e0 in (0..stride).step_by(8) {
@@ -311,7 +330,7 @@ mod avx2 {
         }
         data.set_len(row_len * out_h);
         BUFFERS.with(|b| b.replace(bufs));
-        Rgb8 {
+        Image8 {
             width: out_w,
             height: out_h,
             data,
@@ -322,6 +341,68 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sample::{Grey8, Rgb8};
+
+    /// One channel resized alone is each channel of the three-channel resize of
+    /// it replicated, bit for bit, on the AVX2 path and on its scalar twin, for
+    /// down- and upscales, odd crops and flips.
+    #[test]
+    fn one_channel_is_each_channel_of_the_replicated_resize() {
+        let (w, h) = (61, 47);
+        let grey = Grey8 {
+            width: w,
+            height: h,
+            data: (0..w * h).map(|i| ((i * 37 + (i / w) * 11) % 256) as u8).collect(),
+        };
+        let rgb = grey.to_rgb();
+        let crops = [
+            (
+                CropBox {
+                    top: 0,
+                    left: 0,
+                    height: h,
+                    width: w,
+                },
+                32,
+                32,
+            ),
+            (
+                CropBox {
+                    top: 3,
+                    left: 5,
+                    height: 40,
+                    width: 51,
+                },
+                24,
+                17,
+            ),
+            (
+                CropBox {
+                    top: 10,
+                    left: 7,
+                    height: 9,
+                    width: 13,
+                },
+                40,
+                33,
+            ),
+        ];
+        for (crop, ow, oh) in crops {
+            for flip in [false, true] {
+                let one = resize_bicubic(&grey, crop, ow, oh, flip);
+                assert_eq!(
+                    one,
+                    resize_bicubic_scalar(&grey, crop, ow, oh, flip),
+                    "{crop:?} flip {flip}: AVX2 vs scalar"
+                );
+                let three = resize_bicubic(&rgb, crop, ow, oh, flip);
+                for c in 0..3 {
+                    let channel: Vec<u8> = three.data.iter().skip(c).step_by(3).copied().collect();
+                    assert_eq!(channel, one.data, "{crop:?} flip {flip}: channel {c}");
+                }
+            }
+        }
+    }
 
     /// A crop outside the image is refused before the AVX2 path reads through
     /// raw pointers; one that touches the border is fine.

@@ -4,24 +4,53 @@
 
 use serde::{Deserialize, Serialize};
 
-/// An 8-bit RGB image, rows top to bottom, pixels interleaved (H x W x 3).
+/// An 8-bit image of `C` interleaved channels, rows top to bottom (H x W x C).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Rgb8 {
+pub struct Image8<const C: usize> {
     /// Width in pixels.
     pub width: usize,
     /// Height in pixels.
     pub height: usize,
-    /// `height * width * 3` bytes, R G B per pixel.
+    /// `height * width * C` bytes.
     pub data: Vec<u8>,
 }
 
-impl Rgb8 {
+/// An 8-bit RGB image (R G B per pixel): what the stages decode and crop.
+pub type Rgb8 = Image8<3>;
+
+/// An 8-bit one-channel image: a one-channel run's decode and crop
+/// (`stages.channels: 1`), the luma of a colour source.
+pub type Grey8 = Image8<1>;
+
+impl<const C: usize> Image8<C> {
     /// An all-black image.
-    pub fn zeros(width: usize, height: usize) -> Rgb8 {
-        Rgb8 {
+    pub fn zeros(width: usize, height: usize) -> Self {
+        Self {
             width,
             height,
-            data: vec![0; width * height * 3],
+            data: vec![0; width * height * C],
+        }
+    }
+}
+
+impl Grey8 {
+    /// Three equal channels (lossless: the luma of (v, v, v) is v).
+    pub fn to_rgb(&self) -> Rgb8 {
+        Rgb8 {
+            width: self.width,
+            height: self.height,
+            data: self.data.iter().flat_map(|&v| [v; 3]).collect(),
+        }
+    }
+}
+
+impl Rgb8 {
+    /// The luma plane.
+    pub fn luma(&self) -> Grey8 {
+        Grey8 {
+            width: self.width,
+            height: self.height,
+            data: self.data.chunks_exact(3).map(luma).collect(),
         }
     }
 
@@ -46,15 +75,6 @@ impl Rgb8 {
 #[inline]
 pub fn luma(p: &[u8]) -> u8 {
     ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8
-}
-
-/// H x W x 3 bytes as the model's `channels`: 3 as they are, 1 as their luma (H x W).
-pub fn model_channels(data: &[u8], channels: usize) -> std::borrow::Cow<'_, [u8]> {
-    if channels == 1 {
-        std::borrow::Cow::Owned(data.chunks_exact(3).map(luma).collect())
-    } else {
-        std::borrow::Cow::Borrowed(data)
-    }
 }
 
 /// A crop rectangle in source pixels (torchvision's `i, j, h, w` as top, left, height, width).

@@ -193,26 +193,45 @@ fn decode_sample(ctx: &Shared, mut w: Work, out: &mut Vec<Work>) -> Result<(), S
         height,
         width,
     };
-    let region = decode::decode_region(&ctx.stages.decode, bytes, whole)?;
+    // A one-channel run's decode (one luma channel), as its decode stage has it.
+    let region = if ctx.stages.channels == 1 {
+        let g = decode::decode_region_grey(&ctx.stages.decode, bytes, whole)?;
+        (g.left, g.top, g.pixels.width, g.pixels.height, g.pixels.data)
+    } else {
+        let rgb = decode::decode_region(&ctx.stages.decode, bytes, whole)?;
+        (rgb.left, rgb.top, rgb.pixels.width, rgb.pixels.height, rgb.pixels.data)
+    };
     (w.source_width, w.source_height) = (width, height);
-    (w.left, w.top) = (region.left, region.top);
-    (w.width, w.height, w.pixels) = (region.pixels.width, region.pixels.height, region.pixels.data);
+    (w.left, w.top, w.width, w.height, w.pixels) = region;
     out.push(w);
     Ok(())
 }
 
 /// view: the missing views of the sample, each as its own record.
 fn cut_views(ctx: &Shared, mut w: Work, out: &mut Vec<Work>) -> Result<(), StageError> {
-    let region = decode::Region {
-        pixels: Rgb8 {
-            width: w.width,
-            height: w.height,
-            data: std::mem::take(&mut w.pixels),
-        },
-        left: w.left,
-        top: w.top,
-        source_width: w.source_width,
-        source_height: w.source_height,
+    /// The decoded image: RGB, or one luma channel in a one-channel run ([`decode_sample`]).
+    enum Decoded {
+        Rgb(decode::Region),
+        Grey(decode::Region<1>),
+    }
+    let (width, height, data) = (w.width, w.height, std::mem::take(&mut w.pixels));
+    let (left, top, source_width, source_height) = (w.left, w.top, w.source_width, w.source_height);
+    let decoded = if ctx.stages.channels == 1 {
+        Decoded::Grey(decode::Region {
+            pixels: stages::sample::Grey8 { width, height, data },
+            left,
+            top,
+            source_width,
+            source_height,
+        })
+    } else {
+        Decoded::Rgb(decode::Region {
+            pixels: Rgb8 { width, height, data },
+            left,
+            top,
+            source_width,
+            source_height,
+        })
     };
     let t = &ctx.stages.targets;
     for (v, stores) in std::mem::take(&mut w.todo) {
@@ -224,13 +243,22 @@ fn cut_views(ctx: &Shared, mut w: Work, out: &mut Vec<Work>) -> Result<(), Stage
             &w.key,
             v,
         )?;
-        let pixels = augment::apply_region(&region, &view)?;
+        let (width, height, pixels) = match &decoded {
+            Decoded::Rgb(region) => {
+                let p = augment::apply_region(region, &view)?;
+                (p.width, p.height, p.data)
+            }
+            Decoded::Grey(region) => {
+                let p = augment::apply_region(region, &view)?;
+                (p.width, p.height, p.data)
+            }
+        };
         out.push(Work {
             shard: w.shard.clone(),
             key: w.key.clone(),
-            width: pixels.width,
-            height: pixels.height,
-            pixels: pixels.data,
+            width,
+            height,
+            pixels,
             view: v,
             stores,
             ..Default::default()
@@ -255,10 +283,21 @@ fn extract(ctx: &Shared, works: &mut [Work]) -> Result<(), String> {
                 clip_jobs.push((i, store));
                 continue;
             }
-            // The run's own targets function, so a cached target is the one the run would compute.
-            let target = stages::record::view_targets(s, &[kind], &pixels)
-                .map_err(|e| format!("{}:{}: view {}: {kind:?}: {e}", w.shard, w.key, w.view))?
-                .remove(0);
+            // The run's own targets functions, so a cached target is the one the run
+            // would compute: a one-channel view (one byte per pixel) as its targets
+            // stage lends it, three equal channels.
+            let target = if pixels.data.len() == pixels.width * pixels.height {
+                let grey = stages::sample::Grey8 {
+                    width: pixels.width,
+                    height: pixels.height,
+                    data: pixels.data.clone(),
+                };
+                stages::record::grey_targets(s, &[kind], &grey.to_rgb())
+            } else {
+                stages::record::view_targets(s, &[kind], &pixels)
+            }
+            .map_err(|e| format!("{}:{}: view {}: {kind:?}: {e}", w.shard, w.key, w.view))?
+            .remove(0);
             let dims = ctx.stores[store as usize].spec.dims;
             w.encoded
                 .push((store, codec::encode(&target.values, dims, s.targets.dtype)));
