@@ -18,10 +18,9 @@ use serde::{Deserialize, Serialize};
 pub struct StagesConfig {
     /// Patch side in pixels, shared by masking and the per-patch targets (ViT-B/16: 16).
     pub patch: usize,
-    /// Channels the model sees: 3 (RGB), or 1 (luma; for grey datasets, which
-    /// decode to three equal channels). The stages decode and crop in RGB; with 1
-    /// the augment stage keeps the view's luma, and x̂, the targets and the sink
-    /// work on that one plane.
+    /// Channels the model sees: 3 (RGB), or 1 (luma; for grey datasets). With 1
+    /// the stages decode to one channel (libjpeg's grayscale, else the luma of
+    /// the RGB decode) and crop, blur, extract and pack that one plane.
     pub channels: usize,
     /// Decoding (pixel limit).
     pub decode: decode::Config,

@@ -840,6 +840,24 @@ mod tests {
                 grey.local(crop).expect("grey region holds the crop"),
                 rgb.local(crop).unwrap(),
             );
+            // The crop's region decode is the whole grey decode there (the cache
+            // fill decodes whole images, a run only the crop's rows and columns).
+            let all = CropBox {
+                top: 0,
+                left: 0,
+                height: h,
+                width: w,
+            };
+            let whole = decode_region_grey(&cfg, bytes, all).unwrap();
+            for y in 0..crop.height {
+                let a = &grey.pixels.data[(gl.top + y) * grey.pixels.width + gl.left..][..crop.width];
+                let b = &whole.pixels.data[(crop.top + y) * w + crop.left..][..crop.width];
+                assert!(
+                    a == b,
+                    "{}: crop {crop:?} row {y}: region and whole grey decodes differ",
+                    sample.key
+                );
+            }
             for y in 0..crop.height {
                 for x in 0..crop.width {
                     let g = grey.pixels.data[(gl.top + y) * grey.pixels.width + gl.left + x];

@@ -83,7 +83,8 @@ impl Stage {
     }
 }
 
-/// 8-bit RGB pixels (H x W x 3), the wire form of [`Rgb8`].
+/// 8-bit pixels (H x W x 3, or H x W in a one-channel run), the wire form of
+/// [`Rgb8`] / [`Grey8`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Image {
     pub width: usize,
@@ -111,8 +112,8 @@ impl<const C: usize> From<Image8<C>> for Image {
 }
 
 impl Image {
-    /// Channels per pixel: 3 (RGB), or 1 once the augment stage has reduced the view
-    /// of a one-channel run (`stages.channels: 1`) to its luma.
+    /// Channels per pixel: 3 (RGB), or 1 in a one-channel run (`stages.channels:
+    /// 1`), whose decode gives one luma channel.
     pub fn channels(&self) -> usize {
         if self.data.len() == self.width * self.height && self.width * self.height > 0 {
             1

@@ -386,6 +386,27 @@ mod tests {
                 40,
                 33,
             ),
+            // Rows of 28 and 13 values: the horizontal pass's padding lanes.
+            (
+                CropBox {
+                    top: 1,
+                    left: 2,
+                    height: 44,
+                    width: 57,
+                },
+                28,
+                28,
+            ),
+            (
+                CropBox {
+                    top: 0,
+                    left: 9,
+                    height: 30,
+                    width: 30,
+                },
+                13,
+                19,
+            ),
         ];
         for (crop, ow, oh) in crops {
             for flip in [false, true] {

@@ -280,6 +280,14 @@ fn extract(ctx: &Shared, works: &mut [Work]) -> Result<(), String> {
         for &store in &w.stores {
             let kind = ctx.kinds[store as usize];
             if kind == Kind::Clip {
+                // The config check refuses CLIP with one channel; a one-plane view
+                // here would be read as RGB, silently wrong.
+                if pixels.data.len() != 3 * pixels.width * pixels.height {
+                    return Err(format!(
+                        "{}:{}: view {}: clip targets need an RGB view (stages.channels: 3)",
+                        w.shard, w.key, w.view
+                    ));
+                }
                 clip_jobs.push((i, store));
                 continue;
             }

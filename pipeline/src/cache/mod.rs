@@ -53,13 +53,20 @@ pub fn store_spec(stages: &StagesConfig, kind: Kind, weights_blake3: Option<Stri
             (params, clip::CLIP_MEAN, clip::CLIP_STD)
         }
     };
+    let mut view =
+        json!({"scale": a.scale, "ratio": a.ratio, "flip_p": a.flip_p, "resize": "bicubic (PIL, antialiased)"});
+    // A one-channel run's views are other pixels (a grey decode, cropped in one
+    // channel): its stores are its own. Only then, so RGB stores keep their hash.
+    if stages.channels == 1 {
+        view["channels"] = json!("1: libjpeg grayscale, else the luma of the RGB decode; cropped in one channel");
+    }
     StoreSpec {
         format: FORMAT,
         extractor: kind.name().to_string(),
         params,
         weights_blake3,
         view_seed: t.view_seed,
-        view: json!({"scale": a.scale, "ratio": a.ratio, "flip_p": a.flip_p, "resize": "bicubic (PIL, antialiased)"}),
+        view,
         image_size: a.size,
         patch: stages.patch,
         tokens: (a.size / stages.patch.max(1)).pow(2),
