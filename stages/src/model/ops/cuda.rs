@@ -204,6 +204,15 @@ pub(crate) fn on_cuda(t: &Tensor) -> bool {
 
 pub(crate) use super::strided_product::Product;
 
+/// cuBLAS's operation for an operand used transposed or as stored.
+fn operation(transposed: bool) -> cublasOperation_t {
+    if transposed {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
 impl Product {
     /// Runs the product (C overwritten) on the device's cuBLAS handle and stream.
     pub(crate) fn run<T: Scalar>(
@@ -214,17 +223,10 @@ impl Product {
         c: &mut CudaSlice<T>,
     ) -> Result<()> {
         self.check(a.len(), b.len(), c.len())?;
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
         let cfg = StridedBatchedConfig {
             gemm: GemmConfig {
-                transa: op(self.transa),
-                transb: op(self.transb),
+                transa: operation(self.transa),
+                transb: operation(self.transb),
                 m: self.m as i32,
                 n: self.n as i32,
                 k: self.k as i32,
@@ -257,13 +259,6 @@ impl Product {
         c: &mut CudaSlice<f32>,
     ) -> Result<()> {
         self.check(a.len(), b.len(), c.len())?;
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
         let blas = dev.cublas_handle();
         let stream = dev.cuda_stream();
         let (a, b) = (a.slice(self.a.0..), b.slice(self.b.0..));
@@ -278,8 +273,8 @@ impl Product {
         unsafe {
             gemm_strided_batched_ex(
                 *blas.handle(),
-                op(self.transa),
-                op(self.transb),
+                operation(self.transa),
+                operation(self.transb),
                 self.m as i32,
                 self.n as i32,
                 self.k as i32,
