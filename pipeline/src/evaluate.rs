@@ -238,14 +238,21 @@ pub fn for_each_eval_batch(
         Ok(())
     };
     for_each_labelled(cfg, patterns, limit, keep, skips, |path, _, label, raw| {
-        let decoded = match stages::decode::apply(&cfg.stages.decode, &raw) {
-            Ok(img) => img,
+        // The decode training cuts its views from: one luma channel in a one-channel run.
+        let decode = &cfg.stages.decode;
+        let view = if channels == 1 {
+            stages::decode::apply_grey(decode, &raw).map(|g| eval::eval_image_grey(&g, aug, cfg.eval.crop_fraction))
+        } else {
+            stages::decode::apply(decode, &raw).map(|img| eval::eval_image(&img, aug, cfg.eval.crop_fraction, channels))
+        };
+        let view = match view {
+            Ok(view) => view,
             Err(e) => {
                 return shards::skips::handle_bad(cfg.data.on_error, skips, path, &raw.key, &format!("decode: {e}"))
                     .map_err(Into::into)
             }
         };
-        images.extend(eval::eval_image(&decoded, aug, cfg.eval.crop_fraction, channels));
+        images.extend(view);
         labels.push(label);
         if labels.len() == batch {
             flush(&mut images, &mut labels)?;

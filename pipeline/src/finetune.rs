@@ -130,9 +130,19 @@ pub fn finetune(
                 .par_iter()
                 .map(|&i| {
                     let s = &train[i];
-                    let img = stages::decode::apply(&cfg.stages.decode, &s.sample)
-                        .map_err(|e| anyhow::anyhow!("{}: decode: {e}", s.id))?;
+                    let decode = &cfg.stages.decode;
                     let mut rng = shards::rng::stage_rng(ft.seed, e, &s.id, "finetune-augment");
+                    if channels == 1 {
+                        // One luma channel, decoded as pre-training decodes it.
+                        let img = stages::decode::apply_grey(decode, &s.sample)
+                            .map_err(|e| anyhow::anyhow!("{}: decode: {e}", s.id))?;
+                        let (view, _) = stages::augment::apply(&aug, &img, &mut rng)
+                            .map_err(|e| anyhow::anyhow!("{}: augment: {e}", s.id))?;
+                        let lut = stages::augment::normalize_lut(aug.mean, aug.std);
+                        return Ok(view.data.iter().map(|&v| lut[0][v as usize]).collect());
+                    }
+                    let img = stages::decode::apply(decode, &s.sample)
+                        .map_err(|e| anyhow::anyhow!("{}: decode: {e}", s.id))?;
                     let (view, _) = stages::augment::apply(&aug, &img, &mut rng)
                         .map_err(|e| anyhow::anyhow!("{}: augment: {e}", s.id))?;
                     Ok(stages::chain::normalize_channels(&view, &aug, channels))

@@ -61,7 +61,11 @@ impl Default for Config {
 /// Crop, resize and flip one decoded image; returns the u8 view and its record.
 ///
 /// The rng must be `stage_rng(seed, epoch, key, "augment")`.
-pub fn apply(cfg: &Config, img: &Rgb8, rng: &mut impl Rng) -> Result<(Rgb8, View), StageError> {
+pub fn apply<const C: usize>(
+    cfg: &Config,
+    img: &crate::sample::Image8<C>,
+    rng: &mut impl Rng,
+) -> Result<(crate::sample::Image8<C>, View), StageError> {
     let view = sample_view(cfg, img.width, img.height, rng)?;
     let out = resize_bicubic(img, view.crop, cfg.size, cfg.size, view.flip);
     Ok((out, view))

@@ -23,7 +23,7 @@
 //! [`DECODER_CHOICE`]. The run graph and `stages::chain` decode only the
 //! region of the view's crop ([`decode_region`]).
 
-use crate::sample::{CropBox, Image8, Rgb8, StageError};
+use crate::sample::{CropBox, Grey8, Image8, Rgb8, StageError};
 use serde::{Deserialize, Serialize};
 
 /// Which JPEG decoder this build uses, and why. Measured 2026-11-26 on this
@@ -69,6 +69,19 @@ impl Default for Config {
 pub fn apply(cfg: &Config, raw: &shards::Sample) -> Result<Rgb8, StageError> {
     let (_, bytes) = raw.first(&["jpg", "jpeg", "png"]).ok_or(StageError::NoImage)?;
     decode(cfg, bytes)
+}
+
+/// [`apply`] for a one-channel run: the whole image as [`decode_region_grey`] decodes it.
+pub fn apply_grey(cfg: &Config, raw: &shards::Sample) -> Result<Grey8, StageError> {
+    let (_, bytes) = raw.first(&["jpg", "jpeg", "png"]).ok_or(StageError::NoImage)?;
+    let (width, height) = image_size(bytes)?;
+    let whole = CropBox {
+        top: 0,
+        left: 0,
+        height,
+        width,
+    };
+    Ok(decode_region_grey(cfg, bytes, whole)?.pixels)
 }
 
 /// Decode JPEG or PNG bytes into RGB.

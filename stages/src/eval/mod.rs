@@ -185,7 +185,11 @@ pub fn top1(predicted: &[usize], labels: &[usize]) -> f64 {
 /// The evaluation view of a decoded image: a centered square of
 /// `crop_fraction` of the short side, resized (PIL bicubic) to `size`. No
 /// flip, nothing random.
-pub fn eval_view(img: &Rgb8, size: usize, crop_fraction: f64) -> Rgb8 {
+pub fn eval_view<const C: usize>(
+    img: &crate::sample::Image8<C>,
+    size: usize,
+    crop_fraction: f64,
+) -> crate::sample::Image8<C> {
     let side =
         ((img.width.min(img.height) as f64 * crop_fraction).round() as usize).clamp(1, img.width.min(img.height));
     let crop = CropBox {
@@ -198,8 +202,20 @@ pub fn eval_view(img: &Rgb8, size: usize, crop_fraction: f64) -> Rgb8 {
     augment::resize_bicubic(img, crop, size, size, false)
 }
 
+/// The normalized floats of a one-channel run's [`eval_view`] of its grey decode
+/// (`decode::apply_grey`, what its training views are cut from).
+pub fn eval_image_grey(img: &crate::sample::Grey8, cfg: &augment::Config, crop_fraction: f64) -> Vec<f32> {
+    let lut = augment::normalize_lut(cfg.mean, cfg.std);
+    eval_view(img, cfg.size, crop_fraction)
+        .data
+        .iter()
+        .map(|&v| lut[0][v as usize])
+        .collect()
+}
+
 /// The normalized C x H x W floats of [`eval_view`], as training normalizes them
-/// (`channels` 1: the luma plane).
+/// (`channels` 1: the luma plane; a one-channel run's own evaluation decodes grey
+/// instead, [`eval_image_grey`]).
 pub fn eval_image(img: &Rgb8, cfg: &augment::Config, crop_fraction: f64, channels: usize) -> Vec<f32> {
     crate::chain::normalize_channels(&eval_view(img, cfg.size, crop_fraction), cfg, channels)
 }
