@@ -38,6 +38,16 @@ pub fn normalize_reference(x: &Tensor, eps: f64) -> Result<Tensor> {
     xc.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
+/// (rows, d) of x (.., d) with weight and bias (d): the shapes both forwards check.
+fn rows_and_width(x: &Layout, w: &Layout, b: &Layout) -> Result<(usize, usize)> {
+    let (wn, bn) = (w.shape().elem_count(), b.shape().elem_count());
+    if x.dims().last() != Some(&wn) || bn != wn {
+        candle_core::bail!("layer-norm: x {:?}, weight {wn}, bias {bn}", x.dims())
+    }
+    let d = wn.max(1);
+    Ok((x.shape().elem_count() / d, d))
+}
+
 struct LayerNormOp {
     eps: f32,
     /// (rows, 2): mean and rstd of each row, set by the forward.
@@ -182,11 +192,7 @@ impl CustomOp3 for LayerNormOp {
             f32_slice(s2, l2, "layer-norm weight")?,
             f32_slice(s3, l3, "layer-norm bias")?,
         );
-        let d = w.len().max(1);
-        if l1.dims().last() != Some(&w.len()) || b.len() != w.len() {
-            candle_core::bail!("layer-norm: x {:?}, weight {}, bias {}", l1.dims(), w.len(), b.len())
-        }
-        let rows = x.len() / d;
+        let (rows, _) = rows_and_width(l1, l2, l3)?;
         let mut y = output_vec(x.len());
         let mut stats = output_vec(2 * rows);
         forward_into(x, w, b, self.eps, &mut y, &mut stats);
@@ -208,11 +214,7 @@ impl CustomOp3 for LayerNormOp {
         let x = cuda::view::<f32>(s1, l1, "layer-norm x")?;
         let w = cuda::view::<f32>(s2, l2, "layer-norm weight")?;
         let b = cuda::view::<f32>(s3, l3, "layer-norm bias")?;
-        let d = w.len().max(1);
-        if l1.dims().last() != Some(&w.len()) || b.len() != w.len() {
-            candle_core::bail!("layer-norm: x {:?}, weight {}, bias {}", l1.dims(), w.len(), b.len())
-        }
-        let rows = x.len() / d;
+        let (rows, d) = rows_and_width(l1, l2, l3)?;
         let dev = &s1.device;
         let y = cuda::alloc::<f32>(dev, x.len())?;
         let stats = cuda::alloc::<f32>(dev, 2 * rows)?;
@@ -329,6 +331,19 @@ mod tests {
                 })?;
             }
         }
+        Ok(())
+    }
+
+    /// A weight or bias of the wrong width is an error naming the shapes, not a panic.
+    #[test]
+    fn mismatched_widths_are_errors() -> Result<()> {
+        let x = seeded(&[2, 3, 8], 1, 1.0)?;
+        let (w7, b8) = (seeded(&[7], 2, 1.0)?, seeded(&[8], 3, 1.0)?);
+        let err = layer_norm(&x, &w7, &b8, 1e-6).expect_err("width 7 for rows of 8");
+        assert!(
+            err.to_string().contains("layer-norm: x [2, 3, 8], weight 7, bias 8"),
+            "{err}"
+        );
         Ok(())
     }
 

@@ -134,6 +134,23 @@ struct Compose {
     p: usize,
 }
 
+impl Compose {
+    /// The batch and geometry of the images, with the drawing and mask checked
+    /// against them (both forwards).
+    fn grid(&self, drawn: &Layout, images: &Layout, mask: &Layout) -> Result<(usize, Grid)> {
+        let (b, g) = Grid::new(images, self.p)?;
+        let (n, k) = (g.patches(), g.k());
+        if drawn.shape().elem_count() != b * n * k || mask.shape().elem_count() != b * n {
+            candle_core::bail!(
+                "compose: drawn {:?}, mask {:?} for {b} x {n} patches of {k}",
+                drawn.dims(),
+                mask.dims()
+            )
+        }
+        Ok((b, g))
+    }
+}
+
 impl CustomOp3 for Compose {
     fn name(&self) -> &'static str {
         "crossmae-compose-conv"
@@ -151,15 +168,8 @@ impl CustomOp3 for Compose {
         let drawn = f32_slice(s1, l1, "compose drawn")?;
         let x = f32_slice(s2, l2, "compose images")?;
         let mask = f32_slice(s3, l3, "compose mask")?;
-        let (b, g) = Grid::new(l2, self.p)?;
+        let (b, g) = self.grid(l1, l2, l3)?;
         let (n, k, p, c) = (g.patches(), g.k(), g.p, g.c);
-        if drawn.len() != b * n * k || mask.len() != b * n {
-            candle_core::bail!(
-                "compose: drawn {:?}, mask {:?} for {b} x {n} patches of {k}",
-                l1.dims(),
-                l3.dims()
-            )
-        }
         let img = c * g.h * g.w;
         let mut out = vec![0f32; b * n * k];
         out.par_chunks_mut(k).enumerate().for_each(|(bn, o)| {
@@ -201,15 +211,8 @@ impl CustomOp3 for Compose {
         let drawn = cuda::view::<f32>(s1, l1, "compose drawn")?;
         let x = cuda::view::<f32>(s2, l2, "compose images")?;
         let mask = cuda::view::<f32>(s3, l3, "compose mask")?;
-        let (b, g) = Grid::new(l2, self.p)?;
+        let (b, g) = self.grid(l1, l2, l3)?;
         let (n, k) = (g.patches(), g.k());
-        if drawn.len() != b * n * k || mask.len() != b * n {
-            candle_core::bail!(
-                "compose: drawn {:?}, mask {:?} for {b} x {n} patches of {k}",
-                l1.dims(),
-                l3.dims()
-            )
-        }
         let dev = &s1.device;
         let total = b * n * k;
         let out = cuda::alloc::<f32>(dev, total)?;

@@ -35,6 +35,21 @@ pub fn pred_loss_reference(pred: &Tensor, target: &Tensor, weight: &Tensor) -> R
     per_patch.mul(&valid)?.sum_all()? / valid.sum_all()?.maximum(1.0)?
 }
 
+/// D_t of pred and target (B, N, D_t) with weight (B, N): the shapes both forwards check.
+fn target_width(pred: &Layout, target: &Layout, weight: &Layout) -> Result<usize> {
+    let dt = pred.dims().last().copied().unwrap_or(1).max(1);
+    let n = pred.shape().elem_count();
+    if target.shape().elem_count() != n || weight.shape().elem_count() * dt != n {
+        candle_core::bail!(
+            "pred loss: pred {:?}, target {:?}, weight {:?}",
+            pred.dims(),
+            target.dims(),
+            weight.dims()
+        )
+    }
+    Ok(dt)
+}
+
 struct PredLoss {
     /// The number of patches counted (a 1-value device tensor), set by the CUDA forward
     /// for its backward; the CPU backward counts again.
@@ -79,15 +94,7 @@ impl CustomOp3 for PredLoss {
         let p = f32_slice(s1, l1, "pred loss pred")?;
         let t = f32_slice(s2, l2, "pred loss target")?;
         let w = f32_slice(s3, l3, "pred loss weight")?;
-        let dt = l1.dims().last().copied().unwrap_or(1).max(1);
-        if t.len() != p.len() || w.len() * dt != p.len() {
-            candle_core::bail!(
-                "pred loss: pred {:?}, target {:?}, weight {:?}",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            )
-        }
+        let dt = target_width(l1, l2, l3)?;
         let partials: Vec<(f32, f32)> = p
             .par_chunks(ROWS_PER_TASK * dt)
             .zip(t.par_chunks(ROWS_PER_TASK * dt))
@@ -120,15 +127,7 @@ impl CustomOp3 for PredLoss {
         let p = cuda::view::<f32>(s1, l1, "pred loss pred")?;
         let t = cuda::view::<f32>(s2, l2, "pred loss target")?;
         let w = cuda::view::<f32>(s3, l3, "pred loss weight")?;
-        let dt = l1.dims().last().copied().unwrap_or(1).max(1);
-        if t.len() != p.len() || w.len() * dt != p.len() {
-            candle_core::bail!(
-                "pred loss: pred {:?}, target {:?}, weight {:?}",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            )
-        }
+        let dt = target_width(l1, l2, l3)?;
         let dev = &s1.device;
         let rows = w.len();
         let blocks = rows.div_ceil(CUDA_ROWS_PER_BLOCK).max(1);
