@@ -37,6 +37,17 @@ macro_rules! multiversion {
 
 pub(crate) use multiversion;
 
+/// Whether the CPU has the AVX-512 subsets the hand-written AVX-512 loops use
+/// (F, BW, DQ and VL).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512dq")
+        && std::is_x86_feature_detected!("avx512vl")
+}
+
 /// Transpose 8 x 8 f32 in AVX registers: `r[i]` lane `j` becomes `r[j]` lane `i`.
 ///
 /// # Safety

@@ -78,6 +78,20 @@ pub fn apply(
     height: usize,
     width: usize,
 ) -> Result<Vec<f32>, StageError> {
+    let mut out = Vec::new();
+    apply_into(cfg, image, channels, height, width, &mut out)?;
+    Ok(out)
+}
+
+/// [`apply`] into `out` (cleared first; a caller's buffer, reused between calls).
+pub fn apply_into(
+    cfg: &Config,
+    image: &[f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    out: &mut Vec<f32>,
+) -> Result<(), StageError> {
     if !(cfg.sigma > 0.0 && cfg.sigma.is_finite()) {
         return Err(StageError::Config(format!(
             "smooth.sigma {} must be positive",
@@ -90,10 +104,11 @@ pub fn apply(
             image.len()
         )));
     }
-    Ok(match cfg.method {
-        Method::Exact => blur_exact(image, channels, height, width, cfg.sigma),
-        Method::Fast => blur_fast(image, channels, height, width, cfg.sigma),
-    })
+    match cfg.method {
+        Method::Exact => *out = blur_exact(image, channels, height, width, cfg.sigma),
+        Method::Fast => blur_fast_into(image, channels, height, width, cfg.sigma, out),
+    }
+    Ok(())
 }
 
 /// The reference kernel: radius `ceil(3 sigma)`, `exp(-k^2 / 2 sigma^2)`, normalized.
@@ -152,11 +167,19 @@ pub fn blur_exact(image: &[f32], channels: usize, height: usize, width: usize, s
 
 /// The fast path (see the module doc for the method and its error).
 pub fn blur_fast(image: &[f32], channels: usize, height: usize, width: usize, sigma: f64) -> Vec<f32> {
+    let mut out = Vec::new();
+    blur_fast_into(image, channels, height, width, sigma, &mut out);
+    out
+}
+
+/// [`blur_fast`] into `out` (cleared first).
+fn blur_fast_into(image: &[f32], channels: usize, height: usize, width: usize, sigma: f64, out: &mut Vec<f32>) {
     let radius = (3.0 * sigma).ceil() as usize;
     let plane = height * width;
     // Filled plane by plane; the pyramid path appends its rows, so the
     // output is never zero-filled first (a 600 kB memset per 224 px view).
-    let mut out = Vec::with_capacity(image.len());
+    out.clear();
+    out.reserve(image.len());
     // Temporaries live in per-thread buffers: allocating ~1 MB afresh per
     // image made the allocator hand pages back to the kernel and fault them
     // in again (a fifth of the chain's time in `pipeline bench data`).
@@ -175,7 +198,7 @@ pub fn blur_fast(image: &[f32], channels: usize, height: usize, width: usize, si
         let src = &image[c * plane..(c + 1) * plane];
         let [t, u, scratch] = &mut bufs;
         if pyramid::applies(sigma, height, width) {
-            pyramid::blur_plane(src, height, width, sigma, &mut out, t, u);
+            pyramid::blur_plane(src, height, width, sigma, out, t, u);
             continue;
         }
         t.resize(plane, 0.0);
@@ -195,7 +218,6 @@ pub fn blur_fast(image: &[f32], channels: usize, height: usize, width: usize, si
         transpose(u, dst, width, height);
     }
     BUFFERS.with(|b| b.replace(bufs));
-    out
 }
 
 /// `dst (w x h) = src (h x w)` transposed: 8 x 8 blocks in AVX registers
@@ -589,18 +611,25 @@ pub fn apply_u8_channels(
     // twice the blur itself.
     // The float planes are a per-thread buffer (see blur_fast), every value
     // written by to_planes.
+    // So is the blurred plane (a fresh 600 kB per view had its pages faulted in
+    // by the blur's last pass).
     thread_local! {
-        static PLANES: std::cell::RefCell<Vec<f32>> = Default::default();
+        static PLANES: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
     }
-    let mut planes = PLANES.with(|p| p.take());
+    let (mut planes, mut blurred) = PLANES.with(|p| p.take());
     planes.resize(3 * plane, 0.0);
     to_planes(data, &mut planes);
-    let blurred = apply(cfg, &planes, 3, h, w);
-    PLANES.with(|p| p.replace(planes));
-    let blurred = blurred?;
-    let mut out = vec![0u8; 3 * plane];
-    to_pixels(&blurred, &mut out);
-    Ok(out)
+    let done = apply_into(cfg, &planes, 3, h, w, &mut blurred);
+    let mut out = Vec::with_capacity(3 * plane);
+    if done.is_ok() {
+        // Written in place of zero-filling first.
+        to_pixels(&blurred, &mut out.spare_capacity_mut()[..3 * plane]);
+        // SAFETY: to_pixels wrote all 3 * plane values (chunks of 3 zipped with
+        // the three planes of `plane` values each).
+        unsafe { out.set_len(3 * plane) };
+    }
+    PLANES.with(|p| p.replace((planes, blurred)));
+    done.map(|()| out)
 }
 
 multiversion! {
@@ -617,7 +646,7 @@ fn to_planes / to_planes_scalar(data: &[u8], planes: &mut [f32]) {
 
 multiversion! {
 /// Three f32 planes into H x W x 3 u8 pixels, rounded half up and clamped.
-fn to_pixels / to_pixels_scalar(planes: &[f32], out: &mut [u8]) {
+fn to_pixels / to_pixels_scalar(planes: &[f32], out: &mut [std::mem::MaybeUninit<u8>]) {
     let plane = planes.len() / 3;
     let (r, rest) = planes.split_at(plane);
     let (g, b) = rest.split_at(plane);
@@ -627,7 +656,9 @@ fn to_pixels / to_pixels_scalar(planes: &[f32], out: &mut [u8]) {
     // SAFETY: the argument is finite and in [0.5, 255.5).
     let to_u8 = |v: f32| unsafe { (v.max(0.0).min(255.0) + 0.5).to_int_unchecked::<i32>() } as u8;
     for (((p, &r), &g), &b) in out.chunks_exact_mut(3).zip(r).zip(g).zip(b) {
-        (p[0], p[1], p[2]) = (to_u8(r), to_u8(g), to_u8(b));
+        p[0].write(to_u8(r));
+        p[1].write(to_u8(g));
+        p[2].write(to_u8(b));
     }
 }
 }

@@ -109,10 +109,11 @@ fn layout(hist: &[f32], gw: usize, gh: usize) -> Vec<f32> {
         .map(|sum| 1.0 / sum.sqrt().max(1e-12))
         .collect();
     let cw = gw * 2;
-    let mut out = vec![0f32; gw * gh * DIMS];
+    // Written in place of zero-filling first (an 85 kB memset per 224 px view).
+    let mut out: Vec<f32> = Vec::with_capacity(gw * gh * DIMS);
     for py in 0..gh {
         for px in 0..gw {
-            let dst = &mut out[(py * gw + px) * DIMS..(py * gw + px + 1) * DIMS];
+            let dst = &mut out.spare_capacity_mut()[(py * gw + px) * DIMS..(py * gw + px + 1) * DIMS];
             for cy in 0..2 {
                 for cx in 0..2 {
                     let cell = ((py * 2 + cy) * cw + px * 2 + cx) * 3;
@@ -120,13 +121,16 @@ fn layout(hist: &[f32], gw: usize, gh: usize) -> Vec<f32> {
                         let inv = inverse_norms[cell + c];
                         for b in 0..BINS {
                             let v = hist[(cell + c) * BINS + b];
-                            dst[((c * BINS + b) * 2 + cy) * 2 + cx] = (v as f64 * inv) as f32;
+                            dst[((c * BINS + b) * 2 + cy) * 2 + cx].write((v as f64 * inv) as f32);
                         }
                     }
                 }
             }
         }
     }
+    // SAFETY: every patch's DIMS values were written above: (c, b, cy, cx) runs
+    // over 3 x BINS x 2 x 2 = DIMS distinct offsets of each patch.
+    unsafe { out.set_len(gw * gh * DIMS) };
     out
 }
 
@@ -179,19 +183,7 @@ fn hog_channels(img: &Rgb8, patch: usize, channels: usize) -> Result<Vec<f32>, S
     let (mut planes, mut hist) = BUFFERS.with(|b| b.take());
     padded_planes(img, &mut planes);
     hist.resize(gw * gh * 4 * 3 * BINS, 0.0);
-    #[cfg(target_arch = "x86_64")]
-    let simd = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
-    if simd {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 and FMA are present (checked above).
-        unsafe {
-            avx2::cells8(&planes, img.width, img.height, channels, &borders(), &mut hist)
-        };
-    } else {
-        cells8(&planes, img.width, img.height, channels, &borders(), &mut hist);
-    }
+    cells8_fastest(&planes, img.width, img.height, channels, &mut hist);
     if channels == 1 {
         for cell in hist.chunks_exact_mut(3 * BINS) {
             let (first, rest) = cell.split_at_mut(BINS);
@@ -202,6 +194,24 @@ fn hog_channels(img: &Rgb8, patch: usize, channels: usize) -> Result<Vec<f32>, S
     let out = layout(&hist, gw, gh);
     BUFFERS.with(|b| b.replace((planes, hist)));
     Ok(out)
+}
+
+/// [`cells8`] on the widest vectors this CPU has: AVX-512, AVX2 or none (the
+/// same bits on each: test `cells8_paths_agree`).
+fn cells8_fastest(planes: &[u8], w: usize, h: usize, channels: usize, hist: &mut [f32]) {
+    let cot = borders();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512::available() {
+            // SAFETY: AVX-512F, AVX-512DQ, AVX2 and FMA are present (checked).
+            return unsafe { avx512::cells8(planes, w, h, channels, &cot, hist) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA are present (checked).
+            return unsafe { avx2::cells8(planes, w, h, channels, &cot, hist) };
+        }
+    }
+    cells8(planes, w, h, channels, &cot, hist)
 }
 
 /// The image as three u8 planes with a 1 px reflected border ((h + 2) x (w + 2)
@@ -330,62 +340,180 @@ mod avx2 {
         let (pw, ph) = (w + 2, h + 2);
         assert!(planes.len() >= 3 * pw * ph && hist.len() >= (h / 8) * (w / 8) * 3 * BINS);
         let cot: [__m256; BINS - 1] = std::array::from_fn(|k| _mm256_set1_ps(cot[k]));
-        let zero = _mm256_setzero_si256();
-        let load = |p: *const u8| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
         for cy in 0..h / 8 {
             for c in 0..channels.min(3) {
                 for cx in 0..w / 8 {
-                    // Gradients of the cell's 8 rows first, then the votes:
-                    // in one loop, the 9 accumulators and the Sobel taps did
-                    // not fit in the 16 registers and went through the stack.
-                    let mut rows = [[_mm256_setzero_ps(); 3]; 8];
-                    for (row, y) in rows.iter_mut().zip(cy * 8..cy * 8 + 8) {
-                        let base = planes.as_ptr().add((c * ph + y) * pw + cx * 8);
+                    cell8(planes, w, h, c, cy, cx, &cot, hist);
+                }
+            }
+        }
+    }
+
+    /// One cell of [`cells8`]: channel `c` of cell (`cx`, `cy`).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `planes` and `hist` as [`cells8`] asserts them, `cx < w / 8`, `cy < h / 8`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn cell8(
+        planes: &[u8],
+        w: usize,
+        h: usize,
+        c: usize,
+        cy: usize,
+        cx: usize,
+        cot: &[__m256; BINS - 1],
+        hist: &mut [f32],
+    ) {
+        let (pw, ph) = (w + 2, h + 2);
+        let zero = _mm256_setzero_si256();
+        let load = |p: *const u8| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        // Gradients of the cell's 8 rows first, then the votes:
+        // in one loop, the 9 accumulators and the Sobel taps did
+        // not fit in the 16 registers and went through the stack.
+        // Built row by row (an array zeroed first was a memset call per cell).
+        let rows: [[__m256; 3]; 8] = std::array::from_fn(|dy| {
+            let base = planes.as_ptr().add((c * ph + cy * 8 + dy) * pw + cx * 8);
+            let (t, m, b) = (base, base.add(pw), base.add(2 * pw));
+            let (tl, tc, tr) = (load(t), load(t.add(1)), load(t.add(2)));
+            let (ml, mr) = (load(m), load(m.add(2)));
+            let (bl, bc, br) = (load(b), load(b.add(1)), load(b.add(2)));
+            let left = _mm256_add_epi32(_mm256_add_epi32(tl, bl), _mm256_slli_epi32::<1>(ml));
+            let right = _mm256_add_epi32(_mm256_add_epi32(tr, br), _mm256_slli_epi32::<1>(mr));
+            let top = _mm256_add_epi32(_mm256_add_epi32(tl, tr), _mm256_slli_epi32::<1>(tc));
+            let bottom = _mm256_add_epi32(_mm256_add_epi32(bl, br), _mm256_slli_epi32::<1>(bc));
+            let gx = _mm256_sub_epi32(left, right);
+            let gy = _mm256_sub_epi32(top, bottom);
+            // Rotate by pi where gx < 0, or gx = 0 and gy < 0; negating
+            // the integers keeps a zero +0.0, as the scalar path has it.
+            let flip = _mm256_or_si256(
+                _mm256_cmpgt_epi32(zero, gx),
+                _mm256_and_si256(_mm256_cmpeq_epi32(gx, zero), _mm256_cmpgt_epi32(zero, gy)),
+            );
+            let fx = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(gx, flip), flip));
+            let fy = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(gy, flip), flip));
+            // Exact in f32 (at most 2 * 1020^2 < 2^24), as the scalar i32 sum.
+            let mag = _mm256_sqrt_ps(_mm256_fmadd_ps(fx, fx, _mm256_mul_ps(fy, fy)));
+            [fx, fy, mag]
+        });
+        let mut acc = [_mm256_setzero_ps(); BINS];
+        for &[fx, fy, mag] in &rows {
+            acc[0] = _mm256_add_ps(acc[0], mag);
+            for k in 1..BINS {
+                // Border k passed where fy - fx cot k < 0 (one rounding, so
+                // its sign is exact; never -0 as fy is never -0): the sign
+                // bit picks mag. Two instructions instead of multiply,
+                // compare and mask; the same bins for every integer
+                // gradient (test `fast_binning_equals_atan2_binning`).
+                let d = _mm256_fnmadd_ps(fx, cot[k - 1], fy);
+                acc[k] = _mm256_add_ps(acc[k], _mm256_blendv_ps(_mm256_setzero_ps(), mag, d));
+            }
+        }
+        let sums = acc.map(|a| lanes_sum(a));
+        let cell = hist.as_mut_ptr().add(((cy * (w / 8) + cx) * 3 + c) * BINS);
+        for k in 0..BINS {
+            *cell.add(k) = sums[k] - if k + 1 < BINS { sums[k + 1] } else { 0.0 };
+        }
+    }
+
+    /// The 8 lanes of a cell summed as [`super::cells8`] sums them:
+    /// (l0 + l4, l1 + l5, l2 + l6, l3 + l7), then pairs 0 + 2 and 1 + 3, then the two.
+    ///
+    /// # Safety
+    /// The CPU must have AVX; callers are `#[target_feature]` functions that checked it.
+    #[inline(always)]
+    pub unsafe fn lanes_sum(a: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps::<1>(t, t)))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::BINS;
+    use std::arch::x86_64::*;
+
+    /// Whether this CPU runs [`cells8`] (AVX-512F and DQ, with the AVX2 path's
+    /// AVX2 and FMA for an odd last cell).
+    pub fn available() -> bool {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+    }
+
+    /// [`super::avx2::cells8`] on two cells side by side: lanes 0..8 are the 8
+    /// columns of cell `cx`, lanes 8..16 those of cell `cx + 1`. Each lane sums
+    /// the same magnitudes in the same order as an AVX2 lane, and each half is
+    /// summed by the same tree ([`super::avx2::lanes_sum`]), so the cells get
+    /// the AVX2 path's bits, and the scalar twin's. A border's sign bit is a
+    /// mask for a masked add where the AVX2 path adds +0.0: the same sum, as
+    /// one of non-negative magnitudes from +0.0 is never -0.0. An odd last cell
+    /// takes the AVX2 cell.
+    ///
+    /// Why: on this CPU the AVX2 path's blend is several uops per 8 lanes, the
+    /// masked add one per 16; the cells were a sixth of the data graph's time.
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    pub unsafe fn cells8(planes: &[u8], w: usize, h: usize, channels: usize, cot: &[f32; BINS - 1], hist: &mut [f32]) {
+        let (pw, ph) = (w + 2, h + 2);
+        assert!(planes.len() >= 3 * pw * ph && hist.len() >= (h / 8) * (w / 8) * 3 * BINS);
+        let cot8: [__m256; BINS - 1] = std::array::from_fn(|k| _mm256_set1_ps(cot[k]));
+        let cot: [__m512; BINS - 1] = std::array::from_fn(|k| _mm512_set1_ps(cot[k]));
+        let zero = _mm512_setzero_si512();
+        // 16 bytes at p as i32 lanes (a pair's last load ends at byte
+        // (cx + 1) * 8 + 9 <= w + 1 of its padded row).
+        let load = |p: *const u8| _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        let cells_x = w / 8;
+        for cy in 0..h / 8 {
+            for c in 0..channels.min(3) {
+                for cx in (0..cells_x - cells_x % 2).step_by(2) {
+                    let rows: [[__m512; 3]; 8] = std::array::from_fn(|dy| {
+                        let base = planes.as_ptr().add((c * ph + cy * 8 + dy) * pw + cx * 8);
                         let (t, m, b) = (base, base.add(pw), base.add(2 * pw));
                         let (tl, tc, tr) = (load(t), load(t.add(1)), load(t.add(2)));
                         let (ml, mr) = (load(m), load(m.add(2)));
                         let (bl, bc, br) = (load(b), load(b.add(1)), load(b.add(2)));
-                        let left = _mm256_add_epi32(_mm256_add_epi32(tl, bl), _mm256_slli_epi32::<1>(ml));
-                        let right = _mm256_add_epi32(_mm256_add_epi32(tr, br), _mm256_slli_epi32::<1>(mr));
-                        let top = _mm256_add_epi32(_mm256_add_epi32(tl, tr), _mm256_slli_epi32::<1>(tc));
-                        let bottom = _mm256_add_epi32(_mm256_add_epi32(bl, br), _mm256_slli_epi32::<1>(bc));
-                        let gx = _mm256_sub_epi32(left, right);
-                        let gy = _mm256_sub_epi32(top, bottom);
-                        // Rotate by pi where gx < 0, or gx = 0 and gy < 0; negating
-                        // the integers keeps a zero +0.0, as the scalar path has it.
-                        let flip = _mm256_or_si256(
-                            _mm256_cmpgt_epi32(zero, gx),
-                            _mm256_and_si256(_mm256_cmpeq_epi32(gx, zero), _mm256_cmpgt_epi32(zero, gy)),
-                        );
-                        let fx = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(gx, flip), flip));
-                        let fy = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(gy, flip), flip));
-                        // Exact in f32 (at most 2 * 1020^2 < 2^24), as the scalar i32 sum.
-                        let mag = _mm256_sqrt_ps(_mm256_fmadd_ps(fx, fx, _mm256_mul_ps(fy, fy)));
-                        *row = [fx, fy, mag];
-                    }
-                    let mut acc = [_mm256_setzero_ps(); BINS];
+                        let left = _mm512_add_epi32(_mm512_add_epi32(tl, bl), _mm512_slli_epi32::<1>(ml));
+                        let right = _mm512_add_epi32(_mm512_add_epi32(tr, br), _mm512_slli_epi32::<1>(mr));
+                        let top = _mm512_add_epi32(_mm512_add_epi32(tl, tr), _mm512_slli_epi32::<1>(tc));
+                        let bottom = _mm512_add_epi32(_mm512_add_epi32(bl, br), _mm512_slli_epi32::<1>(bc));
+                        let gx = _mm512_sub_epi32(left, right);
+                        let gy = _mm512_sub_epi32(top, bottom);
+                        // The AVX2 path's rotation by pi: negated integers, so a zero stays +0.0.
+                        let flip = _mm512_cmplt_epi32_mask(gx, zero)
+                            | (_mm512_cmpeq_epi32_mask(gx, zero) & _mm512_cmplt_epi32_mask(gy, zero));
+                        let fx = _mm512_cvtepi32_ps(_mm512_mask_sub_epi32(gx, flip, zero, gx));
+                        let fy = _mm512_cvtepi32_ps(_mm512_mask_sub_epi32(gy, flip, zero, gy));
+                        let mag = _mm512_sqrt_ps(_mm512_fmadd_ps(fx, fx, _mm512_mul_ps(fy, fy)));
+                        [fx, fy, mag]
+                    });
+                    let mut acc = [_mm512_setzero_ps(); BINS];
                     for &[fx, fy, mag] in &rows {
-                        acc[0] = _mm256_add_ps(acc[0], mag);
+                        acc[0] = _mm512_add_ps(acc[0], mag);
                         for k in 1..BINS {
-                            // Border k passed where fy - fx cot k < 0 (one rounding, so
-                            // its sign is exact; never -0 as fy is never -0): the sign
-                            // bit picks mag. Two instructions instead of multiply,
-                            // compare and mask; the same bins for every integer
-                            // gradient (test `fast_binning_equals_atan2_binning`).
-                            let d = _mm256_fnmadd_ps(fx, cot[k - 1], fy);
-                            acc[k] = _mm256_add_ps(acc[k], _mm256_blendv_ps(_mm256_setzero_ps(), mag, d));
+                            let passed = _mm512_movepi32_mask(_mm512_castps_si512(_mm512_fnmadd_ps(fx, cot[k - 1], fy)));
+                            acc[k] = _mm512_mask_add_ps(acc[k], passed, acc[k], mag);
                         }
                     }
-                    let sums = acc.map(|a| {
-                        // (l0 + l4, l1 + l5, l2 + l6, l3 + l7), then pairs 0 + 2 and 1 + 3, then the two.
-                        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
-                        let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                        _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps::<1>(t, t)))
-                    });
-                    let cell = hist.as_mut_ptr().add(((cy * (w / 8) + cx) * 3 + c) * BINS);
-                    for k in 0..BINS {
-                        *cell.add(k) = sums[k] - if k + 1 < BINS { sums[k + 1] } else { 0.0 };
+                    for (half, cx) in [cx, cx + 1].into_iter().enumerate() {
+                        let sums = acc.map(|a| {
+                            let lanes = if half == 0 {
+                                _mm512_castps512_ps256(a)
+                            } else {
+                                _mm512_extractf32x8_ps::<1>(a)
+                            };
+                            super::avx2::lanes_sum(lanes)
+                        });
+                        let cell = hist.as_mut_ptr().add(((cy * cells_x + cx) * 3 + c) * BINS);
+                        for k in 0..BINS {
+                            *cell.add(k) = sums[k] - if k + 1 < BINS { sums[k + 1] } else { 0.0 };
+                        }
                     }
+                }
+                if cells_x % 2 == 1 {
+                    super::avx2::cell8(planes, w, h, c, cy, cells_x - 1, &cot8, hist);
                 }
             }
         }
@@ -566,10 +694,50 @@ mod tests {
         assert!(hog(&img_small(), 12).is_err());
     }
 
-    /// The AVX2 cells and their scalar twin give the same bits, and both
+    /// Each vector path's cells (AVX-512, AVX2, where the CPU has them) on
+    /// `img`, 1 and 3 channels, against the scalar twin's bits.
+    fn vector_cells_give_the_scalar_bits(img: &Rgb8) {
+        let cells = (img.width / 8) * (img.height / 8) * 3 * BINS;
+        let mut planes = Vec::new();
+        padded_planes(img, &mut planes);
+        for channels in [1, 3] {
+            let mut scalar = vec![f32::NAN; cells];
+            cells8(&planes, img.width, img.height, channels, &borders(), &mut scalar);
+            #[cfg(target_arch = "x86_64")]
+            {
+                let run = |name: &str, path: unsafe fn(&[u8], usize, usize, usize, &[f32; BINS - 1], &mut [f32])| {
+                    let mut h = vec![f32::NAN; cells];
+                    // SAFETY: the caller checked the path's CPU features.
+                    unsafe { path(&planes, img.width, img.height, channels, &borders(), &mut h) };
+                    let same = h.iter().zip(&scalar).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{name}, {} x {}, {channels} channels", img.width, img.height);
+                };
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    run("AVX2", avx2::cells8);
+                } else {
+                    println!("no AVX2 and FMA on this CPU: the AVX2 cells not checked");
+                }
+                if avx512::available() {
+                    run("AVX-512", avx512::cells8);
+                } else {
+                    println!("no AVX-512F and DQ on this CPU: the AVX-512 cells not checked");
+                }
+            }
+        }
+    }
+
+    /// The vector cells and their scalar twin give the same bits, and all
     /// agree with the row path (any cell size) up to the order of the sums.
     #[test]
     fn cells8_paths_agree() {
+        vector_cells_give_the_scalar_bits(&photo_pixels(2));
+        // An odd number of cells across (5): the AVX-512 pairs and a last AVX2 cell.
+        let odd = Rgb8 {
+            width: 40,
+            height: 24,
+            data: (0..40 * 24 * 3).map(|i| (i * 7919 % 253) as u8).collect(),
+        };
+        vector_cells_give_the_scalar_bits(&odd);
         let img = photo_pixels(2);
         let (gw, gh) = (img.width / 16, img.height / 16);
         // Planes over stale bytes: every one must be written.
