@@ -372,8 +372,10 @@ mod avx2 {
         // Gradients of the cell's 8 rows first, then the votes:
         // in one loop, the 9 accumulators and the Sobel taps did
         // not fit in the 16 registers and went through the stack.
-        // Built row by row (an array zeroed first was a memset call per cell).
-        let rows: [[__m256; 3]; 8] = std::array::from_fn(|dy| {
+        // Uninitialized, each row written below (a zeroed array was a memset
+        // call per cell; `array::from_fn` a call per row).
+        let mut rows = [const { std::mem::MaybeUninit::<[__m256; 3]>::uninit() }; 8];
+        for (dy, row) in rows.iter_mut().enumerate() {
             let base = planes.as_ptr().add((c * ph + cy * 8 + dy) * pw + cx * 8);
             let (t, m, b) = (base, base.add(pw), base.add(2 * pw));
             let (tl, tc, tr) = (load(t), load(t.add(1)), load(t.add(2)));
@@ -395,10 +397,12 @@ mod avx2 {
             let fy = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(gy, flip), flip));
             // Exact in f32 (at most 2 * 1020^2 < 2^24), as the scalar i32 sum.
             let mag = _mm256_sqrt_ps(_mm256_fmadd_ps(fx, fx, _mm256_mul_ps(fy, fy)));
-            [fx, fy, mag]
-        });
+            row.write([fx, fy, mag]);
+        }
         let mut acc = [_mm256_setzero_ps(); BINS];
-        for &[fx, fy, mag] in &rows {
+        for row in &rows {
+            // SAFETY: the loop above wrote all 8 rows.
+            let [fx, fy, mag] = row.assume_init();
             acc[0] = _mm256_add_ps(acc[0], mag);
             for k in 1..BINS {
                 // Border k passed where fy - fx cot k < 0 (one rounding, so
@@ -469,7 +473,8 @@ mod avx512 {
         for cy in 0..h / 8 {
             for c in 0..channels.min(3) {
                 for cx in (0..cells_x - cells_x % 2).step_by(2) {
-                    let rows: [[__m512; 3]; 8] = std::array::from_fn(|dy| {
+                    let mut rows = [const { std::mem::MaybeUninit::<[__m512; 3]>::uninit() }; 8];
+                    for (dy, row) in rows.iter_mut().enumerate() {
                         let base = planes.as_ptr().add((c * ph + cy * 8 + dy) * pw + cx * 8);
                         let (t, m, b) = (base, base.add(pw), base.add(2 * pw));
                         let (tl, tc, tr) = (load(t), load(t.add(1)), load(t.add(2)));
@@ -487,10 +492,12 @@ mod avx512 {
                         let fx = _mm512_cvtepi32_ps(_mm512_mask_sub_epi32(gx, flip, zero, gx));
                         let fy = _mm512_cvtepi32_ps(_mm512_mask_sub_epi32(gy, flip, zero, gy));
                         let mag = _mm512_sqrt_ps(_mm512_fmadd_ps(fx, fx, _mm512_mul_ps(fy, fy)));
-                        [fx, fy, mag]
-                    });
+                        row.write([fx, fy, mag]);
+                    }
                     let mut acc = [_mm512_setzero_ps(); BINS];
-                    for &[fx, fy, mag] in &rows {
+                    for row in &rows {
+                        // SAFETY: the loop above wrote all 8 rows.
+                        let [fx, fy, mag] = row.assume_init();
                         acc[0] = _mm512_add_ps(acc[0], mag);
                         for k in 1..BINS {
                             let passed = _mm512_movepi32_mask(_mm512_castps_si512(_mm512_fnmadd_ps(fx, cot[k - 1], fy)));
