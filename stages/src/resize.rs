@@ -48,6 +48,11 @@ struct Coeffs {
 }
 
 impl Coeffs {
+    /// One past the last input index any output reads.
+    fn reads(&self) -> usize {
+        (0..self.start.len()).map(|i| self.start[i] + self.len[i]).max().unwrap_or(0)
+    }
+
     fn taps(&self, out: usize) -> (usize, &[f32]) {
         let n = self.len[out];
         (self.start[out], &self.weights[out * self.ksize..][..n])
@@ -134,7 +139,7 @@ pub fn resize_bicubic<const C: usize>(
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
-            return unsafe { avx2::resize_bicubic(img, crop, out_w, out_h, flip) };
+            return unsafe { avx2::resize_bicubic(img, crop, out_w, out_h, flip, crate::simd::avx512()) };
         }
     }
     resize_bicubic_scalar(img, crop, out_w, out_h, flip)
@@ -203,7 +208,9 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
     }
 
-    /// See [`super::resize_bicubic`]; the caller checked AVX2 and FMA.
+    /// See [`super::resize_bicubic`]; the caller checked AVX2 and FMA, and
+    /// AVX-512F, BW, DQ and VL when `wide` (the FMAs of both passes on 16
+    /// lanes; the same bits either way).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn resize_bicubic<const C: usize>(
         img: &Image8<C>,
@@ -211,6 +218,7 @@ mod avx2 {
         out_w: usize,
         out_h: usize,
         flip: bool,
+        wide: bool,
     ) -> Image8<C> {
         let hc = coeffs(crop.width, out_w);
         let vc = coeffs(crop.height, out_h);
@@ -226,71 +234,41 @@ mod avx2 {
         }
         let mut bufs = BUFFERS.with(|b| b.take());
         let (t, hrows, h) = (&mut bufs.0, &mut bufs.1, &mut bufs.2);
-        t.resize(in_len * 8, 0.0);
-        // `hrows` lanes past `row_len` stay zero: they are transposed into the padding.
-        hrows.clear();
-        hrows.resize(stride * 8, 0.0);
         // The horizontal pass's levels as bytes: 4 times less than f32, so
         // that a 224 px output's intermediate stays in L2.
         h.resize(rows * stride, 0);
         let data = img.data.as_ptr();
-        for b0 in (0..rows).step_by(8) {
-            let valid = (rows - b0).min(8);
-            // 1. t[e][k] = byte e of row b0 + k (rows past the end repeat the last).
-            let src: [*const u8; 8] = std::array::from_fn(|k| {
-                let r = crop.top + row_first + b0 + k.min(valid - 1);
-                data.add((r * img.width + crop.left) * C)
-            });
-            let tp = t.as_mut_ptr();
-            let mut e = 0;
-            while e + 8 <= in_len {
-                let mut v: [__m256; 8] = std::array::from_fn(|k| {
-                    let bytes = _mm_loadl_epi64(src[k].add(e) as *const __m128i);
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes))
-                });
-                transpose8(&mut v);
-                for (k, v) in v.iter().enumerate() {
-                    _mm256_storeu_ps(tp.add((e + k) * 8), *v);
-                }
-                e += 8;
+        let row_ptr = |r: usize| data.add(((crop.top + row_first + r) * img.width + crop.left) * C);
+        // Rows per block: 16 (two 8-row transposes into the halves of each
+        // 16-lane vector) where the FMAs run on AVX-512, else 8.
+        let lanes = if wide { 16 } else { 8 };
+        t.resize(in_len * lanes, 0.0);
+        // `hrows` lanes past `row_len` stay zero: they are transposed into the padding.
+        hrows.clear();
+        hrows.resize(stride * lanes, 0.0);
+        for b0 in (0..rows).step_by(lanes) {
+            let valid = (rows - b0).min(lanes);
+            // 1. t[e * lanes + k] = byte e of row b0 + k (rows past the end repeat the last).
+            for half in (0..lanes).step_by(8) {
+                let src: [*const u8; 8] = std::array::from_fn(|k| row_ptr(b0 + (half + k).min(valid - 1)));
+                rows_to_lanes(src, in_len, t.as_mut_ptr().add(half), lanes);
             }
-            for e in e..in_len {
-                for (k, s) in src.iter().enumerate() {
-                    *tp.add(e * 8 + k) = *s.add(e) as f32;
-                }
-            }
-            // 2. horizontal: output x of all 8 rows, mirrored when flipping.
-            let hp = hrows.as_mut_ptr();
-            for x in 0..out_w {
-                let (s, w) = hc.taps(if flip { out_w - 1 - x } else { x });
-                // One accumulator per channel (C vectors of 8 rows per pixel).
-                let base = tp.add(s * 8 * C) as *const f32;
-                let mut a = [_mm256_setzero_ps(); C];
-                for (i, k) in w.iter().enumerate() {
-                    let k = _mm256_set1_ps(*k);
-                    for (c, a) in a.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(k, _mm256_loadu_ps(base.add((i * C + c) * 8)), *a);
-                    }
-                }
-                // Levels as i32 bits in the f32 buffer (the transpose moves bits).
-                for (c, a) in a.iter().enumerate() {
-                    _mm256_storeu_ps(hp.add((x * C + c) * 8), _mm256_castsi256_ps(level(*a)));
-                }
+            // 2. horizontal: output x of all the block's rows, mirrored when flipping.
+            if wide {
+                // SAFETY: the CPU has AVX-512F, BW, DQ and VL (`wide`); the
+                // buffers hold 16 lanes per value (checked there).
+                super::avx512::horizontal::<C>(t, &hc, out_w, flip, hrows);
+            } else {
+                horizontal::<C>(t, &hc, out_w, flip, hrows);
             }
             // 3. back to rows.
-            for e0 in (0..stride).step_by(8) {
-                let mut v: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(hp.add((e0 + k) * 8)));
-                transpose8(&mut v);
-                for (k, v) in v.iter().enumerate().take(valid) {
-                    let v = _mm256_castps_si256(*v);
-                    let words = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-                    let bytes = _mm_packus_epi16(words, words);
-                    _mm_storel_epi64(h.as_mut_ptr().add((b0 + k) * stride + e0) as *mut __m128i, bytes);
-                }
+            for half in (0..valid).step_by(8) {
+                let dst = h.as_mut_ptr().add((b0 + half) * stride);
+                lanes_to_rows(hrows.as_ptr().add(half), lanes, stride, (valid - half).min(8), dst);
             }
         }
         // 4. vertical: whole rows.
-        let data = if crate::simd::avx512() {
+        let data = if wide {
             // SAFETY: the CPU has AVX-512F, BW, DQ and VL (checked), and `h`
             // holds `rows` rows of `stride` >= row_len bytes.
             super::avx512::vertical(h, stride, row_first, &vc, row_len, out_h)
@@ -302,6 +280,77 @@ mod avx2 {
             width: out_w,
             height: out_h,
             data,
+        }
+    }
+
+    /// Step 1 of the horizontal pass for 8 rows: `t[e * lanes + k]` = byte e of
+    /// row `src[k]` as f32, for the `in_len` bytes of each row (8 x 8 blocks
+    /// transposed in registers, the last bytes one by one).
+    ///
+    /// # Safety
+    /// AVX2; each row has `in_len` bytes, `t` room for `in_len * lanes` values.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn rows_to_lanes(src: [*const u8; 8], in_len: usize, t: *mut f32, lanes: usize) {
+        let mut e = 0;
+        while e + 8 <= in_len {
+            let mut v: [__m256; 8] = std::array::from_fn(|k| widen(src[k].add(e)));
+            transpose8(&mut v);
+            for (k, v) in v.iter().enumerate() {
+                _mm256_storeu_ps(t.add((e + k) * lanes), *v);
+            }
+            e += 8;
+        }
+        for e in e..in_len {
+            for (k, s) in src.iter().enumerate() {
+                *t.add(e * lanes + k) = *s.add(e) as f32;
+            }
+        }
+    }
+
+    /// Step 2 on 8 rows: output pixel x's channels of every row of the block
+    /// (`hrows[(x * C + c) * 8 + k]`), as levels (i32 bits in the f32 buffer:
+    /// the transpose moves bits), the taps of `hc`, mirrored when `flip`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn horizontal<const C: usize>(t: &[f32], hc: &Coeffs, out_w: usize, flip: bool, hrows: &mut [f32]) {
+        assert!(t.len() >= hc.reads() * C * 8 && hrows.len() >= out_w * C * 8);
+        let (tp, hp) = (t.as_ptr(), hrows.as_mut_ptr());
+        for x in 0..out_w {
+            let (s, w) = hc.taps(if flip { out_w - 1 - x } else { x });
+            // One accumulator per channel (C vectors of 8 rows per pixel).
+            let base = tp.add(s * 8 * C);
+            let mut a = [_mm256_setzero_ps(); C];
+            for (i, k) in w.iter().enumerate() {
+                let k = _mm256_set1_ps(*k);
+                for (c, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(k, _mm256_loadu_ps(base.add((i * C + c) * 8)), *a);
+                }
+            }
+            for (c, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(hp.add((x * C + c) * 8), _mm256_castsi256_ps(level(*a)));
+            }
+        }
+    }
+
+    /// Step 3 for 8 rows: the levels `hp[e * lanes + k]` (i32 bits) of the
+    /// first `valid` rows k back into byte rows `dst + k * stride`, 8 values e
+    /// at a time over the whole `stride`.
+    ///
+    /// # Safety
+    /// AVX2; `hp` holds `stride * lanes` values, `dst` room for `valid` rows of `stride`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn lanes_to_rows(hp: *const f32, lanes: usize, stride: usize, valid: usize, dst: *mut u8) {
+        for e0 in (0..stride).step_by(8) {
+            let mut v: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(hp.add((e0 + k) * lanes)));
+            transpose8(&mut v);
+            for (k, v) in v.iter().enumerate().take(valid) {
+                let v = _mm256_castps_si256(*v);
+                let words = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                let bytes = _mm_packus_epi16(words, words);
+                _mm_storel_epi64(dst.add(k * stride + e0) as *mut __m128i, bytes);
+            }
         }
     }
 
@@ -373,6 +422,34 @@ mod avx512 {
     use super::Coeffs;
     use std::arch::x86_64::*;
 
+    /// [`super::avx2::horizontal`] on 16 rows: `t[e * 16 + k]`, `hrows[(x * C + c) * 16 + k]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    pub(super) unsafe fn horizontal<const C: usize>(t: &[f32], hc: &Coeffs, out_w: usize, flip: bool, hrows: &mut [f32]) {
+        assert!(t.len() >= hc.reads() * C * 16 && hrows.len() >= out_w * C * 16);
+        let (tp, hp) = (t.as_ptr(), hrows.as_mut_ptr());
+        for x in 0..out_w {
+            let (s, w) = hc.taps(if flip { out_w - 1 - x } else { x });
+            let base = tp.add(s * 16 * C);
+            let mut a = [_mm512_setzero_ps(); C];
+            for (i, k) in w.iter().enumerate() {
+                let k = _mm512_set1_ps(*k);
+                for (c, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(k, _mm512_loadu_ps(base.add((i * C + c) * 16)), *a);
+                }
+            }
+            for (c, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(hp.add((x * C + c) * 16), _mm512_castsi512_ps(level(*a)));
+            }
+        }
+    }
+
+    /// [`super::level`] on 16 lanes, as i32.
+    #[inline(always)]
+    unsafe fn level(a: __m512) -> __m512i {
+        let clipped = _mm512_max_ps(_mm512_min_ps(a, _mm512_set1_ps(255.0)), _mm512_setzero_ps());
+        _mm512_cvttps_epi32(_mm512_add_ps(clipped, _mm512_set1_ps(0.5)))
+    }
+
     /// [`super::avx2::vertical`] on AVX-512.
     ///
     /// # Safety
@@ -388,11 +465,8 @@ mod avx512 {
     ) -> Vec<u8> {
         let mut data: Vec<u8> = Vec::with_capacity(row_len * out_h);
         let hp = h.as_ptr();
-        // Levels as in super::level: clamp to [0, 255], add 0.5, truncate.
-        let level = |a: __m512| {
-            let clipped = _mm512_max_ps(_mm512_min_ps(a, _mm512_set1_ps(255.0)), _mm512_setzero_ps());
-            _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_add_ps(clipped, _mm512_set1_ps(0.5))))
-        };
+        // Levels as in super::level, as bytes.
+        let level = |a: __m512| _mm512_cvtepi32_epi8(level(a));
         let widen = |m: __mmask16, p: *const u8| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p as *const i8)));
         for y in 0..out_h {
             let (s, w) = vc.taps(y);
@@ -433,6 +507,55 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::sample::{Grey8, Rgb8};
+
+    /// Both vector paths (8 and 16 rows per block) give the scalar twin's
+    /// bits: RGB and one channel, down- and upscales (rows past a block's end
+    /// repeat), flips, odd crops.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn both_vector_widths_give_the_scalar_bits() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            println!("no AVX2 and FMA on this CPU: the vector resizes not checked");
+            return;
+        }
+        let (w, h) = (203, 149);
+        let rgb = Rgb8 {
+            width: w,
+            height: h,
+            data: (0..w * h * 3).map(|i| ((i * 7919 + i / (3 * w) * 13) % 256) as u8).collect(),
+        };
+        let grey = Grey8 {
+            width: w,
+            height: h,
+            data: rgb.data[..w * h].to_vec(),
+        };
+        let crop = |top, left, height, width| CropBox { top, left, height, width };
+        let cases = [
+            (crop(0, 0, h, w), 64, 64, false),
+            (crop(7, 11, 131, 170), 224, 224, true),
+            (crop(3, 5, 17, 23), 40, 37, false),
+            (crop(20, 9, 100, 61), 24, 9, true),
+        ];
+        let mut widths = vec![false];
+        if crate::simd::avx512() {
+            widths.push(true);
+        } else {
+            println!("no AVX-512 on this CPU: the 16-row blocks not checked");
+        }
+        for (crop, ow, oh, flip) in cases {
+            for &wide in &widths {
+                // SAFETY: AVX2 and FMA are present, and AVX-512 when `wide` (checked above).
+                let (a, b) = unsafe {
+                    (
+                        avx2::resize_bicubic(&rgb, crop, ow, oh, flip, wide),
+                        avx2::resize_bicubic(&grey, crop, ow, oh, flip, wide),
+                    )
+                };
+                assert!(a == resize_bicubic_scalar(&rgb, crop, ow, oh, flip), "RGB {crop:?} -> {ow} x {oh}, wide {wide}");
+                assert!(b == resize_bicubic_scalar(&grey, crop, ow, oh, flip), "grey {crop:?} -> {ow} x {oh}, wide {wide}");
+            }
+        }
+    }
 
     /// The AVX-512 vertical pass gives the AVX2 one's bits, and both the scalar
     /// vertical pass's: rows of 13 to 700 values (masked tails of 1 to 15,
