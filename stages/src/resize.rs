@@ -50,7 +50,10 @@ struct Coeffs {
 impl Coeffs {
     /// One past the last input index any output reads.
     fn reads(&self) -> usize {
-        (0..self.start.len()).map(|i| self.start[i] + self.len[i]).max().unwrap_or(0)
+        (0..self.start.len())
+            .map(|i| self.start[i] + self.len[i])
+            .max()
+            .unwrap_or(0)
     }
 
     fn taps(&self, out: usize) -> (usize, &[f32]) {
@@ -424,7 +427,13 @@ mod avx512 {
 
     /// [`super::avx2::horizontal`] on 16 rows: `t[e * 16 + k]`, `hrows[(x * C + c) * 16 + k]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-    pub(super) unsafe fn horizontal<const C: usize>(t: &[f32], hc: &Coeffs, out_w: usize, flip: bool, hrows: &mut [f32]) {
+    pub(super) unsafe fn horizontal<const C: usize>(
+        t: &[f32],
+        hc: &Coeffs,
+        out_w: usize,
+        flip: bool,
+        hrows: &mut [f32],
+    ) {
         assert!(t.len() >= hc.reads() * C * 16 && hrows.len() >= out_w * C * 16);
         let (tp, hp) = (t.as_ptr(), hrows.as_mut_ptr());
         for x in 0..out_w {
@@ -467,7 +476,9 @@ mod avx512 {
         let hp = h.as_ptr();
         // Levels as in super::level, as bytes.
         let level = |a: __m512| _mm512_cvtepi32_epi8(level(a));
-        let widen = |m: __mmask16, p: *const u8| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p as *const i8)));
+        let widen = |m: __mmask16, p: *const u8| {
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p as *const i8)))
+        };
         for y in 0..out_h {
             let (s, w) = vc.taps(y);
             let first = hp.add((s - row_first) * stride);
@@ -489,7 +500,11 @@ mod avx512 {
             }
             while e < row_len {
                 // Lanes past the row are neither read nor written.
-                let m: __mmask16 = if row_len - e >= 16 { !0 } else { (1u16 << (row_len - e)) - 1 };
+                let m: __mmask16 = if row_len - e >= 16 {
+                    !0
+                } else {
+                    (1u16 << (row_len - e)) - 1
+                };
                 let mut a = _mm512_setzero_ps();
                 for (i, k) in w.iter().enumerate() {
                     a = _mm512_fmadd_ps(_mm512_set1_ps(*k), widen(m, first.add(i * stride + e)), a);
@@ -522,14 +537,21 @@ mod tests {
         let rgb = Rgb8 {
             width: w,
             height: h,
-            data: (0..w * h * 3).map(|i| ((i * 7919 + i / (3 * w) * 13) % 256) as u8).collect(),
+            data: (0..w * h * 3)
+                .map(|i| ((i * 7919 + i / (3 * w) * 13) % 256) as u8)
+                .collect(),
         };
         let grey = Grey8 {
             width: w,
             height: h,
             data: rgb.data[..w * h].to_vec(),
         };
-        let crop = |top, left, height, width| CropBox { top, left, height, width };
+        let crop = |top, left, height, width| CropBox {
+            top,
+            left,
+            height,
+            width,
+        };
         let cases = [
             (crop(0, 0, h, w), 64, 64, false),
             (crop(7, 11, 131, 170), 224, 224, true),
@@ -551,8 +573,14 @@ mod tests {
                         avx2::resize_bicubic(&grey, crop, ow, oh, flip, wide),
                     )
                 };
-                assert!(a == resize_bicubic_scalar(&rgb, crop, ow, oh, flip), "RGB {crop:?} -> {ow} x {oh}, wide {wide}");
-                assert!(b == resize_bicubic_scalar(&grey, crop, ow, oh, flip), "grey {crop:?} -> {ow} x {oh}, wide {wide}");
+                assert!(
+                    a == resize_bicubic_scalar(&rgb, crop, ow, oh, flip),
+                    "RGB {crop:?} -> {ow} x {oh}, wide {wide}"
+                );
+                assert!(
+                    b == resize_bicubic_scalar(&grey, crop, ow, oh, flip),
+                    "grey {crop:?} -> {ow} x {oh}, wide {wide}"
+                );
             }
         }
     }
@@ -567,7 +595,13 @@ mod tests {
             println!("no AVX2 and FMA on this CPU: the vertical passes not checked");
             return;
         }
-        for (row_len, in_rows, out_h) in [(13usize, 40, 17), (64, 9, 30), (200, 300, 224), (700, 224, 224), (79, 5, 5)] {
+        for (row_len, in_rows, out_h) in [
+            (13usize, 40, 17),
+            (64, 9, 30),
+            (200, 300, 224),
+            (700, 224, 224),
+            (79, 5, 5),
+        ] {
             let vc = coeffs(in_rows, out_h);
             let (row_first, rows) = rows_needed(&vc);
             let stride = row_len.div_ceil(8) * 8;
@@ -590,7 +624,10 @@ mod tests {
             if crate::simd::avx512() {
                 // SAFETY: as above, and the CPU has AVX-512F, BW, DQ and VL (checked).
                 let avx512 = unsafe { avx512::vertical(&h, stride, row_first, &vc, row_len, out_h) };
-                assert!(avx512 == scalar, "AVX-512, {row_len} values x {in_rows} -> {out_h} rows");
+                assert!(
+                    avx512 == scalar,
+                    "AVX-512, {row_len} values x {in_rows} -> {out_h} rows"
+                );
             } else {
                 println!("no AVX-512 on this CPU: the AVX-512 vertical pass not checked");
             }

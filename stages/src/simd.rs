@@ -81,3 +81,130 @@ pub(crate) unsafe fn transpose8x8(r: &mut [std::arch::x86_64::__m256; 8]) {
     r[6] = _mm256_permute2f128_ps::<0x31>(s2, s6);
     r[7] = _mm256_permute2f128_ps::<0x31>(s3, s7);
 }
+
+/// Which byte of each 16-byte third of 48 interleaved RGB bytes holds pixel x's
+/// channel `c` (-1: none), for x in 0..16: the shuffles of [`deinterleave_rgb`]
+/// and, read the other way, of [`interleave_rgb`].
+#[cfg(target_arch = "x86_64")]
+const fn rgb_mask(c: usize, third: usize) -> [i8; 16] {
+    let mut m = [-1i8; 16];
+    let mut x = 0;
+    while x < 16 {
+        let at = x * 3 + c;
+        if at / 16 == third {
+            m[x] = (at % 16) as i8;
+        }
+        x += 1;
+    }
+    m
+}
+
+/// Split the first multiple of 16 pixels of an RGB row into planes; returns
+/// how many pixels it did (the caller does the rest).
+///
+/// # Safety
+/// The CPU must have SSSE3 (callers check AVX2, which implies it).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn deinterleave_rgb(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let n = (row.len() / 3).min(r.len()).min(g.len()).min(b.len()) / 16 * 16;
+    // For each plane, or-ing the shuffles of the three thirds gives 16 pixels of it.
+    let load = |m: [i8; 16]| _mm_loadu_si128(m.as_ptr() as *const __m128i);
+    let masks: [[__m128i; 3]; 3] = [0, 1, 2].map(|c| [0, 1, 2].map(|t| load(rgb_mask(c, t))));
+    let src = row.as_ptr();
+    let outs = [r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr()];
+    for x in (0..n).step_by(16) {
+        let parts = [0, 1, 2].map(|t| _mm_loadu_si128(src.add(x * 3 + 16 * t) as *const __m128i));
+        for (c, out) in outs.iter().enumerate() {
+            let v = _mm_or_si128(
+                _mm_or_si128(
+                    _mm_shuffle_epi8(parts[0], masks[c][0]),
+                    _mm_shuffle_epi8(parts[1], masks[c][1]),
+                ),
+                _mm_shuffle_epi8(parts[2], masks[c][2]),
+            );
+            _mm_storeu_si128(out.add(x) as *mut __m128i, v);
+        }
+    }
+    n
+}
+
+/// The inverse of [`deinterleave_rgb`]: the first multiple of 16 pixels of three
+/// planes into an RGB row; returns how many pixels it did.
+///
+/// # Safety
+/// As [`deinterleave_rgb`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn interleave_rgb(r: &[u8], g: &[u8], b: &[u8], row: &mut [std::mem::MaybeUninit<u8>]) -> usize {
+    use std::arch::x86_64::*;
+    let n = (row.len() / 3).min(r.len()).min(g.len()).min(b.len()) / 16 * 16;
+    // Third t of the row takes, from plane c, the bytes whose place in the
+    // row falls in that third: the inverse shuffle of `rgb_mask(c, t)`.
+    const fn inverse(c: usize, third: usize) -> [i8; 16] {
+        let forward = rgb_mask(c, third);
+        let mut m = [-1i8; 16];
+        let mut x = 0;
+        while x < 16 {
+            if forward[x] >= 0 {
+                m[forward[x] as usize] = x as i8;
+            }
+            x += 1;
+        }
+        m
+    }
+    let load = |m: [i8; 16]| _mm_loadu_si128(m.as_ptr() as *const __m128i);
+    let masks: [[__m128i; 3]; 3] = [0, 1, 2].map(|t| [0, 1, 2].map(|c| load(inverse(c, t))));
+    let dst = row.as_mut_ptr() as *mut u8;
+    let planes = [r.as_ptr(), g.as_ptr(), b.as_ptr()];
+    for x in (0..n).step_by(16) {
+        let p = planes.map(|plane| _mm_loadu_si128(plane.add(x) as *const __m128i));
+        for (t, m) in masks.iter().enumerate() {
+            let v = _mm_or_si128(
+                _mm_or_si128(_mm_shuffle_epi8(p[0], m[0]), _mm_shuffle_epi8(p[1], m[1])),
+                _mm_shuffle_epi8(p[2], m[2]),
+            );
+            _mm_storeu_si128(dst.add(x * 3 + 16 * t) as *mut __m128i, v);
+        }
+    }
+    n
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    /// The shuffles split and join RGB rows as the plain loops do, for rows of
+    /// 0 to 50 pixels (the tails left to the caller), and the two are inverse.
+    #[test]
+    fn rgb_shuffles_split_and_join_as_the_loops_do() {
+        if !std::is_x86_feature_detected!("avx2") {
+            println!("no AVX2 on this CPU: the RGB shuffles not checked");
+            return;
+        }
+        for n in 0..50usize {
+            let row: Vec<u8> = (0..3 * n).map(|i| (i * 89 % 256) as u8).collect();
+            let (mut r, mut g, mut b) = (vec![0u8; n], vec![0u8; n], vec![0u8; n]);
+            // SAFETY: AVX2 is present (checked above).
+            let done = unsafe { super::deinterleave_rgb(&row, &mut r, &mut g, &mut b) };
+            assert_eq!(done, n / 16 * 16);
+            for x in 0..done {
+                assert_eq!(
+                    [r[x], g[x], b[x]],
+                    [row[3 * x], row[3 * x + 1], row[3 * x + 2]],
+                    "{n} px, pixel {x}"
+                );
+            }
+            let mut back = vec![std::mem::MaybeUninit::new(7u8); 3 * n];
+            // SAFETY: as above.
+            let joined = unsafe { super::interleave_rgb(&r, &g, &b, &mut back) };
+            assert_eq!(joined, done);
+            // SAFETY: every byte was initialized (to 7, then maybe overwritten).
+            let back: Vec<u8> = back.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_eq!(&back[..3 * done], &row[..3 * done], "{n} px");
+            assert!(
+                back[3 * done..].iter().all(|&v| v == 7),
+                "{n} px: the tail is the caller's"
+            );
+        }
+    }
+}

@@ -233,7 +233,7 @@ fn padded_planes(img: &Rgb8, planes: &mut Vec<u8>) {
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: AVX2 (and so SSSE3) is present, checked above.
-            done = unsafe { avx2::deinterleave(row, r, g, b) };
+            done = unsafe { crate::simd::deinterleave_rgb(row, r, g, b) };
         }
         for (x, p) in row.chunks_exact(3).enumerate().skip(done) {
             (r[x], g[x], b[x]) = (p[0], p[1], p[2]);
@@ -290,45 +290,6 @@ fn cells8(planes: &[u8], w: usize, h: usize, channels: usize, cot: &[f32; BINS -
 mod avx2 {
     use super::BINS;
     use std::arch::x86_64::*;
-
-    /// Split the first multiple of 16 pixels of an RGB row into planes;
-    /// returns how many pixels it did.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn deinterleave(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) -> usize {
-        let n = (row.len() / 3).min(r.len()).min(g.len()).min(b.len()) / 16 * 16;
-        // For each plane, which byte of each 16-byte third of 48 bytes goes
-        // where (-1: none); or-ing the three shuffles gives 16 pixels of it.
-        const fn mask(c: usize, third: usize) -> [i8; 16] {
-            let mut m = [-1i8; 16];
-            let mut x = 0;
-            while x < 16 {
-                let at = x * 3 + c;
-                if at / 16 == third {
-                    m[x] = (at % 16) as i8;
-                }
-                x += 1;
-            }
-            m
-        }
-        let load = |m: [i8; 16]| _mm_loadu_si128(m.as_ptr() as *const __m128i);
-        let masks: [[__m128i; 3]; 3] = [0, 1, 2].map(|c| [0, 1, 2].map(|t| load(mask(c, t))));
-        let src = row.as_ptr();
-        let outs = [r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr()];
-        for x in (0..n).step_by(16) {
-            let parts = [0, 1, 2].map(|t| _mm_loadu_si128(src.add(x * 3 + 16 * t) as *const __m128i));
-            for (c, out) in outs.iter().enumerate() {
-                let v = _mm_or_si128(
-                    _mm_or_si128(
-                        _mm_shuffle_epi8(parts[0], masks[c][0]),
-                        _mm_shuffle_epi8(parts[1], masks[c][1]),
-                    ),
-                    _mm_shuffle_epi8(parts[2], masks[c][2]),
-                );
-                _mm_storeu_si128(out.add(x) as *mut __m128i, v);
-            }
-        }
-        n
-    }
 
     /// [`super::cells8`] with the 8 lanes in one register: `C_k` adds the
     /// magnitude where the pixel passed border k (`gy < gx cot k` with one
@@ -500,7 +461,8 @@ mod avx512 {
                         let [fx, fy, mag] = row.assume_init();
                         acc[0] = _mm512_add_ps(acc[0], mag);
                         for k in 1..BINS {
-                            let passed = _mm512_movepi32_mask(_mm512_castps_si512(_mm512_fnmadd_ps(fx, cot[k - 1], fy)));
+                            let passed =
+                                _mm512_movepi32_mask(_mm512_castps_si512(_mm512_fnmadd_ps(fx, cot[k - 1], fy)));
                             acc[k] = _mm512_mask_add_ps(acc[k], passed, acc[k], mag);
                         }
                     }
