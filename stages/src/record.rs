@@ -530,7 +530,14 @@ mod tests {
     #[test]
     fn the_digest_hash_is_xxh3_128() {
         let data: Vec<u8> = (0..1_100_000usize).map(|i| (i * 2654435761 >> 13) as u8).collect();
-        for pieces in [vec![0usize], vec![1], vec![16, 1], vec![129, 240, 17], vec![1024, 150_528, 150_528, 84_672], vec![1_000_000]] {
+        for pieces in [
+            vec![0usize],
+            vec![1],
+            vec![16, 1],
+            vec![129, 240, 17],
+            vec![1024, 150_528, 150_528, 84_672],
+            vec![1_000_000],
+        ] {
             let (mut ours, mut theirs) = (Hasher(twox_hash::XxHash3_128::new()), xxhash_rust::xxh3::Xxh3::new());
             let mut at = 0;
             for n in &pieces {

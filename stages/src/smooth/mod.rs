@@ -606,70 +606,80 @@ pub fn apply_u8_channels(
     // Plane by plane, and rounding as `+ 0.5` then truncation (the values
     // are clamped to [0, 255] first): `f32::round` is a libm call per value
     // on baseline x86-64, and the interleaved loops made this stage cost
-    // twice the blur itself.
-    // The float planes are a per-thread buffer (see blur_fast), every value
-    // written by to_planes.
-    // So is the blurred plane (a fresh 600 kB per view had its pages faulted in
-    // by the blur's last pass).
+    // twice the blur itself. One channel at a time: the RGB split into u8
+    // planes, then each widened, blurred and rounded back into its u8 plane,
+    // then the planes joined. The same values as blurring the three float
+    // planes at once (the channels are independent), with a third of the
+    // float memory: all three (1.2 MB with their blur) pushed the view out of
+    // L2 before the targets stage read it.
+    // The buffers are per thread (see blur_fast), every value written before read.
     thread_local! {
         static PLANES: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<u8>)> = Default::default();
     }
-    let (mut planes, mut blurred, mut bytes) = PLANES.with(|p| p.take());
-    planes.resize(3 * plane, 0.0);
+    let (mut channel, mut blurred, mut bytes) = PLANES.with(|p| p.take());
+    channel.resize(plane, 0.0);
     bytes.resize(3 * plane, 0);
-    to_planes_by_bytes(data, &mut planes, &mut bytes);
-    let done = apply_into(cfg, &planes, 3, h, w, &mut blurred);
+    split_rgb(data, &mut bytes);
+    let mut done = Ok(());
+    for c in 0..3 {
+        let levels = &mut bytes[c * plane..(c + 1) * plane];
+        widen(levels, &mut channel);
+        done = apply_into(cfg, &channel, 1, h, w, &mut blurred);
+        if done.is_err() {
+            break;
+        }
+        round_to_levels(&blurred, levels);
+    }
     let mut out = Vec::with_capacity(3 * plane);
     if done.is_ok() {
         // Written in place of zero-filling first.
-        to_pixels_by_bytes(&blurred, &mut out.spare_capacity_mut()[..3 * plane], &mut bytes);
-        // SAFETY: to_pixels_by_bytes wrote all 3 * plane values.
+        join_rgb(&bytes, &mut out.spare_capacity_mut()[..3 * plane]);
+        // SAFETY: join_rgb wrote all 3 * plane values.
         unsafe { out.set_len(3 * plane) };
     }
-    PLANES.with(|p| p.replace((planes, blurred, bytes)));
+    PLANES.with(|p| p.replace((channel, blurred, bytes)));
     done.map(|()| out)
 }
 
-/// [`to_planes`] by way of three u8 planes in `bytes` (3 x the plane, any
-/// contents): RGB split by byte shuffles (`simd::deinterleave_rgb`), then
-/// each plane widened. The same values; the stride-3 loop of `to_planes` did
-/// not vectorize and cost as much as a fifth of the blur.
-fn to_planes_by_bytes(data: &[u8], planes: &mut [f32], bytes: &mut [u8]) {
+/// H x W x 3 u8 pixels into three u8 planes (`planes`: 3 x the plane), by byte
+/// shuffles where the CPU has AVX2 (`simd::deinterleave_rgb`).
+fn split_rgb(data: &[u8], planes: &mut [u8]) {
+    let plane = data.len() / 3;
+    let (r, rest) = planes[..3 * plane].split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        let plane = data.len() / 3;
-        let (r, rest) = bytes[..3 * plane].split_at_mut(plane);
-        let (g, b) = rest.split_at_mut(plane);
-        // SAFETY: AVX2 is present (checked above).
-        let done = unsafe { crate::simd::deinterleave_rgb(data, r, g, b) };
-        for (x, p) in data.chunks_exact(3).enumerate().skip(done) {
-            (r[x], g[x], b[x]) = (p[0], p[1], p[2]);
-        }
-        widen(&bytes[..3 * plane], &mut planes[..3 * plane]);
-        return;
+    let done = if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked).
+        unsafe { crate::simd::deinterleave_rgb(data, r, g, b) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (x, p) in data.chunks_exact(3).enumerate().skip(done) {
+        (r[x], g[x], b[x]) = (p[0], p[1], p[2]);
     }
-    to_planes(data, planes)
 }
 
-/// [`to_pixels`] by way of three u8 planes in `bytes`: each plane rounded
-/// (the same rounding), then joined by byte shuffles (`simd::interleave_rgb`).
-fn to_pixels_by_bytes(planes: &[f32], out: &mut [std::mem::MaybeUninit<u8>], bytes: &mut [u8]) {
+/// The inverse of [`split_rgb`]: three u8 planes into H x W x 3 pixels.
+fn join_rgb(planes: &[u8], out: &mut [std::mem::MaybeUninit<u8>]) {
+    let plane = planes.len() / 3;
+    let (r, rest) = planes.split_at(plane);
+    let (g, b) = rest.split_at(plane);
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        let plane = planes.len() / 3;
-        round_to_levels(planes, &mut bytes[..3 * plane]);
-        let (r, rest) = bytes[..3 * plane].split_at(plane);
-        let (g, b) = rest.split_at(plane);
-        // SAFETY: AVX2 is present (checked above).
-        let done = unsafe { crate::simd::interleave_rgb(r, g, b, out) };
-        for (x, p) in out.chunks_exact_mut(3).enumerate().skip(done) {
-            p[0].write(r[x]);
-            p[1].write(g[x]);
-            p[2].write(b[x]);
-        }
-        return;
+    let done = if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked).
+        unsafe { crate::simd::interleave_rgb(r, g, b, out) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (x, p) in out.chunks_exact_mut(3).enumerate().skip(done) {
+        p[0].write(r[x]);
+        p[1].write(g[x]);
+        p[2].write(b[x]);
     }
-    to_pixels(planes, out)
 }
 
 multiversion! {
@@ -700,9 +710,10 @@ fn level(v: f32) -> u8 {
     unsafe { (v.max(0.0).min(255.0) + 0.5).to_int_unchecked::<i32>() as u8 }
 }
 
-multiversion! {
-/// H x W x 3 u8 pixels into three f32 planes.
-fn to_planes / to_planes_scalar(data: &[u8], planes: &mut [f32]) {
+/// H x W x 3 u8 pixels into three f32 planes: the plain loop, the reference
+/// for [`apply_u8_channels`]'s split-widen-blur-round-join (test).
+#[cfg(test)]
+fn to_planes_scalar(data: &[u8], planes: &mut [f32]) {
     let plane = data.len() / 3;
     let (r, rest) = planes.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
@@ -710,11 +721,11 @@ fn to_planes / to_planes_scalar(data: &[u8], planes: &mut [f32]) {
         (*r, *g, *b) = (p[0] as f32, p[1] as f32, p[2] as f32);
     }
 }
-}
 
-multiversion! {
-/// Three f32 planes into H x W x 3 u8 pixels, rounded half up and clamped.
-fn to_pixels / to_pixels_scalar(planes: &[f32], out: &mut [std::mem::MaybeUninit<u8>]) {
+/// Three f32 planes into H x W x 3 u8 pixels, rounded half up and clamped: the
+/// plain loop, as [`to_planes_scalar`].
+#[cfg(test)]
+fn to_pixels_scalar(planes: &[f32], out: &mut [std::mem::MaybeUninit<u8>]) {
     let plane = planes.len() / 3;
     let (r, rest) = planes.split_at(plane);
     let (g, b) = rest.split_at(plane);
@@ -723,7 +734,6 @@ fn to_pixels / to_pixels_scalar(planes: &[f32], out: &mut [std::mem::MaybeUninit
         p[1].write(level(g));
         p[2].write(level(b));
     }
-}
 }
 
 #[cfg(test)]
@@ -1008,31 +1018,44 @@ mod tests {
         assert_eq!((a.len(), &a), (4 * (h - 5) * w, &b));
     }
 
-    /// The u8 <-> plane conversions by byte shuffles give the plain loops'
-    /// values (scalar twins), for planes of 1 to 300 pixels (whole 16-pixel
-    /// steps and tails) and values over and beyond [0, 255], NaN included.
+    /// The u8 blur one channel at a time (split, widen, blur, round, join) is
+    /// the plain composition's: the three float planes (`to_planes`) blurred
+    /// at once and rounded (`to_pixels`), bit for bit, on the pyramid, FIR and
+    /// exact paths, for views whose pixel count is and is not a multiple of 16;
+    /// and the byte shuffles split and join as the plain loops do.
     #[test]
-    fn byte_plane_conversions_equal_the_plain_loops() {
-        for n in [1usize, 15, 16, 17, 48, 300] {
-            let data: Vec<u8> = (0..3 * n).map(|i| (i * 7919 % 256) as u8).collect();
-            let (mut fast, mut plain, mut bytes) = (vec![-1f32; 3 * n], vec![-2f32; 3 * n], vec![9u8; 3 * n]);
-            super::to_planes_by_bytes(&data, &mut fast, &mut bytes);
-            super::to_planes_scalar(&data, &mut plain);
-            assert_eq!(fast, plain, "{n} px: planes");
-            let mut values: Vec<f32> = (0..3 * n).map(|i| (i * 37 % 300) as f32 - 20.3).collect();
-            values[0] = f32::NAN;
-            let mut fast = vec![std::mem::MaybeUninit::new(1u8); 3 * n];
-            let mut plain = vec![std::mem::MaybeUninit::new(2u8); 3 * n];
-            super::to_pixels_by_bytes(&values, &mut fast, &mut bytes);
-            super::to_pixels_scalar(&values, &mut plain);
-            // SAFETY: both were initialized before the calls.
-            let (fast, plain): (Vec<u8>, Vec<u8>) = unsafe {
-                (
-                    fast.iter().map(|v| v.assume_init()).collect(),
-                    plain.iter().map(|v| v.assume_init()).collect(),
-                )
-            };
-            assert_eq!(fast, plain, "{n} px: pixels");
+    fn channel_by_channel_u8_blur_is_the_plain_composition() {
+        for (h, w, sigma, method) in [
+            (224, 224, 10.0, super::Method::Fast),
+            (20, 28, 1.5, super::Method::Fast),
+            (13, 7, 2.0, super::Method::Exact),
+        ] {
+            let data: Vec<u8> = (0..3 * h * w)
+                .map(|i| ((i * 7919 + i / (3 * w) * 31) % 256) as u8)
+                .collect();
+            let cfg = super::Config { sigma, method };
+            let got = super::apply_u8_channels(&cfg, &data, 3, h, w).unwrap();
+            let mut planes = vec![0f32; 3 * h * w];
+            super::to_planes_scalar(&data, &mut planes);
+            let blurred = super::apply(&cfg, &planes, 3, h, w).unwrap();
+            let mut want = vec![std::mem::MaybeUninit::new(0u8); 3 * h * w];
+            super::to_pixels_scalar(&blurred, &mut want);
+            // SAFETY: every byte was initialized.
+            let want: Vec<u8> = want.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert!(got == want, "{h} x {w}, sigma {sigma}");
+            let mut split = vec![0u8; 3 * h * w];
+            super::split_rgb(&data, &mut split);
+            assert!(
+                split.iter().zip(&planes).all(|(&a, &b)| a as f32 == b),
+                "{h} x {w}: split"
+            );
+            let mut joined = vec![std::mem::MaybeUninit::new(0u8); 3 * h * w];
+            super::join_rgb(&split, &mut joined);
+            // SAFETY: as above.
+            assert!(
+                joined.iter().zip(&data).all(|(a, &b)| unsafe { a.assume_init() } == b),
+                "{h} x {w}: join"
+            );
         }
     }
 
