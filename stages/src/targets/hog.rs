@@ -109,29 +109,40 @@ fn layout(hist: &[f32], gw: usize, gh: usize) -> Vec<f32> {
         .map(|sum| 1.0 / sum.sqrt().max(1e-12))
         .collect();
     let cw = gw * 2;
-    // Written in place of zero-filling first (an 85 kB memset per 224 px view).
-    let mut out: Vec<f32> = Vec::with_capacity(gw * gh * DIMS);
-    for py in 0..gh {
-        for px in 0..gw {
-            let dst = &mut out.spare_capacity_mut()[(py * gw + px) * DIMS..(py * gw + px + 1) * DIMS];
-            for cy in 0..2 {
-                for cx in 0..2 {
-                    let cell = ((py * 2 + cy) * cw + px * 2 + cx) * 3;
-                    for c in 0..3 {
-                        let inv = inverse_norms[cell + c];
-                        for b in 0..BINS {
-                            let v = hist[(cell + c) * BINS + b];
-                            dst[((c * BINS + b) * 2 + cy) * 2 + cx].write((v as f64 * inv) as f32);
-                        }
-                    }
-                }
+    // Two passes: every cell normalized in place of its histogram (contiguous,
+    // so it vectorizes), then each patch's four cells interleaved into its
+    // layout. One scattered pass with a multiply per store took a fifth of HOG.
+    let normed = normalize_cells(hist, &inverse_norms);
+    let mut out: Vec<f32> = vec![0.0; gw * gh * DIMS];
+    for (p, dst) in out.chunks_exact_mut(DIMS).enumerate() {
+        let (py, px) = (p / gw, p % gw);
+        // The cells (cy, cx) = (0, 0), (0, 1), (1, 0), (1, 1): q = cy * 2 + cx.
+        let cell = |cy: usize, cx: usize| -> &[f32; 3 * BINS] {
+            let at = ((py * 2 + cy) * cw + px * 2 + cx) * 3 * BINS;
+            normed[at..at + 3 * BINS].try_into().expect("3 x BINS values")
+        };
+        let cells = [cell(0, 0), cell(0, 1), cell(1, 0), cell(1, 1)];
+        // Value (c, b) of cell q goes to ((c * BINS + b) * 2 + cy) * 2 + cx = (c * BINS + b) * 4 + q.
+        for (cb, four) in dst.chunks_exact_mut(4).enumerate() {
+            for (q, v) in four.iter_mut().enumerate() {
+                *v = cells[q][cb];
             }
         }
     }
-    // SAFETY: every patch's DIMS values were written above: (c, b, cy, cx) runs
-    // over 3 x BINS x 2 x 2 = DIMS distinct offsets of each patch.
-    unsafe { out.set_len(gw * gh * DIMS) };
     out
+}
+
+multiversion! {
+/// Each cell channel's 9 bins times its inverse norm, in f64 and rounded to f32.
+fn normalize_cells / normalize_cells_scalar(hist: &[f32], inverse_norms: &[f64]) -> Vec<f32> {
+    let mut normed = vec![0f32; hist.len()];
+    for ((out, bins), &inv) in normed.chunks_exact_mut(BINS).zip(hist.chunks_exact(BINS)).zip(inverse_norms) {
+        for (o, &v) in out.iter_mut().zip(bins) {
+            *o = (v as f64 * inv) as f32;
+        }
+    }
+    normed
+}
 }
 
 /// HOG by the letter of the definition (atan2 binning): `(N, 108)`.
@@ -670,6 +681,50 @@ mod tests {
         // Cell size follows the patch: 8 px patches on a 32 px image, 4 px cells.
         assert_eq!(hog(&img_small(), 8).unwrap().len(), 16 * DIMS);
         assert!(hog(&img_small(), 12).is_err());
+    }
+
+    /// The two-pass layout is the definition, value by value, bit for bit:
+    /// patch value ((c * 9 + b) * 2 + cy) * 2 + cx is bin b of channel c of
+    /// cell (cy, cx) times that cell channel's inverse L2 norm (f64, then f32).
+    #[test]
+    fn layout_is_the_definition_bit_for_bit() {
+        let (gw, gh) = (3, 2);
+        let cw = gw * 2;
+        let hist: Vec<f32> = (0..gw * gh * 4 * 3 * BINS)
+            .map(|i| {
+                if i % 29 == 0 {
+                    0.0
+                } else {
+                    ((i * 7919) % 1000) as f32 / 7.0
+                }
+            })
+            .collect();
+        let got = layout(&hist, gw, gh);
+        assert_eq!(got.len(), gw * gh * DIMS);
+        for py in 0..gh {
+            for px in 0..gw {
+                for (cy, cx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    let cell = ((py * 2 + cy) * cw + px * 2 + cx) * 3;
+                    for c in 0..3 {
+                        let bins = &hist[(cell + c) * BINS..][..BINS];
+                        let sum: f64 = bins.iter().map(|&v| (v as f64) * (v as f64)).sum();
+                        let inv = 1.0 / sum.sqrt().max(1e-12);
+                        for (b, &v) in bins.iter().enumerate() {
+                            let at = (py * gw + px) * DIMS + ((c * BINS + b) * 2 + cy) * 2 + cx;
+                            assert_eq!(
+                                got[at].to_bits(),
+                                ((v as f64 * inv) as f32).to_bits(),
+                                "patch ({py}, {px}) cell ({cy}, {cx}) c {c} b {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            normalize_cells(&hist, &vec![0.5; hist.len() / BINS]),
+            normalize_cells_scalar(&hist, &vec![0.5; hist.len() / BINS])
+        );
     }
 
     /// Each vector path's cells (AVX-512, AVX2, where the CPU has them) on
