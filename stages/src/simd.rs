@@ -8,21 +8,22 @@
 //! results, and float loops do too because Rust never reassociates or fuses
 //! float operations on its own. Tests compare the two versions anyway.
 
-/// `multiversion!(pub fn name / name_scalar(args) -> R { body })` defines
+/// `multiversion!(pub fn name / name_scalar<T: Bound>(args) -> R { body })` (the
+/// generics optional) defines
 /// `name` (AVX2 when available) and `name_scalar` (baseline only).
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident / $scalar:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident / $scalar:ident $(<$($g:ident : $bound:path),+>)? ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         #[inline(always)]
         #[allow(dead_code)]
-        $vis fn $scalar($($arg: $ty),*) $(-> $ret)? $body
+        $vis fn $scalar $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? $body
 
         $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                unsafe fn avx2 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
                     $scalar($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx2") {

@@ -597,6 +597,13 @@ pub fn apply_u8_channels(
             data.len()
         )));
     }
+    if channels == 1 && cfg.method == Method::Fast && pyramid::applies(cfg.sigma, h, w) {
+        // The pyramid reads and writes the u8 levels itself (the same values
+        // as the widened plane's blur, rounded).
+        let (mut a, mut b, mut out) = (Vec::new(), Vec::new(), Vec::with_capacity(plane));
+        pyramid::blur_plane(data, h, w, cfg.sigma, &mut out, &mut a, &mut b);
+        return Ok(out);
+    }
     if channels == 1 {
         let planes: Vec<f32> = data.iter().map(|&v| v as f32).collect();
         let blurred = apply(cfg, &planes, 1, h, w)?;
@@ -617,9 +624,30 @@ pub fn apply_u8_channels(
         static PLANES: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<u8>)> = Default::default();
     }
     let (mut channel, mut blurred, mut bytes) = PLANES.with(|p| p.take());
-    channel.resize(plane, 0.0);
     bytes.resize(3 * plane, 0);
     split_rgb(data, &mut bytes);
+    let mut out = Vec::with_capacity(3 * plane);
+    if cfg.method == Method::Fast && pyramid::applies(cfg.sigma, h, w) {
+        // The pyramid reads and writes the u8 levels itself (the same values).
+        let mut levels: Vec<u8> = Vec::with_capacity(3 * plane);
+        for c in 0..3 {
+            pyramid::blur_plane(
+                &bytes[c * plane..(c + 1) * plane],
+                h,
+                w,
+                cfg.sigma,
+                &mut levels,
+                &mut channel,
+                &mut blurred,
+            );
+        }
+        join_rgb(&levels, &mut out.spare_capacity_mut()[..3 * plane]);
+        // SAFETY: join_rgb wrote all 3 * plane values.
+        unsafe { out.set_len(3 * plane) };
+        PLANES.with(|p| p.replace((channel, blurred, bytes)));
+        return Ok(out);
+    }
+    channel.resize(plane, 0.0);
     let mut done = Ok(());
     for c in 0..3 {
         let levels = &mut bytes[c * plane..(c + 1) * plane];
@@ -630,7 +658,6 @@ pub fn apply_u8_channels(
         }
         round_to_levels(&blurred, levels);
     }
-    let mut out = Vec::with_capacity(3 * plane);
     if done.is_ok() {
         // Written in place of zero-filling first.
         join_rgb(&bytes, &mut out.spare_capacity_mut()[..3 * plane]);
@@ -752,6 +779,7 @@ mod tests {
         for (sigma, method) in [
             (1.0, super::Method::Fast),
             (5.0, super::Method::Fast),
+            (10.0, super::Method::Fast),
             (2.0, super::Method::Exact),
         ] {
             let cfg = super::Config { sigma, method };
@@ -1012,10 +1040,21 @@ mod tests {
         fir_rows(&src, w, &mut a, h - 4, &kernel);
         fir_rows_scalar(&src, w, &mut b, h - 4, &kernel);
         assert_eq!((a.len(), &a), ((h - 4) * w, &b));
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut a, mut b) = (Vec::<f32>::new(), Vec::new());
         expand_rows(&src, w, &mut a, 4 * (h - 5));
         expand_rows_scalar(&src, w, &mut b, 4 * (h - 5));
         assert_eq!((a.len(), &a), (4 * (h - 5) * w, &b));
+        // u8 in and out: the f32 loops on the widened levels, then rounded.
+        let levels: Vec<u8> = (0..h * w).map(|i| (i * 7919 % 256) as u8).collect();
+        let widened: Vec<f32> = levels.iter().map(|&v| v as f32).collect();
+        let (mut from_levels, mut from_floats) = (Vec::new(), Vec::new());
+        reduce_rows(&levels, &rows, w, &mut from_levels, 9);
+        reduce_rows(&widened, &rows, w, &mut from_floats, 9);
+        assert_eq!(from_levels, from_floats);
+        let (mut rounded, mut plain) = (Vec::<u8>::new(), Vec::<f32>::new());
+        expand_rows(&src, w, &mut rounded, 4 * (h - 5));
+        expand_rows(&src, w, &mut plain, 4 * (h - 5));
+        assert!(rounded.iter().zip(&plain).all(|(&r, &p)| r == super::level(p)));
     }
 
     /// The u8 blur one channel at a time (split, widen, blur, round, join) is

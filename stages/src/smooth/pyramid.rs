@@ -97,9 +97,60 @@ impl Axis {
     }
 }
 
+/// A value the blur reads: f32, or a u8 level (read as its f32 value, what
+/// widening the plane first gives).
+pub trait Sample: Copy {
+    fn value(self) -> f32;
+}
+
+impl Sample for f32 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+impl Sample for u8 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self as f32
+    }
+}
+
+/// A value the blur writes: f32, or a u8 level (`smooth::level`, what rounding
+/// the f32 output afterwards gives).
+pub trait Output: Copy {
+    fn of(v: f32) -> Self;
+}
+
+impl Output for f32 {
+    #[inline(always)]
+    fn of(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Output for u8 {
+    #[inline(always)]
+    fn of(v: f32) -> u8 {
+        super::level(v)
+    }
+}
+
 /// Blurs one h x w plane into `out` (appended, h x w); `a` and `b` are scratch
-/// (any contents, reused between calls).
-pub fn blur_plane(src: &[f32], h: usize, w: usize, sigma: f64, out: &mut Vec<f32>, a: &mut Vec<f32>, b: &mut Vec<f32>) {
+/// (any contents, reused between calls). A u8 plane in and out reads and
+/// writes its levels in the first and last passes: the same values as
+/// widening it first and rounding the result after, without those two passes
+/// over the full-size plane.
+pub fn blur_plane<T: Sample, O: Output>(
+    src: &[T],
+    h: usize,
+    w: usize,
+    sigma: f64,
+    out: &mut Vec<O>,
+    a: &mut Vec<f32>,
+    b: &mut Vec<f32>,
+) {
     let kernel = reduced_kernel(sigma);
     let r = kernel.len() / 2;
     let (ay, ax) = (Axis::new(h, r), Axis::new(w, r));
@@ -137,7 +188,7 @@ pub fn blur_plane(src: &[f32], h: usize, w: usize, sigma: f64, out: &mut Vec<f32
 
 multiversion! {
 /// `dst` = `count` rows of width w, row j = sum_t REDUCE[t] * src row `rows[2 j + t]`.
-pub(super) fn reduce_rows / reduce_rows_scalar(src: &[f32], rows: &[usize], w: usize, dst: &mut Vec<f32>, count: usize) {
+pub(super) fn reduce_rows / reduce_rows_scalar<T: Sample>(src: &[T], rows: &[usize], w: usize, dst: &mut Vec<f32>, count: usize) {
     // Plain loops over sized slices: `extend` with a mapped iterator left the
     // loop in a generic `fold` that was not inlined here, so it ran without AVX.
     // Written in place of zero-filling first (a memset of the scratch plane).
@@ -150,7 +201,7 @@ pub(super) fn reduce_rows / reduce_rows_scalar(src: &[f32], rows: &[usize], w: u
         let row = |t: usize| &src[rows[2 * j + t] * w..][..w];
         let (p, q, r, s) = (row(0), row(1), row(2), row(3));
         for ((((o, &p), &q), &r), &s) in out.iter_mut().zip(p).zip(q).zip(r).zip(s) {
-            o.write(k0 * (p + s) + k1 * (q + r));
+            o.write(k0 * (p.value() + s.value()) + k1 * (q.value() + r.value()));
         }
     }
     // SAFETY: the loop above wrote all count * w values (chunks_exact over
@@ -185,7 +236,7 @@ pub(super) fn fir_rows / fir_rows_scalar(src: &[f32], w: usize, dst: &mut Vec<f3
 multiversion! {
 /// Appends `count` rows of width w to `dst`: row y = 4 q + s interpolates the
 /// four rows of `src` (row i = reduced sample i - 2) of its phase s.
-pub(super) fn expand_rows / expand_rows_scalar(src: &[f32], w: usize, dst: &mut Vec<f32>, count: usize) {
+pub(super) fn expand_rows / expand_rows_scalar<O: Output>(src: &[f32], w: usize, dst: &mut Vec<O>, count: usize) {
     let phases = phases();
     // Written in place of zero-filling first (the output is the whole image).
     let start = dst.len();
@@ -197,7 +248,7 @@ pub(super) fn expand_rows / expand_rows_scalar(src: &[f32], w: usize, dst: &mut 
         let row = |k: i64| &src[(i + k) as usize * w..][..w];
         let (p, q, r, s) = (row(0), row(1), row(2), row(3));
         for ((((o, &p), &q), &r), &s) in out.iter_mut().zip(p).zip(q).zip(r).zip(s) {
-            o.write(c0 * p + c1 * q + c2 * r + c3 * s);
+            o.write(O::of(c0 * p + c1 * q + c2 * r + c3 * s));
         }
     }
     // SAFETY: the loop above wrote all count * w values after `start`
