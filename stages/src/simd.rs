@@ -111,22 +111,29 @@ pub(crate) unsafe fn deinterleave_rgb(row: &[u8], r: &mut [u8], g: &mut [u8], b:
     use std::arch::x86_64::*;
     let n = (row.len() / 3).min(r.len()).min(g.len()).min(b.len()) / 16 * 16;
     // For each plane, or-ing the shuffles of the three thirds gives 16 pixels of it.
-    let load = |m: [i8; 16]| _mm_loadu_si128(m.as_ptr() as *const __m128i);
-    let masks: [[__m128i; 3]; 3] = [0, 1, 2].map(|c| [0, 1, 2].map(|t| load(rgb_mask(c, t))));
+    // Plain loops and loads: closures over intrinsics (`[_; 3].map`) were not
+    // inlined here, a call per 16 pixels.
+    let mut masks = [[_mm_setzero_si128(); 3]; 3];
+    for (c, plane) in masks.iter_mut().enumerate() {
+        for (t, m) in plane.iter_mut().enumerate() {
+            *m = _mm_loadu_si128(rgb_mask(c, t).as_ptr() as *const __m128i);
+        }
+    }
     let src = row.as_ptr();
     let outs = [r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr()];
-    for x in (0..n).step_by(16) {
-        let parts = [0, 1, 2].map(|t| _mm_loadu_si128(src.add(x * 3 + 16 * t) as *const __m128i));
-        for (c, out) in outs.iter().enumerate() {
+    let mut x = 0;
+    while x < n {
+        let p0 = _mm_loadu_si128(src.add(x * 3) as *const __m128i);
+        let p1 = _mm_loadu_si128(src.add(x * 3 + 16) as *const __m128i);
+        let p2 = _mm_loadu_si128(src.add(x * 3 + 32) as *const __m128i);
+        for c in 0..3 {
             let v = _mm_or_si128(
-                _mm_or_si128(
-                    _mm_shuffle_epi8(parts[0], masks[c][0]),
-                    _mm_shuffle_epi8(parts[1], masks[c][1]),
-                ),
-                _mm_shuffle_epi8(parts[2], masks[c][2]),
+                _mm_or_si128(_mm_shuffle_epi8(p0, masks[c][0]), _mm_shuffle_epi8(p1, masks[c][1])),
+                _mm_shuffle_epi8(p2, masks[c][2]),
             );
-            _mm_storeu_si128(out.add(x) as *mut __m128i, v);
+            _mm_storeu_si128(outs[c].add(x) as *mut __m128i, v);
         }
+        x += 16;
     }
     n
 }
@@ -155,19 +162,26 @@ pub(crate) unsafe fn interleave_rgb(r: &[u8], g: &[u8], b: &[u8], row: &mut [std
         }
         m
     }
-    let load = |m: [i8; 16]| _mm_loadu_si128(m.as_ptr() as *const __m128i);
-    let masks: [[__m128i; 3]; 3] = [0, 1, 2].map(|t| [0, 1, 2].map(|c| load(inverse(c, t))));
+    let mut masks = [[_mm_setzero_si128(); 3]; 3];
+    for (t, third) in masks.iter_mut().enumerate() {
+        for (c, m) in third.iter_mut().enumerate() {
+            *m = _mm_loadu_si128(inverse(c, t).as_ptr() as *const __m128i);
+        }
+    }
     let dst = row.as_mut_ptr() as *mut u8;
-    let planes = [r.as_ptr(), g.as_ptr(), b.as_ptr()];
-    for x in (0..n).step_by(16) {
-        let p = planes.map(|plane| _mm_loadu_si128(plane.add(x) as *const __m128i));
+    let mut x = 0;
+    while x < n {
+        let pr = _mm_loadu_si128(r.as_ptr().add(x) as *const __m128i);
+        let pg = _mm_loadu_si128(g.as_ptr().add(x) as *const __m128i);
+        let pb = _mm_loadu_si128(b.as_ptr().add(x) as *const __m128i);
         for (t, m) in masks.iter().enumerate() {
             let v = _mm_or_si128(
-                _mm_or_si128(_mm_shuffle_epi8(p[0], m[0]), _mm_shuffle_epi8(p[1], m[1])),
-                _mm_shuffle_epi8(p[2], m[2]),
+                _mm_or_si128(_mm_shuffle_epi8(pr, m[0]), _mm_shuffle_epi8(pg, m[1])),
+                _mm_shuffle_epi8(pb, m[2]),
             );
             _mm_storeu_si128(dst.add(x * 3 + 16 * t) as *mut __m128i, v);
         }
+        x += 16;
     }
     n
 }

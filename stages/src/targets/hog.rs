@@ -113,8 +113,9 @@ fn layout(hist: &[f32], gw: usize, gh: usize) -> Vec<f32> {
     // so it vectorizes), then each patch's four cells interleaved into its
     // layout. One scattered pass with a multiply per store took a fifth of HOG.
     let normed = normalize_cells(hist, &inverse_norms);
-    let mut out: Vec<f32> = vec![0.0; gw * gh * DIMS];
-    for (p, dst) in out.chunks_exact_mut(DIMS).enumerate() {
+    // Written in place of zero-filling first (an 85 kB memset per 224 px view).
+    let mut out: Vec<f32> = Vec::with_capacity(gw * gh * DIMS);
+    for (p, dst) in out.spare_capacity_mut()[..gw * gh * DIMS].chunks_exact_mut(DIMS).enumerate() {
         let (py, px) = (p / gw, p % gw);
         // The cells (cy, cx) = (0, 0), (0, 1), (1, 0), (1, 1): q = cy * 2 + cx.
         let cell = |cy: usize, cx: usize| -> &[f32; 3 * BINS] {
@@ -125,10 +126,12 @@ fn layout(hist: &[f32], gw: usize, gh: usize) -> Vec<f32> {
         // Value (c, b) of cell q goes to ((c * BINS + b) * 2 + cy) * 2 + cx = (c * BINS + b) * 4 + q.
         for (cb, four) in dst.chunks_exact_mut(4).enumerate() {
             for (q, v) in four.iter_mut().enumerate() {
-                *v = cells[q][cb];
+                v.write(cells[q][cb]);
             }
         }
     }
+    // SAFETY: each patch's DIMS values were written above (3 x BINS groups of 4).
+    unsafe { out.set_len(gw * gh * DIMS) };
     out
 }
 
