@@ -176,8 +176,23 @@ pub fn assemble_batch(
         images.extend_from_slice(&r.pixels.data);
         smoothed.extend_from_slice(&r.smooth);
         mask.extend_from_slice(&r.mask.mask);
-        // Targets of several kinds are concatenated per patch.
-        if !r.targets.is_empty() {
+        if let Some((dims, values)) = r
+            .targets
+            .iter()
+            .find(|(dims, values)| values.len() != dims * shape.num_patches)
+        {
+            bail!(
+                "{}: a target of {} values is not {} patches of {dims}",
+                r.key,
+                values.len(),
+                shape.num_patches
+            );
+        }
+        // Targets of several kinds are concatenated per patch; one kind is
+        // its values as they are (one copy, not one per patch).
+        if let [(_, values)] = r.targets.as_slice() {
+            targets.extend_from_slice(values);
+        } else if !r.targets.is_empty() {
             for p in 0..shape.num_patches {
                 for (dims, values) in &r.targets {
                     targets.extend_from_slice(&values[p * dims..(p + 1) * dims]);
@@ -284,6 +299,40 @@ mod tests {
             .expect("refused");
         assert!(
             err.to_string().contains("k0") && err.to_string().contains("1 channels"),
+            "{err}"
+        );
+        // Targets: one kind as it is, two concatenated per patch; values that
+        // are not whole patches are refused, naming the record.
+        let n = shape.num_patches;
+        let with = |kinds: Vec<(usize, Vec<f32>)>| -> Vec<Record> {
+            records
+                .iter()
+                .map(|r| Record {
+                    targets: kinds.clone(),
+                    ..r.clone()
+                })
+                .collect()
+        };
+        let one: Vec<f32> = (0..n * 2).map(|i| i as f32).collect();
+        let two: Vec<f32> = (0..n * 3).map(|i| -(i as f32)).collect();
+        let single = assemble_batch(7, 0, with(vec![(2, one.clone())]), &shape, None).unwrap();
+        assert_eq!(
+            single.batch.targets.as_deref(),
+            Some(&[one.clone(), one.clone()].concat()[..])
+        );
+        let both = assemble_batch(7, 0, with(vec![(2, one.clone()), (3, two.clone())]), &shape, None).unwrap();
+        let per_patch: Vec<f32> = (0..n)
+            .flat_map(|p| [&one[p * 2..p * 2 + 2], &two[p * 3..p * 3 + 3]].concat())
+            .collect();
+        assert_eq!(
+            both.batch.targets.as_deref(),
+            Some(&[per_patch.clone(), per_patch].concat()[..])
+        );
+        let mut short = with(vec![(2, one.clone())]);
+        short[1].targets[0].1.pop();
+        let err = assemble_batch(7, 0, short, &shape, None).err().expect("refused");
+        assert!(
+            err.to_string().contains(&records[1].key) && err.to_string().contains("patches"),
             "{err}"
         );
         let px = ready.batch.pixels.as_ref().expect("u8 pixels");

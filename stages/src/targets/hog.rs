@@ -115,7 +115,10 @@ fn layout(hist: &[f32], gw: usize, gh: usize) -> Vec<f32> {
     let normed = normalize_cells(hist, &inverse_norms);
     // Written in place of zero-filling first (an 85 kB memset per 224 px view).
     let mut out: Vec<f32> = Vec::with_capacity(gw * gh * DIMS);
-    for (p, dst) in out.spare_capacity_mut()[..gw * gh * DIMS].chunks_exact_mut(DIMS).enumerate() {
+    for (p, dst) in out.spare_capacity_mut()[..gw * gh * DIMS]
+        .chunks_exact_mut(DIMS)
+        .enumerate()
+    {
         let (py, px) = (p / gw, p % gw);
         // The cells (cy, cx) = (0, 0), (0, 1), (1, 0), (1, 1): q = cy * 2 + cx.
         let cell = |cy: usize, cx: usize| -> &[f32; 3 * BINS] {
