@@ -214,6 +214,56 @@ pub fn resize_bicubic_scalar<const C: usize>(
     out
 }
 
+/// The vector operations of the horizontal pass's FMA step, on AVX2's 8 lanes
+/// or AVX-512's 16 (one row of the block per lane), so one loop serves both.
+///
+/// # Safety
+/// Callers are `#[target_feature]` functions that checked the CPU has the
+/// implementation's features; the methods are inlined into them.
+#[cfg(target_arch = "x86_64")]
+trait Lanes {
+    const N: usize;
+    type V: Copy;
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(k: f32) -> Self::V;
+    /// `k * (N values at p) + a`, one rounding.
+    unsafe fn fmadd_load(k: Self::V, p: *const f32, a: Self::V) -> Self::V;
+    /// [`level`] of each lane, as i32 bits, to N values at p.
+    unsafe fn store_level(p: *mut f32, a: Self::V);
+}
+
+/// Step 2 of the horizontal pass on `L::N` rows: output pixel x's channels of
+/// every row of the block (`hrows[(x * C + c) * N + k]`), as levels (i32 bits
+/// in the f32 buffer: the transpose moves bits), from `t[e * N + k]` = byte e
+/// of row k, the taps of `hc`, mirrored when `flip`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn horizontal_lanes<L: Lanes, const C: usize>(
+    t: &[f32],
+    hc: &Coeffs,
+    out_w: usize,
+    flip: bool,
+    hrows: &mut [f32],
+) {
+    assert!(t.len() >= hc.reads() * C * L::N && hrows.len() >= out_w * C * L::N);
+    let (tp, hp) = (t.as_ptr(), hrows.as_mut_ptr());
+    for x in 0..out_w {
+        let (s, w) = hc.taps(if flip { out_w - 1 - x } else { x });
+        // One accumulator per channel (C vectors of N rows per pixel).
+        let base = tp.add(s * L::N * C);
+        let mut a = [L::zero(); C];
+        for (i, k) in w.iter().enumerate() {
+            let k = L::splat(*k);
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = L::fmadd_load(k, base.add((i * C + c) * L::N), *a);
+            }
+        }
+        for (c, a) in a.iter().enumerate() {
+            L::store_level(hp.add((x * C + c) * L::N), *a);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{coeffs, rows_needed, Coeffs};
@@ -340,22 +390,30 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn horizontal<const C: usize>(t: &[f32], hc: &Coeffs, out_w: usize, flip: bool, hrows: &mut [f32]) {
-        assert!(t.len() >= hc.reads() * C * 8 && hrows.len() >= out_w * C * 8);
-        let (tp, hp) = (t.as_ptr(), hrows.as_mut_ptr());
-        for x in 0..out_w {
-            let (s, w) = hc.taps(if flip { out_w - 1 - x } else { x });
-            // One accumulator per channel (C vectors of 8 rows per pixel).
-            let base = tp.add(s * 8 * C);
-            let mut a = [_mm256_setzero_ps(); C];
-            for (i, k) in w.iter().enumerate() {
-                let k = _mm256_set1_ps(*k);
-                for (c, a) in a.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(k, _mm256_loadu_ps(base.add((i * C + c) * 8)), *a);
-                }
-            }
-            for (c, a) in a.iter().enumerate() {
-                _mm256_storeu_ps(hp.add((x * C + c) * 8), _mm256_castsi256_ps(level(*a)));
-            }
+        super::horizontal_lanes::<Lanes8, C>(t, hc, out_w, flip, hrows)
+    }
+
+    /// AVX2's 8 lanes for [`super::horizontal_lanes`].
+    struct Lanes8;
+
+    impl super::Lanes for Lanes8 {
+        const N: usize = 8;
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(k: f32) -> __m256 {
+            _mm256_set1_ps(k)
+        }
+        #[inline(always)]
+        unsafe fn fmadd_load(k: __m256, p: *const f32, a: __m256) -> __m256 {
+            _mm256_fmadd_ps(k, _mm256_loadu_ps(p), a)
+        }
+        #[inline(always)]
+        unsafe fn store_level(p: *mut f32, a: __m256) {
+            _mm256_storeu_ps(p, _mm256_castsi256_ps(level(a)))
         }
     }
 
@@ -457,21 +515,30 @@ mod avx512 {
         flip: bool,
         hrows: &mut [f32],
     ) {
-        assert!(t.len() >= hc.reads() * C * 16 && hrows.len() >= out_w * C * 16);
-        let (tp, hp) = (t.as_ptr(), hrows.as_mut_ptr());
-        for x in 0..out_w {
-            let (s, w) = hc.taps(if flip { out_w - 1 - x } else { x });
-            let base = tp.add(s * 16 * C);
-            let mut a = [_mm512_setzero_ps(); C];
-            for (i, k) in w.iter().enumerate() {
-                let k = _mm512_set1_ps(*k);
-                for (c, a) in a.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(k, _mm512_loadu_ps(base.add((i * C + c) * 16)), *a);
-                }
-            }
-            for (c, a) in a.iter().enumerate() {
-                _mm512_storeu_ps(hp.add((x * C + c) * 16), _mm512_castsi512_ps(level(*a)));
-            }
+        super::horizontal_lanes::<Lanes16, C>(t, hc, out_w, flip, hrows)
+    }
+
+    /// AVX-512's 16 lanes for [`super::horizontal_lanes`].
+    struct Lanes16;
+
+    impl super::Lanes for Lanes16 {
+        const N: usize = 16;
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(k: f32) -> __m512 {
+            _mm512_set1_ps(k)
+        }
+        #[inline(always)]
+        unsafe fn fmadd_load(k: __m512, p: *const f32, a: __m512) -> __m512 {
+            _mm512_fmadd_ps(k, _mm512_loadu_ps(p), a)
+        }
+        #[inline(always)]
+        unsafe fn store_level(p: *mut f32, a: __m512) {
+            _mm512_storeu_ps(p, _mm512_castsi512_ps(level(a)))
         }
     }
 
