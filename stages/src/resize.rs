@@ -10,7 +10,9 @@
 //! needed a widening, a 2-uop multiply, an add and a load and store of the
 //! accumulator per tap and 8 values.
 //!
-//! Both passes are vectorized across 8 rows at a time (AVX2 path):
+//! Both passes are vectorized across 8 rows at a time (AVX2 path; on AVX-512
+//! the FMAs of both passes take 16 lanes: 16 rows per block, 64 values per
+//! step, the same arithmetic per value):
 //! 1. 8 source rows of the crop are widened to f32 and transposed in
 //!    registers, so `t[e][k]` holds byte `e` of row `k` (e = column * C + channel);
 //! 2. the horizontal pass sums whole 8-row vectors `t[(start + i) * C + c]`
@@ -50,6 +52,7 @@ struct Coeffs {
 }
 
 impl Coeffs {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn reads(&self) -> usize {
         self.reads
     }
@@ -63,25 +66,32 @@ impl Coeffs {
 /// The weights of resizing `in_size` to `out_size` samples, computed once per
 /// thread and size pair: a run's crops come in a few hundred sizes, and
 /// computing them afresh (in f64, a division per weight) was a twentieth of
-/// the augment stage. The cache is cleared when it holds 4,096 pairs.
+/// the augment stage. The cache holds at most [`COEFFS_CACHE_BYTES`] of
+/// weights per thread (about 400 pairs at 224 px; cleared when full).
 fn coeffs(in_size: usize, out_size: usize) -> std::rc::Rc<Coeffs> {
+    type Cache = (std::collections::HashMap<(usize, usize), std::rc::Rc<Coeffs>>, usize);
     thread_local! {
-        static CACHE: std::cell::RefCell<std::collections::HashMap<(usize, usize), std::rc::Rc<Coeffs>>> =
-            Default::default();
+        static CACHE: std::cell::RefCell<Cache> = Default::default();
     }
     CACHE.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if let Some(c) = cache.get(&(in_size, out_size)) {
+        let (pairs, bytes) = &mut *cache.borrow_mut();
+        if let Some(c) = pairs.get(&(in_size, out_size)) {
             return c.clone();
         }
-        if cache.len() >= 4096 {
-            cache.clear();
-        }
         let c = std::rc::Rc::new(compute_coeffs(in_size, out_size));
-        cache.insert((in_size, out_size), c.clone());
+        let size = c.weights.len() * 4 + (c.start.len() + c.len.len()) * 8;
+        if *bytes + size > COEFFS_CACHE_BYTES {
+            pairs.clear();
+            *bytes = 0;
+        }
+        *bytes += size;
+        pairs.insert((in_size, out_size), c.clone());
         c
     })
 }
+
+/// The most bytes of weights [`coeffs`] keeps per thread.
+const COEFFS_CACHE_BYTES: usize = 8 << 20;
 
 fn compute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;

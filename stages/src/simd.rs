@@ -104,7 +104,7 @@ const fn rgb_mask(c: usize, third: usize) -> [i8; 16] {
 /// how many pixels it did (the caller does the rest).
 ///
 /// # Safety
-/// The CPU must have SSSE3 (callers check AVX2, which implies it).
+/// The CPU must have AVX2 (the function is compiled for it; its shuffles are SSSE3's).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn deinterleave_rgb(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) -> usize {

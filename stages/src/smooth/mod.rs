@@ -83,6 +83,18 @@ pub fn apply(
     Ok(out)
 }
 
+/// A positive, finite sigma (an infinite one would size the kernels without bound).
+fn check_sigma(cfg: &Config) -> Result<(), StageError> {
+    if cfg.sigma > 0.0 && cfg.sigma.is_finite() {
+        Ok(())
+    } else {
+        Err(StageError::Config(format!(
+            "smooth.sigma {} must be positive and finite",
+            cfg.sigma
+        )))
+    }
+}
+
 /// [`apply`] into `out` (cleared first; a caller's buffer, reused between calls).
 pub fn apply_into(
     cfg: &Config,
@@ -92,12 +104,7 @@ pub fn apply_into(
     width: usize,
     out: &mut Vec<f32>,
 ) -> Result<(), StageError> {
-    if !(cfg.sigma > 0.0 && cfg.sigma.is_finite()) {
-        return Err(StageError::Config(format!(
-            "smooth.sigma {} must be positive",
-            cfg.sigma
-        )));
-    }
+    check_sigma(cfg)?;
     if image.len() != channels * height * width {
         return Err(StageError::Config(format!(
             "smooth: image of {} values is not {channels}x{height}x{width}",
@@ -597,6 +604,8 @@ pub fn apply_u8_channels(
             data.len()
         )));
     }
+    // The u8 pyramid below runs before `apply_into`, which checks sigma too.
+    check_sigma(cfg)?;
     if channels == 1 && cfg.method == Method::Fast && pyramid::applies(cfg.sigma, h, w) {
         // The pyramid reads and writes the u8 levels itself (the same values
         // as the widened plane's blur, rounded).
@@ -1129,5 +1138,17 @@ mod tests {
         };
         assert!(apply(&cfg, &[0.0; 12], 3, 2, 2).is_err());
         assert!(apply(&Config::default(), &[0.0; 11], 3, 2, 2).is_err());
+        // The u8 path checks sigma before its pyramid (an infinite sigma had
+        // passed the pyramid's `sigma >= 8` and sized a kernel without bound).
+        for sigma in [f64::INFINITY, f64::NAN, -1.0] {
+            let cfg = Config {
+                sigma,
+                ..Config::default()
+            };
+            for channels in [1, 3] {
+                let err = apply_u8_channels(&cfg, &vec![0u8; channels * 32 * 32], channels, 32, 32);
+                assert!(err.is_err(), "sigma {sigma}, {channels} channels");
+            }
+        }
     }
 }

@@ -141,12 +141,19 @@ fn layout(hist: &[f32], gw: usize, gh: usize) -> Vec<f32> {
 multiversion! {
 /// Each cell channel's 9 bins times its inverse norm, in f64 and rounded to f32.
 fn normalize_cells / normalize_cells_scalar(hist: &[f32], inverse_norms: &[f64]) -> Vec<f32> {
-    let mut normed = vec![0f32; hist.len()];
-    for ((out, bins), &inv) in normed.chunks_exact_mut(BINS).zip(hist.chunks_exact(BINS)).zip(inverse_norms) {
+    let cells = hist.len() / BINS;
+    assert!(inverse_norms.len() >= cells, "an inverse norm per cell channel");
+    // Written in place of zero-filling first.
+    let mut normed: Vec<f32> = Vec::with_capacity(cells * BINS);
+    let spare = &mut normed.spare_capacity_mut()[..cells * BINS];
+    for ((out, bins), &inv) in spare.chunks_exact_mut(BINS).zip(hist.chunks_exact(BINS)).zip(inverse_norms) {
         for (o, &v) in out.iter_mut().zip(bins) {
-            *o = (v as f64 * inv) as f32;
+            o.write((v as f64 * inv) as f32);
         }
     }
+    // SAFETY: the loop wrote all cells * BINS values (`inverse_norms` has one
+    // per chunk, asserted above).
+    unsafe { normed.set_len(cells * BINS) };
     normed
 }
 }
@@ -171,7 +178,7 @@ pub fn hog_reference(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
 
 /// The chain's HOG: the same result as [`hog_reference`] (up to the order of
 /// float sums). 8 px cells (16 px patches, the paper's) take [`cells8`]
-/// (AVX2, or its scalar twin, which gives the same bits); other cell sizes
+/// (AVX-512 or AVX2, or its scalar twin: the same bits on each); other cell sizes
 /// take [`hog_rows`].
 pub fn hog(img: &Rgb8, patch: usize) -> Result<Vec<f32>, StageError> {
     hog_channels(img, patch, 3)
