@@ -477,9 +477,9 @@ pub fn grey_targets(cfg: &StagesConfig, kinds: &[targets::Kind], grey: &Rgb8) ->
 /// twox-hash's xxh3 picks AVX2 at run time (xxhash-rust's only when the
 /// build targets it, which ours does not); the same hash either way (tested).
 pub fn digest(r: &Record) -> [u8; 16] {
-    let mut h = Hasher(twox_hash::XxHash3_128::new());
-    h.update(&(r.key.len() as u64).to_le_bytes());
-    h.update(r.key.as_bytes());
+    let mut h = twox_hash::XxHash3_128::new();
+    h.write(&(r.key.len() as u64).to_le_bytes());
+    h.write(r.key.as_bytes());
     let v = &r.view;
     let c = &v.crop;
     for n in [
@@ -491,33 +491,24 @@ pub fn digest(r: &Record) -> [u8; 16] {
         c.width,
         v.size,
     ] {
-        h.update(&(n as u64).to_le_bytes());
+        h.write(&(n as u64).to_le_bytes());
     }
-    h.update(&[u8::from(v.flip)]);
-    h.update(&r.pixels.data);
-    h.update(&r.smooth);
-    h.update(&r.mask.mask);
+    h.write(&[u8::from(v.flip)]);
+    h.write(&r.pixels.data);
+    h.write(&r.smooth);
+    h.write(&r.mask.mask);
     for (dims, values) in &r.targets {
-        h.update(&(*dims as u64).to_le_bytes());
+        h.write(&(*dims as u64).to_le_bytes());
         if cfg!(target_endian = "little") {
             // Their memory is their little-endian bytes: hashed in place.
-            h.update(bytemuck::cast_slice(values));
+            h.write(bytemuck::cast_slice(values));
         } else {
             for x in values {
-                h.update(&x.to_le_bytes());
+                h.write(&x.to_le_bytes());
             }
         }
     }
-    h.0.finish_128().to_le_bytes()
-}
-
-/// The streaming xxh3-128 of [`digest`], under xxhash-rust's method name.
-struct Hasher(twox_hash::XxHash3_128);
-
-impl Hasher {
-    fn update(&mut self, bytes: &[u8]) {
-        self.0.write(bytes);
-    }
+    h.finish_128().to_le_bytes()
 }
 
 #[cfg(test)]
@@ -538,14 +529,14 @@ mod tests {
             vec![1024, 150_528, 150_528, 84_672],
             vec![1_000_000],
         ] {
-            let (mut ours, mut theirs) = (Hasher(twox_hash::XxHash3_128::new()), xxhash_rust::xxh3::Xxh3::new());
+            let (mut ours, mut theirs) = (twox_hash::XxHash3_128::new(), xxhash_rust::xxh3::Xxh3::new());
             let mut at = 0;
             for n in &pieces {
-                ours.update(&data[at..at + n]);
+                ours.write(&data[at..at + n]);
                 theirs.update(&data[at..at + n]);
                 at += n;
             }
-            assert_eq!(ours.0.finish_128(), theirs.digest128(), "pieces {pieces:?}");
+            assert_eq!(ours.finish_128(), theirs.digest128(), "pieces {pieces:?}");
         }
     }
 

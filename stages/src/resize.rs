@@ -47,16 +47,12 @@ struct Coeffs {
     len: Vec<usize>,
     ksize: usize,
     weights: Vec<f32>,
-    /// One past the last input index any output reads.
+    /// One past the last input index any output reads (the vector passes' bound).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     reads: usize,
 }
 
 impl Coeffs {
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn reads(&self) -> usize {
-        self.reads
-    }
-
     fn taps(&self, out: usize) -> (usize, &[f32]) {
         let n = self.len[out];
         (self.start[out], &self.weights[out * self.ksize..][..n])
@@ -255,7 +251,7 @@ unsafe fn horizontal_lanes<L: Lanes, const C: usize>(
     flip: bool,
     hrows: &mut [f32],
 ) {
-    assert!(t.len() >= hc.reads() * C * L::N && hrows.len() >= out_w * C * L::N);
+    assert!(t.len() >= hc.reads * C * L::N && hrows.len() >= out_w * C * L::N);
     let (tp, hp) = (t.as_ptr(), hrows.as_mut_ptr());
     for x in 0..out_w {
         let (s, w) = hc.taps(if flip { out_w - 1 - x } else { x });
@@ -345,7 +341,7 @@ mod avx2 {
                 // buffers hold 16 lanes per value (checked there).
                 super::avx512::horizontal::<C>(t, &hc, out_w, flip, hrows);
             } else {
-                horizontal::<C>(t, &hc, out_w, flip, hrows);
+                super::horizontal_lanes::<Lanes8, C>(t, &hc, out_w, flip, hrows);
             }
             // 3. back to rows.
             for half in (0..valid).step_by(8) {
@@ -392,15 +388,6 @@ mod avx2 {
                 *t.add(e * lanes + k) = *s.add(e) as f32;
             }
         }
-    }
-
-    /// Step 2 on 8 rows: output pixel x's channels of every row of the block
-    /// (`hrows[(x * C + c) * 8 + k]`), as levels (i32 bits in the f32 buffer:
-    /// the transpose moves bits), the taps of `hc`, mirrored when `flip`.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn horizontal<const C: usize>(t: &[f32], hc: &Coeffs, out_w: usize, flip: bool, hrows: &mut [f32]) {
-        super::horizontal_lanes::<Lanes8, C>(t, hc, out_w, flip, hrows)
     }
 
     /// AVX2's 8 lanes for [`super::horizontal_lanes`].
@@ -516,7 +503,7 @@ mod avx512 {
     use super::Coeffs;
     use std::arch::x86_64::*;
 
-    /// [`super::avx2::horizontal`] on 16 rows: `t[e * 16 + k]`, `hrows[(x * C + c) * 16 + k]`.
+    /// [`super::horizontal_lanes`] on 16 rows: `t[e * 16 + k]`, `hrows[(x * C + c) * 16 + k]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
     pub(super) unsafe fn horizontal<const C: usize>(
         t: &[f32],

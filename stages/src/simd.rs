@@ -100,6 +100,41 @@ const fn rgb_mask(c: usize, third: usize) -> [i8; 16] {
     m
 }
 
+/// RGB pixels into three planes (`r`, `g`, `b`: a value per pixel), by byte
+/// shuffles for whole 16-pixel steps where the CPU has AVX2, the rest one by one.
+pub(crate) fn split_rgb(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    let done = if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked).
+        unsafe { deinterleave_rgb(row, r, g, b) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (x, p) in row.chunks_exact(3).enumerate().skip(done) {
+        (r[x], g[x], b[x]) = (p[0], p[1], p[2]);
+    }
+}
+
+/// The inverse of [`split_rgb`]: three planes into RGB pixels (`row`, all written).
+pub(crate) fn join_rgb(r: &[u8], g: &[u8], b: &[u8], row: &mut [std::mem::MaybeUninit<u8>]) {
+    #[cfg(target_arch = "x86_64")]
+    let done = if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked).
+        unsafe { interleave_rgb(r, g, b, row) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (x, p) in row.chunks_exact_mut(3).enumerate().skip(done) {
+        p[0].write(r[x]);
+        p[1].write(g[x]);
+        p[2].write(b[x]);
+    }
+}
+
 /// Split the first multiple of 16 pixels of an RGB row into planes; returns
 /// how many pixels it did (the caller does the rest).
 ///
@@ -107,7 +142,7 @@ const fn rgb_mask(c: usize, third: usize) -> [i8; 16] {
 /// The CPU must have AVX2 (the function is compiled for it; its shuffles are SSSE3's).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn deinterleave_rgb(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) -> usize {
+unsafe fn deinterleave_rgb(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) -> usize {
     use std::arch::x86_64::*;
     let n = (row.len() / 3).min(r.len()).min(g.len()).min(b.len()) / 16 * 16;
     // For each plane, or-ing the shuffles of the three thirds gives 16 pixels of it.
@@ -145,7 +180,7 @@ pub(crate) unsafe fn deinterleave_rgb(row: &[u8], r: &mut [u8], g: &mut [u8], b:
 /// As [`deinterleave_rgb`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn interleave_rgb(r: &[u8], g: &[u8], b: &[u8], row: &mut [std::mem::MaybeUninit<u8>]) -> usize {
+unsafe fn interleave_rgb(r: &[u8], g: &[u8], b: &[u8], row: &mut [std::mem::MaybeUninit<u8>]) -> usize {
     use std::arch::x86_64::*;
     let n = (row.len() / 3).min(r.len()).min(g.len()).min(b.len()) / 16 * 16;
     // Third t of the row takes, from plane c, the bytes whose place in the

@@ -606,116 +606,87 @@ pub fn apply_u8_channels(
     }
     // The u8 pyramid below runs before `apply_into`, which checks sigma too.
     check_sigma(cfg)?;
-    if channels == 1 && cfg.method == Method::Fast && pyramid::applies(cfg.sigma, h, w) {
-        // The pyramid reads and writes the u8 levels itself (the same values
-        // as the widened plane's blur, rounded).
-        let (mut a, mut b, mut out) = (Vec::new(), Vec::new(), Vec::with_capacity(plane));
-        pyramid::blur_plane(data, h, w, cfg.sigma, &mut out, &mut a, &mut b);
-        return Ok(out);
-    }
-    if channels == 1 {
-        let planes: Vec<f32> = data.iter().map(|&v| v as f32).collect();
-        let blurred = apply(cfg, &planes, 1, h, w)?;
-        // The rounding of `to_pixels`, on one plane.
-        return Ok(blurred.iter().map(|&v| level(v)).collect());
-    }
     // Plane by plane, and rounding as `+ 0.5` then truncation (the values
     // are clamped to [0, 255] first): `f32::round` is a libm call per value
     // on baseline x86-64, and the interleaved loops made this stage cost
-    // twice the blur itself. One channel at a time: the RGB split into u8
-    // planes, then each widened, blurred and rounded back into its u8 plane,
-    // then the planes joined. The same values as blurring the three float
-    // planes at once (the channels are independent), with a third of the
-    // float memory: all three (1.2 MB with their blur) pushed the view out of
-    // L2 before the targets stage read it.
+    // twice the blur itself. One channel at a time: RGB split into u8 planes,
+    // each blurred into its levels, the planes joined. The same values as
+    // blurring the three float planes at once (the channels are independent),
+    // with a third of the float memory: all three (1.2 MB with their blur)
+    // pushed the view out of L2 before the targets stage read it.
     // The buffers are per thread (see blur_fast), every value written before read.
     thread_local! {
         static PLANES: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<u8>)> = Default::default();
     }
-    let (mut channel, mut blurred, mut bytes) = PLANES.with(|p| p.take());
-    bytes.resize(3 * plane, 0);
-    split_rgb(data, &mut bytes);
-    let mut out = Vec::with_capacity(3 * plane);
-    if cfg.method == Method::Fast && pyramid::applies(cfg.sigma, h, w) {
-        // The pyramid reads and writes the u8 levels itself (the same values).
-        let mut levels: Vec<u8> = Vec::with_capacity(3 * plane);
-        for c in 0..3 {
-            pyramid::blur_plane(
-                &bytes[c * plane..(c + 1) * plane],
-                h,
-                w,
-                cfg.sigma,
-                &mut levels,
-                &mut channel,
-                &mut blurred,
-            );
-        }
-        join_rgb(&levels, &mut out.spare_capacity_mut()[..3 * plane]);
-        // SAFETY: join_rgb wrote all 3 * plane values.
-        unsafe { out.set_len(3 * plane) };
-        PLANES.with(|p| p.replace((channel, blurred, bytes)));
-        return Ok(out);
-    }
-    channel.resize(plane, 0.0);
+    let (mut a, mut b, mut split) = PLANES.with(|p| p.take());
+    let source: &[u8] = if channels == 1 {
+        data
+    } else {
+        split.resize(3 * plane, 0);
+        let (r, rest) = split.split_at_mut(plane);
+        let (g, bl) = rest.split_at_mut(plane);
+        crate::simd::split_rgb(data, r, g, bl);
+        &split
+    };
+    let mut levels = Vec::with_capacity(channels * plane);
+    // The joined output is allocated before the blur, not after: allocated
+    // after, it came from memory the allocator placed so that the blur's
+    // transposes ran 60% slower (the smooth stage 8%, `bench data`).
+    let mut out = Vec::with_capacity(if channels == 1 { 0 } else { 3 * plane });
     let mut done = Ok(());
-    for c in 0..3 {
-        let levels = &mut bytes[c * plane..(c + 1) * plane];
-        widen(levels, &mut channel);
-        done = apply_into(cfg, &channel, 1, h, w, &mut blurred);
+    for c in 0..channels {
+        done = blur_levels(
+            cfg,
+            &source[c * plane..(c + 1) * plane],
+            h,
+            w,
+            &mut levels,
+            &mut a,
+            &mut b,
+        );
         if done.is_err() {
             break;
         }
-        round_to_levels(&blurred, levels);
     }
-    if done.is_ok() {
+    let out = if channels == 1 || done.is_err() {
+        levels
+    } else {
+        let (r, rest) = levels.split_at(plane);
+        let (g, bl) = rest.split_at(plane);
         // Written in place of zero-filling first.
-        join_rgb(&bytes, &mut out.spare_capacity_mut()[..3 * plane]);
+        crate::simd::join_rgb(r, g, bl, &mut out.spare_capacity_mut()[..3 * plane]);
         // SAFETY: join_rgb wrote all 3 * plane values.
         unsafe { out.set_len(3 * plane) };
-    }
-    PLANES.with(|p| p.replace((channel, blurred, bytes)));
+        out
+    };
+    PLANES.with(|p| p.replace((a, b, split)));
     done.map(|()| out)
 }
 
-/// H x W x 3 u8 pixels into three u8 planes (`planes`: 3 x the plane), by byte
-/// shuffles where the CPU has AVX2 (`simd::deinterleave_rgb`).
-fn split_rgb(data: &[u8], planes: &mut [u8]) {
-    let plane = data.len() / 3;
-    let (r, rest) = planes[..3 * plane].split_at_mut(plane);
-    let (g, b) = rest.split_at_mut(plane);
-    #[cfg(target_arch = "x86_64")]
-    let done = if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked).
-        unsafe { crate::simd::deinterleave_rgb(data, r, g, b) }
-    } else {
-        0
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = 0;
-    for (x, p) in data.chunks_exact(3).enumerate().skip(done) {
-        (r[x], g[x], b[x]) = (p[0], p[1], p[2]);
+/// One h x w plane of u8 levels blurred, its levels appended to `out`; `a` and
+/// `b` are scratch. The pyramid reads and writes the levels itself (no
+/// widened or rounded full-size plane); the other methods blur the widened
+/// plane and round it: the same values either way.
+fn blur_levels(
+    cfg: &Config,
+    plane: &[u8],
+    h: usize,
+    w: usize,
+    out: &mut Vec<u8>,
+    a: &mut Vec<f32>,
+    b: &mut Vec<f32>,
+) -> Result<(), StageError> {
+    if cfg.method == Method::Fast && pyramid::applies(cfg.sigma, h, w) {
+        pyramid::blur_plane(plane, h, w, cfg.sigma, out, a, b);
+        return Ok(());
     }
-}
-
-/// The inverse of [`split_rgb`]: three u8 planes into H x W x 3 pixels.
-fn join_rgb(planes: &[u8], out: &mut [std::mem::MaybeUninit<u8>]) {
-    let plane = planes.len() / 3;
-    let (r, rest) = planes.split_at(plane);
-    let (g, b) = rest.split_at(plane);
-    #[cfg(target_arch = "x86_64")]
-    let done = if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked).
-        unsafe { crate::simd::interleave_rgb(r, g, b, out) }
-    } else {
-        0
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = 0;
-    for (x, p) in out.chunks_exact_mut(3).enumerate().skip(done) {
-        p[0].write(r[x]);
-        p[1].write(g[x]);
-        p[2].write(b[x]);
-    }
+    a.resize(plane.len(), 0.0);
+    widen(plane, a);
+    apply_into(cfg, a, 1, h, w, b)?;
+    let start = out.len();
+    out.resize(start + plane.len(), 0);
+    round_to_levels(b, &mut out[start..]);
+    Ok(())
 }
 
 multiversion! {
@@ -728,7 +699,7 @@ fn widen / widen_scalar(bytes: &[u8], out: &mut [f32]) {
 }
 
 multiversion! {
-/// [`to_pixels`]'s rounding, value by value.
+/// [`level`] of each value.
 fn round_to_levels / round_to_levels_scalar(values: &[f32], out: &mut [u8]) {
     for (o, &v) in out.iter_mut().zip(values) {
         *o = level(v);
@@ -1092,13 +1063,19 @@ mod tests {
             let want: Vec<u8> = want.iter().map(|v| unsafe { v.assume_init() }).collect();
             assert!(got == want, "{h} x {w}, sigma {sigma}");
             let mut split = vec![0u8; 3 * h * w];
-            super::split_rgb(&data, &mut split);
+            {
+                let (r, rest) = split.split_at_mut(h * w);
+                let (g, b) = rest.split_at_mut(h * w);
+                crate::simd::split_rgb(&data, r, g, b);
+            }
             assert!(
                 split.iter().zip(&planes).all(|(&a, &b)| a as f32 == b),
                 "{h} x {w}: split"
             );
             let mut joined = vec![std::mem::MaybeUninit::new(0u8); 3 * h * w];
-            super::join_rgb(&split, &mut joined);
+            let (r, rest) = split.split_at(h * w);
+            let (g, b) = rest.split_at(h * w);
+            crate::simd::join_rgb(r, g, b, &mut joined);
             // SAFETY: as above.
             assert!(
                 joined.iter().zip(&data).all(|(a, &b)| unsafe { a.assume_init() } == b),

@@ -245,23 +245,12 @@ fn padded_planes(img: &Rgb8, planes: &mut Vec<u8>) {
     let (pw, ph) = (w + 2, h + 2);
     // Every byte is written below (rows 0..ph, columns 1..=w, then 0 and w + 1).
     planes.resize(3 * pw * ph, 0);
-    #[cfg(target_arch = "x86_64")]
-    let simd = std::is_x86_feature_detected!("avx2");
     for y in 0..ph {
         let sy = crate::smooth::reflect(y as i64 - 1, h);
         let row = &img.data[sy * w * 3..][..w * 3];
         let (r, rest) = planes[y * pw..].split_at_mut(ph * pw);
         let (g, rest) = rest.split_at_mut(ph * pw);
-        let (r, g, b) = (&mut r[1..=w], &mut g[1..=w], &mut rest[1..=w]);
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: AVX2 (and so SSSE3) is present, checked above.
-            done = unsafe { crate::simd::deinterleave_rgb(row, r, g, b) };
-        }
-        for (x, p) in row.chunks_exact(3).enumerate().skip(done) {
-            (r[x], g[x], b[x]) = (p[0], p[1], p[2]);
-        }
+        crate::simd::split_rgb(row, &mut r[1..=w], &mut g[1..=w], &mut rest[1..=w]);
         for c in 0..3 {
             let out = &mut planes[(c * ph + y) * pw..][..pw];
             out[0] = out[2.min(w)];
@@ -412,7 +401,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must have AVX; callers are `#[target_feature]` functions that checked it.
     #[inline(always)]
-    pub unsafe fn lanes_sum(a: __m256) -> f32 {
+    unsafe fn lanes_sum(a: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
         let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps::<1>(t, t)))
@@ -424,19 +413,17 @@ mod avx512 {
     use super::BINS;
     use std::arch::x86_64::*;
 
-    /// Whether this CPU runs [`cells8`] (AVX-512F and DQ, with the AVX2 path's
-    /// AVX2 and FMA for an odd last cell).
+    /// Whether this CPU runs [`cells8`] (the AVX-512 the data stages' loops use,
+    /// with the AVX2 path's FMA for an odd last cell).
     pub fn available() -> bool {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512dq")
-            && std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
+        crate::simd::avx512() && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
 
     /// [`super::avx2::cells8`] on two cells side by side: lanes 0..8 are the 8
     /// columns of cell `cx`, lanes 8..16 those of cell `cx + 1`. Each lane sums
     /// the same magnitudes in the same order as an AVX2 lane, and each half is
-    /// summed by the same tree ([`super::avx2::lanes_sum`]), so the cells get
+    /// summed in [`super::avx2::lanes_sum`]'s order (one shuffle tree for both
+    /// halves), so the cells get
     /// the AVX2 path's bits, and the scalar twin's. A border's sign bit is a
     /// mask for a masked add where the AVX2 path adds +0.0: the same sum, as
     /// one of non-negative magnitudes from +0.0 is never -0.0. An odd last cell
